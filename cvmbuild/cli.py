@@ -1,0 +1,67 @@
+"""`cvmbuild`: publish a build tree (and, later, export appliances)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cvmbuild.errors import BuildError
+from cvmbuild.ingest import ChunkPolicy
+from cvmbuild.layout import DEFAULT_MAX_ENTRIES
+from cvmbuild.publish import PublishOptions, publish
+from cvmfs_client import console
+
+
+def _publish(args: argparse.Namespace) -> int:
+    if args.repo.startswith(("http://", "https://")):
+        raise BuildError(
+            f"{args.repo}: publishing over HTTP needs the repo-server publish API, which "
+            "this version does not have yet; publish into the repository directory instead"
+        )
+    if not 1 <= args.compression_level <= 19:
+        raise BuildError("--compression-level must be between 1 and 19")
+    options = PublishOptions(
+        tag=args.tag,
+        message=args.message or "",
+        keydir=Path(args.keys) if args.keys else None,
+        level=args.compression_level,
+        skip_special=args.skip_special,
+        max_entries=args.catalog_entries,
+        chunking=ChunkPolicy(threshold=args.chunk_threshold),
+        progress=True,
+    )
+    summary = publish(args.src, args.repo, args.path, options)
+    print(summary.line())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cvmbuild", description="Publish build trees into a repository.")
+    console.add_debug(parser)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("publish", help="publish SRC at /PREFIX as a new signed revision")
+    p.add_argument("src", help="the build tree to publish")
+    p.add_argument("--repo", required=True, help="repository directory")
+    p.add_argument("--path", required=True, help="where SRC appears in the repository, e.g. /sw/1.2")
+    p.add_argument("--tag", help="name the new revision")
+    p.add_argument("--message", help="a note stored with the revision")
+    p.add_argument("--keys", help="key directory (default: REPO.keys)")
+    p.add_argument("--compression-level", type=int, default=3, help="zstd level, 1-19 (default 3)")
+    p.add_argument("--skip-special", action="store_true",
+                   help="skip sockets, fifos and devices with a warning instead of failing")
+    p.add_argument("--catalog-entries", type=int, default=DEFAULT_MAX_ENTRIES,
+                   help=f"split nested catalogs above this many entries (default {DEFAULT_MAX_ENTRIES})")
+    p.add_argument("--chunk-threshold", type=int, default=ChunkPolicy().threshold,
+                   help="cut files larger than this many bytes into chunks (default 4 MiB)")
+    console.add_debug(p, subcommand=True)
+    p.set_defaults(func=_publish)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return console.run(build_parser(), lambda a: int(a.func(a)), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Turning file content into objects: hash, chunk, compress and store, on every core.
+
+hashlib and zstandard release the GIL on large buffers, so a thread pool keeps all
+cores busy without pickling file content between processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import zstandard
+from pyfastcdc import FastCDC
+
+from cvmbuild.errors import SourceError
+from cvmbuild.scan import SourceEntry
+from cvmfs_client.catalog import Chunk
+from cvmfs_client.objects import encode_object
+from repo_server.storage import Storage
+
+
+@dataclass(frozen=True)
+class ChunkPolicy:
+    threshold: int = 4 * 1024 * 1024  # files larger than this are chunked
+    min_size: int = 256 * 1024
+    avg_size: int = 1024 * 1024
+    max_size: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileContent:
+    """Where a file's content lives: one object, or a list of chunks."""
+
+    hash: str | None
+    chunks: tuple[Chunk, ...] = ()
+
+
+@dataclass
+class IngestStats:
+    objects_written: int = 0
+    stored_bytes: int = 0  # stored bytes of objects written now
+    raw_bytes: int = 0  # content bytes of objects written now
+    read_bytes: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, written: bool, raw: int, stored: int) -> None:
+        with self.lock:
+            self.read_bytes += raw
+            if written:
+                self.objects_written += 1
+                self.raw_bytes += raw
+                self.stored_bytes += stored
+
+
+class Ingestor:
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        level: int = 3,
+        policy: ChunkPolicy = ChunkPolicy(),
+        workers: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ):
+        self.storage = storage
+        self.level = level
+        self.policy = policy
+        self.workers = workers or os.cpu_count() or 1
+        self.progress = progress or (lambda n: None)
+        self.stats = IngestStats()
+        self._local = threading.local()
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        compressor = getattr(self._local, "zstd", None)
+        if compressor is None:
+            compressor = zstandard.ZstdCompressor(level=self.level)
+            self._local.zstd = compressor
+        return compressor
+
+    def _store(self, data: bytes | memoryview) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        written, stored = False, 0
+        if not self.storage.has(digest):
+            encoded = encode_object(data, self._compressor())
+            written = self.storage.put_object(digest, encoded)
+            stored = len(encoded)
+        self.stats.add(written, len(data), stored)
+        self.progress(len(data))
+        return digest
+
+    def _small_file(self, entry: SourceEntry) -> FileContent:
+        try:
+            with open(entry.abspath, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise SourceError(f"{entry.abspath}: cannot read ({exc.strerror})") from exc
+        if len(data) != entry.size:
+            raise SourceError(f"{entry.abspath}: changed size while being published")
+        return FileContent(self._store(data))
+
+    def _chunk(self, data: memoryview, offset: int) -> Chunk:
+        return Chunk(offset, len(data), self._store(data))
+
+    def ingest(self, entries: Iterable[SourceEntry]) -> dict[str, FileContent]:
+        """Content of every given regular file, keyed by relpath."""
+        result: dict[str, FileContent] = {}
+        chunked: list[tuple[SourceEntry, list[Future[Chunk]]]] = []
+        cdc = FastCDC(
+            self.policy.avg_size, min_size=self.policy.min_size, max_size=self.policy.max_size
+        )
+        with ThreadPoolExecutor(self.workers) as pool:
+            small: list[tuple[SourceEntry, Future[FileContent]]] = []
+            for entry in entries:
+                if entry.size <= self.policy.threshold:
+                    small.append((entry, pool.submit(self._small_file, entry)))
+                    continue
+                try:
+                    cuts = list(cdc.cut_file(entry.abspath))
+                except OSError as exc:
+                    raise SourceError(f"{entry.abspath}: cannot read ({exc.strerror})") from exc
+                if sum(c.length for c in cuts) != entry.size:
+                    raise SourceError(f"{entry.abspath}: changed size while being published")
+                futures = [pool.submit(self._chunk, c.data, c.offset) for c in cuts]
+                chunked.append((entry, futures))
+            for entry, future in small:
+                result[entry.relpath] = future.result()
+            for entry, futures in chunked:
+                result[entry.relpath] = FileContent(None, tuple(f.result() for f in futures))
+        return result

@@ -1,0 +1,99 @@
+"""Walking a build tree into a list of entries, refusing what cannot be published."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cvmbuild.errors import SourceError
+
+
+@dataclass(frozen=True)
+class SourceEntry:
+    relpath: str  # "" for the tree's top directory, "a/b" below it
+    abspath: str
+    mode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    ino: int
+    dev: int
+    nlink: int
+    target: str | None  # symlink target, never followed
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_file(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+
+def _check_utf8(text: str, path: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SourceError(
+            f"{os.fsencode(path)!r}: {what} is not valid UTF-8; rename it to publish"
+        ) from exc
+
+
+def _entry(relpath: str, abspath: str, st: os.stat_result) -> SourceEntry:
+    target = None
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(abspath)
+        _check_utf8(target, abspath, "symlink target")
+    return SourceEntry(
+        relpath, abspath, st.st_mode, st.st_size if not stat.S_ISDIR(st.st_mode) else 0,
+        st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, target,
+    )
+
+
+def scan(
+    src: str, *, skip_special: bool = False, warn: Callable[[str], None] = print
+) -> list[SourceEntry]:
+    """Entries of the tree under src, parents before children, names sorted.
+
+    Sockets, devices and fifos are an error (or skipped with a warning when
+    skip_special is set); so is a name that is not valid UTF-8 or a directory that
+    cannot be read: nothing is ever lost silently.
+    """
+    try:
+        top = os.lstat(src)
+    except OSError as exc:
+        raise SourceError(f"{src}: {exc.strerror}") from exc
+    if not stat.S_ISDIR(top.st_mode):
+        raise SourceError(f"{src}: not a directory")
+    result = [_entry("", src, top)]
+    stack = [("", src)]
+    while stack:
+        rel, path = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                children = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            raise SourceError(f"{path}: cannot read directory ({exc.strerror})") from exc
+        subdirs = []
+        for child in children:
+            _check_utf8(child.name, child.path, "name")
+            st = child.stat(follow_symlinks=False)
+            kind = stat.S_IFMT(st.st_mode)
+            if kind not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK):
+                what = {stat.S_IFSOCK: "socket", stat.S_IFIFO: "fifo", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device"}.get(kind, "special file")
+                if skip_special:
+                    warn(f"warning: skipping {what} {child.path}")
+                    continue
+                raise SourceError(
+                    f"{child.path}: is a {what}, which a repository cannot hold "
+                    "(remove it or pass --skip-special)"
+                )
+            child_rel = f"{rel}/{child.name}" if rel else child.name
+            entry = _entry(child_rel, child.path, st)
+            result.append(entry)
+            if entry.is_dir:
+                subdirs.append((child_rel, child.path))
+        stack.extend(reversed(subdirs))
+    return result

@@ -1,0 +1,6 @@
+"""Read side of the repository format: verification, catalogs, fetching, cache, FUSE.
+
+Carried inside the appliance, so it depends on nothing from cvmbuild or repo_server.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,83 @@
+"""`cvmfs-client`: read a repository (ls, cat) with full verification."""
+
+from __future__ import annotations
+
+import argparse
+import stat
+import sys
+import time
+from pathlib import Path
+
+from cvmfs_client import console
+from cvmfs_client.errors import ClientError
+from cvmfs_client.fetcher import fetcher_for
+from cvmfs_client.repository import RepositoryReader
+from cvmfs_client.signed import load_public_key_pem
+
+
+def _open(args: argparse.Namespace) -> RepositoryReader:
+    try:
+        key = load_public_key_pem(Path(args.key).read_bytes(), args.key)
+    except OSError as exc:
+        raise ClientError(f"{args.key}: cannot read public key ({exc.strerror})") from exc
+    reader = RepositoryReader(fetcher_for(args.repo), key)
+    reader.load_manifest()
+    if args.tag is not None or args.revision is not None:
+        reader.select_revision(revision=args.revision, tag=args.tag)
+    return reader
+
+
+def _ls(args: argparse.Namespace) -> int:
+    reader = _open(args)
+    entry = reader.lookup(args.path)
+    listing = reader.listdir(entry.path) if entry.is_dir else [entry]
+    for item in listing:
+        if args.long:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(item.mtime_ns / 1e9))
+            link = f" -> {item.target}" if item.is_symlink else ""
+            print(f"{stat.filemode(item.mode)} {item.size:>12} {when} {item.name}{link}")
+        else:
+            print(item.name)
+    return 0
+
+
+def _cat(args: argparse.Namespace) -> int:
+    reader = _open(args)
+    entry = reader.lookup(args.path)
+    out = sys.stdout.buffer
+    for piece in reader.iter_content(entry):
+        out.write(piece)
+    out.flush()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cvmfs-client", description="Read a cvmfs-py repository, verifying every byte."
+    )
+    console.add_debug(parser)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, help_text in (
+        ("ls", _ls, "list a directory of the repository"),
+        ("cat", _cat, "write a file of the repository to stdout"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("repo", help="repository directory or http(s) URL (mirrors separated by ';')")
+        p.add_argument("path", help="path inside the repository")
+        p.add_argument("--key", required=True, help="the repository's master public key (NAME.pub)")
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("--tag", help="read the revision with this tag")
+        group.add_argument("--revision", type=int, help="read this revision")
+        if name == "ls":
+            p.add_argument("-l", "--long", action="store_true", help="long listing")
+        console.add_debug(p, subcommand=True)
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return console.run(build_parser(), lambda a: int(a.func(a)), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

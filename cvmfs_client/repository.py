@@ -1,0 +1,154 @@
+"""A verified, read-only view of one repository revision, independent of FUSE.
+
+Everything it returns has been checked against the hash chain that ends in the signed
+manifest (docs/FORMAT.md, "Verification").
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from cvmfs_client import manifest as manifest_mod
+from cvmfs_client import paths
+from cvmfs_client import whitelist as whitelist_mod
+from cvmfs_client.catalog import Catalog, Entry, NestedRef
+from cvmfs_client.errors import NotFoundError, VerificationError
+from cvmfs_client.fetcher import Fetcher
+from cvmfs_client.history import History
+from cvmfs_client.manifest import Manifest
+from cvmfs_client.objects import decode_object, max_stored_size, object_path
+from cvmfs_client.signed import MAX_DOCUMENT_SIZE
+
+MANIFEST_FILE = "manifest"
+WHITELIST_FILE = "whitelist"
+
+
+class RepositoryReader:
+    def __init__(
+        self,
+        fetcher: Fetcher,
+        master_key: Ed25519PublicKey,
+        *,
+        clock: Callable[[], float] = time.time,
+        min_revision: int = 0,
+    ):
+        self.fetcher = fetcher
+        self.master_key = master_key
+        self.clock = clock
+        self.min_revision = min_revision
+        self._catalogs: dict[str, Catalog] = {}
+        self._lock = threading.Lock()
+        self.manifest: Manifest | None = None
+        self.root_hash = ""
+        self.root_size = 0
+
+    # -- manifest and revision selection -------------------------------------------
+
+    def load_manifest(self) -> Manifest:
+        """Fetch and verify whitelist and manifest; select the newest revision."""
+        now = self.clock()
+        whitelist = whitelist_mod.verify(
+            self.fetcher.fetch(WHITELIST_FILE, MAX_DOCUMENT_SIZE), self.master_key, now
+        )
+        manifest = manifest_mod.verify(
+            self.fetcher.fetch(MANIFEST_FILE, MAX_DOCUMENT_SIZE), whitelist, now, self.min_revision
+        )
+        self.manifest = manifest
+        self.root_hash, self.root_size = manifest.root_hash, manifest.root_size
+        return manifest
+
+    def history(self) -> History:
+        manifest = self.manifest or self.load_manifest()
+        data = self.fetch_object(manifest.history_hash, manifest.history_size, stored=True)
+        return History(data, manifest.history_hash)
+
+    def select_revision(self, *, revision: int | None = None, tag: str | None = None) -> int:
+        """Pin an older revision (by number or tag) from the signed history."""
+        history = self.history()
+        number = history.tag(tag).revision if tag is not None else revision
+        if number is None:
+            raise ValueError("select_revision needs a revision or a tag")
+        record = history.revision(number)
+        self.root_hash, self.root_size = record.root_hash, record.root_size
+        return number
+
+    # -- objects and catalogs -------------------------------------------------------
+
+    def fetch_object(self, digest: str, size: int, *, stored: bool = False) -> bytes:
+        """Fetch and verify an object. `size` is its content size, or with stored=True
+        the stored size that the manifest and nested-catalog rows record."""
+        limit = size if stored else max_stored_size(size)
+        data = self.fetcher.fetch(object_path(digest), limit)
+        if stored and len(data) != size:
+            raise VerificationError(
+                f"object {digest}: expected {size} stored bytes, got {len(data)}"
+            )
+        return decode_object(data, digest, None if stored else size)
+
+    def catalog(self, digest: str, stored_size: int) -> Catalog:
+        with self._lock:
+            cached = self._catalogs.get(digest)
+        if cached is not None:
+            return cached
+        catalog = Catalog.from_bytes(self.fetch_object(digest, stored_size, stored=True), digest)
+        with self._lock:
+            return self._catalogs.setdefault(digest, catalog)
+
+    def root_catalog(self) -> Catalog:
+        if not self.root_hash:
+            self.load_manifest()
+        return self.catalog(self.root_hash, self.root_size)
+
+    def catalog_for_dir(self, dirpath: str) -> Catalog:
+        """The catalog that lists the children of dirpath, loading nested ones on the way."""
+        catalog = self.root_catalog()
+        while True:
+            ref: NestedRef | None = catalog.nested_for(dirpath)
+            if ref is None:
+                return catalog
+            catalog = self.catalog(ref.hash, ref.size)
+
+    # -- the tree -------------------------------------------------------------------
+
+    def lookup(self, path: str) -> Entry:
+        path = paths.normalize(path)
+        parent, _ = paths.split(path)
+        catalog = self.catalog_for_dir(parent) if parent else self.root_catalog()
+        entry = catalog.entry(path)
+        if entry is None:
+            raise NotFoundError(f"{path}: no such file or directory")
+        return entry
+
+    def listdir(self, path: str) -> list[Entry]:
+        entry = self.lookup(path)
+        if not entry.is_dir:
+            raise NotFoundError(f"{entry.path}: not a directory")
+        return self.catalog_for_dir(entry.path).children(entry.path)
+
+    def link_count(self, entry: Entry) -> int:
+        if entry.link_group == 0:
+            return 1
+        parent, _ = paths.split(entry.path)
+        return self.catalog_for_dir(parent).link_count(entry.link_group)
+
+    def iter_content(self, entry: Entry) -> Iterator[bytes]:
+        """A regular file's verified content, chunk by chunk."""
+        if not entry.is_file:
+            raise NotFoundError(f"{entry.path}: not a regular file")
+        if not entry.chunked:
+            assert entry.hash is not None
+            yield self.fetch_object(entry.hash, entry.size)
+            return
+        parent, _ = paths.split(entry.path)
+        expected = 0
+        for chunk in self.catalog_for_dir(parent).chunks(entry.path):
+            if chunk.offset != expected:
+                raise VerificationError(f"{entry.path}: chunk list has a gap at {expected}")
+            yield self.fetch_object(chunk.hash, chunk.size)
+            expected += chunk.size
+        if expected != entry.size:
+            raise VerificationError(f"{entry.path}: chunks cover {expected} of {entry.size} bytes")

@@ -1,0 +1,67 @@
+"""The whitelist: signing keys allowed to sign manifests, signed by the master key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from cvmfs_client import signed
+from cvmfs_client.errors import FormatError, VerificationError
+
+KIND = "whitelist"
+
+
+@dataclass(frozen=True)
+class Whitelist:
+    name: str
+    created: int
+    expires: int
+    keys: tuple[str, ...]  # base64 raw Ed25519 public keys
+
+    def body(self) -> bytes:
+        fields = [
+            ("name", self.name),
+            ("created", str(self.created)),
+            ("expires", str(self.expires)),
+        ]
+        fields += [("key", key) for key in self.keys]
+        return signed.join_document(KIND, fields)
+
+    def signing_key(self, fingerprint: str) -> Ed25519PublicKey:
+        for text in self.keys:
+            key = signed.decode_public_key(text)
+            if signed.key_fingerprint(key) == fingerprint:
+                return key
+        raise VerificationError(
+            f"manifest signed by key {fingerprint[:16]}..., which is not on the whitelist"
+        )
+
+
+def parse(data: bytes) -> tuple[Whitelist, bytes, bytes]:
+    """Parse without verifying: returns the whitelist, its signed body and signature."""
+    pairs, body, signature = signed.split_document(data, KIND)
+    fields = signed.Fields(KIND, pairs, frozenset({"key"}))
+    whitelist = Whitelist(
+        name=fields.text("name"),
+        created=fields.integer("created"),
+        expires=fields.integer("expires"),
+        keys=tuple(fields.multi["key"]),
+    )
+    if not whitelist.keys:
+        raise FormatError("whitelist: lists no signing key")
+    for key in whitelist.keys:
+        signed.decode_public_key(key)
+    return whitelist, body, signature
+
+
+def verify(data: bytes, master_key: Ed25519PublicKey, now: float) -> Whitelist:
+    """Parse and check the master key's signature and the expiry."""
+    whitelist, body, signature = parse(data)
+    signed.verify_signature(master_key, signature, body, "whitelist")
+    if now >= whitelist.expires:
+        raise VerificationError(
+            f"whitelist of {whitelist.name!r} expired at {whitelist.expires} "
+            "(the operator must run `repo-server whitelist renew`)"
+        )
+    return whitelist

@@ -1,0 +1,1 @@
+"""Repositories on storage: layout, signing, publishing, serving and operations."""

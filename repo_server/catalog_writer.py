@@ -1,0 +1,214 @@
+"""Writing catalogs: building new ones and grafting a published subtree into a revision.
+
+A graft rewrites only the catalogs on the path from the root to the published prefix;
+every other catalog object is reused unchanged (docs/FORMAT.md, "Publishing").
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from dataclasses import dataclass
+
+import zstandard
+
+from cvmfs_client import paths
+from cvmfs_client.catalog import (
+    ENTRY_COLUMNS,
+    FLAG_NESTED_ROOT,
+    SCHEMA,
+    SCHEMA_VERSION,
+    Catalog,
+    NestedRef,
+    TreeStats,
+)
+from cvmfs_client.objects import content_hash, encode_object
+from repo_server.errors import RepoError
+from repo_server.storage import Storage
+
+EntryRow = tuple[str, str, int, int, int, "str | None", "str | None", int, int]
+
+
+@dataclass(frozen=True)
+class StoredCatalog:
+    hash: str
+    size: int  # stored bytes
+    stats: TreeStats
+    new_bytes: int  # stored bytes written now (0 if the object existed)
+
+
+class CatalogBuilder:
+    """An in-memory SQLite catalog; serialised into an object when finished."""
+
+    def __init__(self, root: str, data: bytes | None = None):
+        self.root = root
+        self.db = sqlite3.connect(":memory:")
+        if data is None:
+            self.db.executescript(SCHEMA)
+        else:
+            self.db.deserialize(data)
+        self.db.execute("BEGIN")
+
+    @classmethod
+    def from_catalog(cls, catalog: Catalog, data: bytes) -> CatalogBuilder:
+        return cls(catalog.root, data)
+
+    def add_entries(self, rows: list[EntryRow]) -> None:
+        self.db.executemany(
+            f"INSERT INTO entries ({ENTRY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", rows
+        )
+
+    def add_chunks(self, rows: list[tuple[str, int, int, str]]) -> None:
+        self.db.executemany("INSERT INTO chunks VALUES (?,?,?,?)", rows)
+
+    def add_nested(self, ref: NestedRef) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO nested VALUES (?,?,?,?,?,?,?,?)",
+            (ref.path, ref.hash, ref.size, *ref.stats.as_row()),
+        )
+
+    def entry_mode(self, path: str) -> int | None:
+        parent, name = paths.split(path)
+        row = self.db.execute(
+            "SELECT mode FROM entries WHERE parent = ? AND name = ?", (parent, name)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def remove_subtree(self, path: str) -> None:
+        """Delete path and everything below it, nested catalog references included."""
+        parent, name = paths.split(path)
+        below = path + "/"
+        n = len(below)
+        self.db.execute("DELETE FROM entries WHERE parent = ? AND name = ?", (parent, name))
+        self.db.execute(
+            "DELETE FROM entries WHERE parent = ? OR substr(parent, 1, ?) = ?", (path, n, below)
+        )
+        self.db.execute(
+            "DELETE FROM chunks WHERE path = ? OR substr(path, 1, ?) = ?", (path, n, below)
+        )
+        self.db.execute(
+            "DELETE FROM nested WHERE path = ? OR substr(path, 1, ?) = ?", (path, n, below)
+        )
+
+    def stats(self) -> TreeStats:
+        """Totals of this catalog's own entries plus those of its nested catalogs."""
+        own = self.db.execute(
+            "SELECT "
+            f"COALESCE(SUM((mode & 61440) = {stat.S_IFREG}), 0), "
+            f"COALESCE(SUM((mode & 61440) = {stat.S_IFDIR}), 0), "
+            f"COALESCE(SUM((mode & 61440) = {stat.S_IFLNK}), 0), "
+            f"COALESCE(SUM(CASE WHEN (mode & 61440) = {stat.S_IFREG} THEN size ELSE 0 END), 0) "
+            "FROM entries"
+        ).fetchone()
+        nested = self.db.execute(
+            "SELECT COALESCE(SUM(files),0), COALESCE(SUM(dirs),0), COALESCE(SUM(symlinks),0), "
+            "COALESCE(SUM(bytes),0), COALESCE(SUM(catalogs),0) FROM nested"
+        ).fetchone()
+        return TreeStats(*own, catalogs=1) + TreeStats(*nested)
+
+    def finish(self, storage: Storage, compressor: zstandard.ZstdCompressor) -> StoredCatalog:
+        stats = self.stats()
+        props = {
+            "schema": SCHEMA_VERSION,
+            "root": self.root,
+            "files": stats.files,
+            "dirs": stats.dirs,
+            "symlinks": stats.symlinks,
+            "bytes": stats.bytes,
+            "catalogs": stats.catalogs,
+        }
+        self.db.executemany(
+            "INSERT OR REPLACE INTO properties VALUES (?, ?)",
+            [(k, str(v)) for k, v in props.items()],
+        )
+        self.db.execute("COMMIT")
+        self.db.execute("VACUUM")
+        content = self.db.serialize()
+        self.db.close()
+        digest = content_hash(content)
+        stored = encode_object(content, compressor)
+        written = storage.put_object(digest, stored)
+        return StoredCatalog(digest, len(stored), stats, len(stored) if written else 0)
+
+
+@dataclass(frozen=True)
+class Subtree:
+    """A published subtree: its catalog (rooted at `path`) and its top directory's entry."""
+
+    path: str
+    catalog: StoredCatalog
+    mode: int
+    mtime_ns: int
+
+
+def graft(
+    storage: Storage,
+    load: "CatalogLoader",
+    root: tuple[str, int],
+    subtree: Subtree,
+    compressor: zstandard.ZstdCompressor,
+    now_ns: int,
+) -> StoredCatalog:
+    """Return the new root catalog with `subtree` in place of whatever was at its path."""
+    if subtree.path == "/":
+        return subtree.catalog
+    return _graft_into(storage, load, root, subtree, compressor, now_ns)
+
+
+class CatalogLoader:
+    """Loads (and verifies) existing catalogs from storage for grafting."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+
+    def __call__(self, digest: str) -> tuple[Catalog, bytes]:
+        from cvmfs_client.objects import decode_object
+
+        data = decode_object(self.storage.get_object(digest), digest)
+        return Catalog.from_bytes(data, digest), data
+
+
+def _graft_into(
+    storage: Storage,
+    load: CatalogLoader,
+    ref: tuple[str, int],
+    subtree: Subtree,
+    compressor: zstandard.ZstdCompressor,
+    now_ns: int,
+) -> StoredCatalog:
+    catalog, data = load(ref[0])
+    target = subtree.path
+    parent, name = paths.split(target)
+    inner = catalog.nested_for(parent)
+    builder = CatalogBuilder.from_catalog(catalog, data)
+    if inner is not None:
+        child = _graft_into(storage, load, (inner.hash, inner.size), subtree, compressor, now_ns)
+        builder.add_nested(NestedRef(inner.path, child.hash, child.size, child.stats))
+    else:
+        _ensure_directories(builder, catalog.root, parent, now_ns)
+        builder.remove_subtree(target)
+        builder.add_entries(
+            [(parent, name, subtree.mode, 0, subtree.mtime_ns, None, None, 0, FLAG_NESTED_ROOT)]
+        )
+        new = subtree.catalog
+        builder.add_nested(NestedRef(target, new.hash, new.size, new.stats))
+    catalog.close()
+    return builder.finish(storage, compressor)
+
+
+def _ensure_directories(builder: CatalogBuilder, root: str, dirpath: str, now_ns: int) -> None:
+    """Create the missing directories between a catalog's root and dirpath."""
+    missing = []
+    for path in [*paths.ancestors(dirpath), dirpath]:
+        if not paths.is_within(path, root) or path == root:
+            continue
+        mode = builder.entry_mode(path)
+        if mode is None:
+            missing.append(path)
+        elif not stat.S_ISDIR(mode):
+            raise RepoError(f"cannot publish below {path}: it exists and is not a directory")
+    rows: list[EntryRow] = []
+    for path in missing:
+        parent, name = paths.split(path)
+        rows.append((parent, name, stat.S_IFDIR | 0o755, 0, now_ns, None, None, 0, 0))
+    builder.add_entries(rows)

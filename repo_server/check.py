@@ -1,0 +1,120 @@
+"""`repo-server check` and `info`: verify everything reachable; summarise a repository."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from cvmfs_client.catalog import Catalog, TreeStats
+from cvmfs_client.errors import ClientError
+from cvmfs_client.objects import decode_object, max_stored_size
+from repo_server.repository import LocalRepository
+
+
+@dataclass
+class CheckReport:
+    revisions: list[int] = field(default_factory=list)
+    catalogs: int = 0
+    objects: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
+    report = CheckReport()
+    try:
+        head = repo.head()
+    except ClientError as exc:
+        report.problems.append(f"manifest or whitelist: {exc}")
+        head = repo.head_unverified()
+    try:
+        history = repo.history(head)
+    except (ClientError, OSError) as exc:
+        report.problems.append(f"history {head.history_hash}: {exc}")
+        roots = [(head.revision, head.root_hash)]
+    else:
+        records = {r.revision: r for r in history.revisions()}
+        wanted = set(records) if all_revisions else {head.revision} | {t.revision for t in history.tags()}
+        roots = [(n, records[n].root_hash) for n in sorted(wanted) if n in records]
+        if head.revision not in records:
+            report.problems.append(f"history does not list the head revision {head.revision}")
+        if records.get(head.revision) and records[head.revision].root_hash != head.root_hash:
+            report.problems.append("history and manifest disagree on the head's root catalog")
+    seen_catalogs: set[str] = set()
+    objects: dict[str, int] = {}
+    for revision, root in roots:
+        report.revisions.append(revision)
+        _walk(repo, root, seen_catalogs, objects, report.problems)
+    report.catalogs = len(seen_catalogs)
+    report.objects = len(objects)
+    with ThreadPoolExecutor() as pool:
+        for problem in pool.map(lambda item: _verify_object(repo, *item), objects.items()):
+            if problem:
+                report.problems.append(problem)
+    return report
+
+
+def _walk(repo: LocalRepository, digest: str, seen: set[str], objects: dict[str, int],
+          problems: list[str]) -> None:
+    stack = [digest]
+    while stack:
+        digest = stack.pop()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        try:
+            data = decode_object(repo.storage.get_object(digest), digest)
+            catalog = Catalog.from_bytes(data, digest)
+        except (ClientError, OSError) as exc:
+            problems.append(f"catalog {digest}: {exc}")
+            continue
+        for entry in catalog.all_entries():
+            if entry.is_file and entry.hash is not None:
+                objects[entry.hash] = entry.size
+        for chunk_hash, size in catalog.all_chunk_hashes():
+            objects[chunk_hash] = size
+        stack.extend(ref.hash for ref in catalog.nested.values())
+        catalog.close()
+
+
+def _verify_object(repo: LocalRepository, digest: str, size: int) -> str | None:
+    try:
+        stored = repo.storage.get_object(digest)
+        if len(stored) > max_stored_size(size):
+            return f"object {digest}: stored size {len(stored)} too large for {size} bytes"
+        decode_object(stored, digest, size)
+    except FileNotFoundError:
+        return f"object {digest}: missing"
+    except (ClientError, OSError) as exc:
+        return str(exc)
+    return None
+
+
+@dataclass(frozen=True)
+class Info:
+    name: str
+    revision: int
+    published: int
+    expires: int
+    whitelist_expires: int
+    stats: TreeStats
+    stored_bytes: int
+    stored_objects: int
+
+
+def info(repo: LocalRepository) -> Info:
+    head = repo.head()
+    data = decode_object(repo.storage.get_object(head.root_hash), head.root_hash)
+    root = Catalog.from_bytes(data, head.root_hash)
+    stats = root.stats()
+    root.close()
+    count = total = 0
+    for _, size in repo.storage.iter_objects():
+        count += 1
+        total += size
+    return Info(head.name, head.revision, head.published, head.expires,
+                repo.whitelist().expires, stats, total, count)
+
+
+def format_time(ts: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))

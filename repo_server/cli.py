@@ -1,0 +1,130 @@
+"""`repo-server`: create, serve, check and operate repositories."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cvmfs_client import console
+from cvmfs_client.console import human
+from repo_server import check as check_mod
+from repo_server.errors import RepoError
+from repo_server.repository import LocalRepository
+
+
+def _init(args: argparse.Namespace) -> int:
+    repo = LocalRepository.init(Path(args.dir), args.name, Path(args.keys) if args.keys else None)
+    files = repo.key_files()
+    print(f"created repository {args.name!r} in {repo.root} (revision 0)")
+    print(f"keys in {repo.keydir}; clients pin {files.public}")
+    return 0
+
+
+def _repo(args: argparse.Namespace) -> LocalRepository:
+    return LocalRepository(Path(args.dir), Path(args.keys) if getattr(args, "keys", None) else None)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from repo_server.serve import serve
+
+    repo = _repo(args)
+    host, sep, port = args.listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise RepoError(f"--listen {args.listen!r}: expected HOST:PORT")
+    print(f"serving {repo.root} on http://{host}:{port}/", file=sys.stderr, flush=True)
+    serve(repo.root, host.strip("[]"), int(port))
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    report = check_mod.check(_repo(args), all_revisions=args.all)
+    for problem in report.problems:
+        print(problem)
+    revs = ", ".join(map(str, report.revisions))
+    verdict = "FAILED" if report.problems else "ok"
+    print(
+        f"check {verdict}: revisions {revs}; {report.catalogs} catalogs, "
+        f"{report.objects} objects, {len(report.problems)} problems"
+    )
+    return 1 if report.problems else 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    i = check_mod.info(_repo(args))
+    s = i.stats
+    print(f"name:              {i.name}")
+    print(f"revision:          {i.revision}")
+    print(f"published:         {check_mod.format_time(i.published)}")
+    print(f"manifest expires:  {check_mod.format_time(i.expires)}")
+    print(f"whitelist expires: {check_mod.format_time(i.whitelist_expires)}")
+    print(f"files:             {s.files} ({s.dirs} directories, {s.symlinks} symlinks)")
+    print(f"catalogs:          {s.catalogs}")
+    print(f"logical bytes:     {s.bytes} ({human(s.bytes)})")
+    print(f"stored bytes:      {i.stored_bytes} ({human(i.stored_bytes)}) in {i.stored_objects} objects")
+    return 0
+
+
+def _tags(args: argparse.Namespace) -> int:
+    repo = _repo(args)
+    for tag in repo.history(repo.head()).tags():
+        print(f"{tag.name}\trevision {tag.revision}\t{check_mod.format_time(tag.created)}")
+    return 0
+
+
+def _whitelist_renew(args: argparse.Namespace) -> int:
+    repo = _repo(args)
+    with repo.lock():
+        wl = repo.renew_whitelist(args.days)
+    print(f"whitelist of {wl.name!r} renewed; expires {check_mod.format_time(wl.expires)}")
+    return 0
+
+
+def _resign(args: argparse.Namespace) -> int:
+    repo = _repo(args)
+    with repo.lock():
+        m = repo.resign()
+    print(f"manifest revision {m.revision} re-signed; expires {check_mod.format_time(m.expires)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="repo-server", description="Create, serve and operate repositories.")
+    console.add_debug(parser)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func, help_text: str, keys: bool = True) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("dir", help="repository directory")
+        if keys:
+            p.add_argument("--keys", help="key directory (default: DIR.keys)")
+        console.add_debug(p, subcommand=True)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("init", _init, "create a repository with revision 0 and new keys")
+    p.add_argument("--name", required=True, help="repository name, e.g. sw.example.org")
+    p = command("serve", _serve, "serve the repository over HTTP")
+    p.add_argument("--listen", default="127.0.0.1:8000", help="HOST:PORT (default 127.0.0.1:8000)")
+    p = command("check", _check, "verify every reachable catalog, object and signature")
+    p.add_argument("--all", action="store_true", help="check every revision in the history")
+    command("info", _info, "show name, revision and sizes")
+    command("tags", _tags, "list tags")
+    command("resign", _resign, "re-sign the current manifest with a fresh expiry")
+    wl = sub.add_parser("whitelist", help="manage the signing-key whitelist")
+    wl_sub = wl.add_subparsers(dest="action", required=True)
+    p = wl_sub.add_parser("renew", help="re-sign the whitelist with a new expiry")
+    p.add_argument("dir")
+    p.add_argument("--keys", help="key directory (default: DIR.keys)")
+    p.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
+    console.add_debug(p, subcommand=True)
+    p.set_defaults(func=_whitelist_renew)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return console.run(build_parser(), lambda a: int(a.func(a)), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Ed25519 key files of a repository: the master key, the signing key, the pinned public key.
+
+They live in KEYDIR (default DIR.keys), never inside the served directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from cvmfs_client.signed import load_public_key_pem
+from repo_server.errors import KeyError_
+
+
+@dataclass(frozen=True)
+class KeyFiles:
+    keydir: Path
+    name: str
+
+    @property
+    def master(self) -> Path:
+        return self.keydir / f"{self.name}.masterkey"
+
+    @property
+    def signing(self) -> Path:
+        return self.keydir / f"{self.name}.key"
+
+    @property
+    def public(self) -> Path:
+        """The master public key that clients pin."""
+        return self.keydir / f"{self.name}.pub"
+
+
+def default_keydir(repo_dir: Path) -> Path:
+    return repo_dir.parent / f"{repo_dir.name}.keys"
+
+
+def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
+    data = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def write_public_key(path: Path, key: Ed25519PrivateKey) -> None:
+    path.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise KeyError_(f"{path}: key file not found (use --keys KEYDIR)") from exc
+    except OSError as exc:
+        raise KeyError_(f"{path}: cannot read key file ({exc.strerror})") from exc
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except ValueError as exc:
+        raise KeyError_(f"{path}: not a PEM private key") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyError_(f"{path}: not an Ed25519 private key")
+    return key
+
+
+def load_public_key(path: Path):  # type: ignore[no-untyped-def]
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KeyError_(f"{path}: cannot read public key ({exc.strerror})") from exc
+    return load_public_key_pem(data, str(path))

@@ -1,0 +1,117 @@
+"""Where a repository's files live: one small protocol, a local-directory implementation.
+
+Objects are immutable and written atomically; the manifest and whitelist are the only
+files ever replaced, by an atomic rename after everything they name is durable.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+from cvmfs_client.objects import object_path
+
+TXN_DIR = "txn"
+
+
+class Storage(Protocol):
+    def has(self, digest: str) -> bool: ...
+    def missing(self, digests: Iterable[str]) -> set[str]: ...
+    def put_object(self, digest: str, stored: bytes) -> bool:
+        """Store an object unless present; True if it was written now."""
+        ...
+    def get_object(self, digest: str) -> bytes: ...
+    def iter_objects(self) -> Iterator[tuple[str, int]]: ...
+    def delete_object(self, digest: str) -> None: ...
+    def read_file(self, name: str) -> bytes | None: ...
+    def write_file(self, name: str, data: bytes) -> None:
+        """Atomically replace a top-level file (manifest, whitelist), durably."""
+        ...
+    def sync(self) -> None:
+        """Make every object written so far durable."""
+        ...
+
+
+class LocalStorage:
+    def __init__(self, root: Path):
+        self.root = root
+        self.txn = root / TXN_DIR
+
+    def create_layout(self) -> None:
+        self.txn.mkdir(parents=True, exist_ok=True)
+        for i in range(256):
+            (self.root / "data" / f"{i:02x}").mkdir(parents=True, exist_ok=True)
+
+    def clean_txn(self) -> None:
+        """Remove temp files a killed publish left behind (call under the publish lock)."""
+        for entry in os.scandir(self.txn):
+            os.unlink(entry.path)
+
+    def _path(self, digest: str) -> str:
+        return os.path.join(self.root, object_path(digest))
+
+    def has(self, digest: str) -> bool:
+        return os.path.exists(self._path(digest))
+
+    def missing(self, digests: Iterable[str]) -> set[str]:
+        return {d for d in set(digests) if not os.path.exists(self._path(d))}
+
+    def _write_temp(self, data: bytes) -> str:
+        tmp = os.path.join(self.txn, secrets.token_hex(12))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        return tmp
+
+    def put_object(self, digest: str, stored: bytes) -> bool:
+        final = self._path(digest)
+        if os.path.exists(final):
+            return False
+        os.rename(self._write_temp(stored), final)
+        return True
+
+    def get_object(self, digest: str) -> bytes:
+        with open(self._path(digest), "rb") as f:
+            return f.read()
+
+    def iter_objects(self) -> Iterator[tuple[str, int]]:
+        data = self.root / "data"
+        for sub in sorted(os.scandir(data), key=lambda e: e.name):
+            if len(sub.name) != 2 or not sub.is_dir():
+                continue
+            for entry in os.scandir(sub.path):
+                yield sub.name + entry.name, entry.stat().st_size
+
+    def delete_object(self, digest: str) -> None:
+        os.unlink(self._path(digest))
+
+    def read_file(self, name: str) -> bytes | None:
+        try:
+            return (self.root / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_file(self, name: str, data: bytes) -> None:
+        tmp = self._write_temp(data)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.root / name)
+        dir_fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def sync(self) -> None:
+        # One syncfs-wide flush is far cheaper than an fsync per object.
+        os.sync()
