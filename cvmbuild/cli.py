@@ -37,23 +37,38 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cvmbuild", description="Publish build trees into a repository.")
+    parser = argparse.ArgumentParser(
+        prog="cvmbuild", description="Publish build trees into a repository."
+    )
     console.add_debug(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("publish", help="publish SRC at /PREFIX as a new signed revision")
     p.add_argument("src", help="the build tree to publish")
     p.add_argument("--repo", required=True, help="repository directory")
-    p.add_argument("--path", required=True, help="where SRC appears in the repository, e.g. /sw/1.2")
+    p.add_argument(
+        "--path", required=True, help="where SRC appears in the repository, e.g. /sw/1.2"
+    )
     p.add_argument("--tag", help="name the new revision")
     p.add_argument("--message", help="a note stored with the revision")
     p.add_argument("--keys", help="key directory (default: REPO.keys)")
     p.add_argument("--compression-level", type=int, default=3, help="zstd level, 1-19 (default 3)")
-    p.add_argument("--skip-special", action="store_true",
-                   help="skip sockets, fifos and devices with a warning instead of failing")
-    p.add_argument("--catalog-entries", type=int, default=DEFAULT_MAX_ENTRIES,
-                   help=f"split nested catalogs above this many entries (default {DEFAULT_MAX_ENTRIES})")
-    p.add_argument("--chunk-threshold", type=int, default=ChunkPolicy().threshold,
-                   help="cut files larger than this many bytes into chunks (default 4 MiB)")
+    p.add_argument(
+        "--skip-special",
+        action="store_true",
+        help="skip sockets, fifos and devices with a warning instead of failing",
+    )
+    p.add_argument(
+        "--catalog-entries",
+        type=int,
+        default=DEFAULT_MAX_ENTRIES,
+        help=f"split nested catalogs above this many entries (default {DEFAULT_MAX_ENTRIES})",
+    )
+    p.add_argument(
+        "--chunk-threshold",
+        type=int,
+        default=ChunkPolicy().threshold,
+        help="cut files larger than this many bytes into chunks (default 4 MiB)",
+    )
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_publish)
     return parser

@@ -64,8 +64,9 @@ def choose_catalog_roots(entries: list[SourceEntry], max_entries: int) -> set[st
     return roots
 
 
-def _link_groups(entries: list[SourceEntry], owner: Callable[[SourceEntry], str],
-                 warn: Callable[[str], None]) -> dict[str, int]:
+def _link_groups(
+    entries: list[SourceEntry], owner: Callable[[SourceEntry], str], warn: Callable[[str], None]
+) -> dict[str, int]:
     """relpath → hard-link group number, unique within the owning catalog."""
     by_inode: dict[tuple[int, int], list[SourceEntry]] = defaultdict(list)
     for entry in entries:
@@ -138,8 +139,17 @@ def build_catalogs(
         if target is not None:
             size = len(target.encode("utf-8"))
         rows[cat].append(
-            (parent, name, entry.mode, size, entry.mtime_ns, digest, target,
-             links.get(entry.relpath, 0), flags)
+            (
+                parent,
+                name,
+                entry.mode,
+                size,
+                entry.mtime_ns,
+                digest,
+                target,
+                links.get(entry.relpath, 0),
+                flags,
+            )
         )
 
     stored: dict[str, StoredCatalog] = {}
@@ -148,15 +158,22 @@ def build_catalogs(
     for root in sorted(roots, key=lambda p: p.count("/") if p else -1, reverse=True):
         root_path = repo_path(prefix, root)
         nested = sorted(
-            (r for r in roots if r and r != root and owner_of_dir[r.rpartition("/")[0]] == root)
+            r for r in roots if r and r != root and owner_of_dir[r.rpartition("/")[0]] == root
         )
         refs = [
             NestedRef(repo_path(prefix, r), stored[r].hash, stored[r].size, stored[r].stats)
             for r in nested
         ]
         digest = hashlib.sha256(
-            repr((SCHEMA_VERSION, root_path, sorted(rows[root], key=lambda r: (r[0], r[1])),
-                  sorted(chunk_rows[root]), refs)).encode()
+            repr(
+                (
+                    SCHEMA_VERSION,
+                    root_path,
+                    sorted(rows[root], key=lambda r: (r[0], r[1])),
+                    sorted(chunk_rows[root]),
+                    refs,
+                )
+            ).encode()
         ).hexdigest()
         old = previous.get(digest)
         if old is not None and storage.has(old.hash):
@@ -173,4 +190,6 @@ def build_catalogs(
         s = stored[root]
         reusable[digest] = NestedRef(root_path, s.hash, s.size, s.stats)
     mode = top.mode if stat.S_ISDIR(top.mode) else stat.S_IFDIR | 0o755
-    return LayoutResult(Subtree(prefix, stored[""], mode, top.mtime_ns), reusable, new_bytes, written)
+    return LayoutResult(
+        Subtree(prefix, stored[""], mode, top.mtime_ns), reusable, new_bytes, written
+    )

@@ -59,7 +59,9 @@ def _warn(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def publish(src: str, repo_dir: str, prefix: str, options: PublishOptions = PublishOptions()) -> PublishSummary:
+def publish(
+    src: str, repo_dir: str, prefix: str, options: PublishOptions = PublishOptions()
+) -> PublishSummary:
     start = time.monotonic()
     prefix = normalize(prefix)
     repo = LocalRepository(Path(repo_dir), options.keydir)
@@ -70,14 +72,23 @@ def publish(src: str, repo_dir: str, prefix: str, options: PublishOptions = Publ
         cache = StatCache(str(repo.root), prefix, src)
         contents, to_read = _reuse_from_cache(repo, cache, entries)
         ingestor = Ingestor(
-            repo.storage, level=options.level, policy=options.chunking, workers=options.workers,
+            repo.storage,
+            level=options.level,
+            policy=options.chunking,
+            workers=options.workers,
         )
         with _progress(options.progress, sum(e.size for e in to_read)) as advance:
             ingestor.progress = advance
             contents.update(ingestor.ingest(to_read))
         layout = build_catalogs(
-            repo.storage, prefix, entries, contents, compressor=compressor,
-            previous=cache.catalogs, max_entries=options.max_entries, warn=_warn,
+            repo.storage,
+            prefix,
+            entries,
+            contents,
+            compressor=compressor,
+            previous=cache.catalogs,
+            max_entries=options.max_entries,
+            warn=_warn,
         )
         result = repo.commit(
             layout.subtree, message=options.message, tag=options.tag, compressor=compressor
@@ -111,7 +122,9 @@ def _reuse_from_cache(
             to_read.append(entry)
         else:
             known[entry.relpath] = hit
-    needed = {h for c in known.values() for h in ([c.hash] if c.hash else [x.hash for x in c.chunks])}
+    needed = {
+        h for c in known.values() for h in ([c.hash] if c.hash else [x.hash for x in c.chunks])
+    }
     missing = repo.storage.missing(needed)
     if missing:
         for entry in entries:

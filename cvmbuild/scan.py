@@ -47,8 +47,16 @@ def _entry(relpath: str, abspath: str, st: os.stat_result) -> SourceEntry:
         target = os.readlink(abspath)
         _check_utf8(target, abspath, "symlink target")
     return SourceEntry(
-        relpath, abspath, st.st_mode, st.st_size if not stat.S_ISDIR(st.st_mode) else 0,
-        st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, target,
+        relpath,
+        abspath,
+        st.st_mode,
+        st.st_size if not stat.S_ISDIR(st.st_mode) else 0,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        st.st_ino,
+        st.st_dev,
+        st.st_nlink,
+        target,
     )
 
 
@@ -82,7 +90,12 @@ def scan(
             st = child.stat(follow_symlinks=False)
             kind = stat.S_IFMT(st.st_mode)
             if kind not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK):
-                what = {stat.S_IFSOCK: "socket", stat.S_IFIFO: "fifo", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device"}.get(kind, "special file")
+                what = {
+                    stat.S_IFSOCK: "socket",
+                    stat.S_IFIFO: "fifo",
+                    stat.S_IFCHR: "character device",
+                    stat.S_IFBLK: "block device",
+                }.get(kind, "special file")
                 if skip_special:
                     warn(f"warning: skipping {what} {child.path}")
                     continue

@@ -79,7 +79,9 @@ class StatCache:
         return None
 
     def save(
-        self, entries: list[SourceEntry], contents: dict[str, FileContent],
+        self,
+        entries: list[SourceEntry],
+        contents: dict[str, FileContent],
         catalogs: dict[str, NestedRef],
     ) -> None:
         rows = []
@@ -87,7 +89,11 @@ class StatCache:
             content = contents.get(entry.relpath)
             if content is None:
                 continue
-            chunks = json.dumps([[c.offset, c.size, c.hash] for c in content.chunks]) if content.chunks else None
+            chunks = (
+                json.dumps([[c.offset, c.size, c.hash] for c in content.chunks])
+                if content.chunks
+                else None
+            )
             rows.append((entry.relpath, *_stat_key(entry), content.hash, chunks))
         tmp = self.path.with_suffix(".tmp")
         tmp.unlink(missing_ok=True)
@@ -97,7 +103,10 @@ class StatCache:
             db.executemany("INSERT INTO files VALUES (?,?,?,?,?,?,?)", rows)
             db.executemany(
                 "INSERT INTO catalogs VALUES (?,?,?,?,?)",
-                [(d, r.path, r.hash, r.size, json.dumps(r.stats.as_row())) for d, r in catalogs.items()],
+                [
+                    (d, r.path, r.hash, r.size, json.dumps(r.stats.as_row()))
+                    for d, r in catalogs.items()
+                ],
             )
         db.close()
         os.replace(tmp, self.path)

@@ -181,8 +181,11 @@ class Catalog:
         p = self.properties
         try:
             return TreeStats(
-                int(p["files"]), int(p["dirs"]), int(p["symlinks"]),
-                int(p["bytes"]), int(p["catalogs"]),
+                int(p["files"]),
+                int(p["dirs"]),
+                int(p["symlinks"]),
+                int(p["bytes"]),
+                int(p["catalogs"]),
             )
         except (KeyError, ValueError) as exc:
             raise FormatError(f"catalog {self.digest}: bad statistics ({exc})") from exc

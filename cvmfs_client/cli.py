@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("cat", _cat, "write a file of the repository to stdout"),
     ):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("repo", help="repository directory or http(s) URL (mirrors separated by ';')")
+        p.add_argument(
+            "repo", help="repository directory or http(s) URL (mirrors separated by ';')"
+        )
         p.add_argument("path", help="path inside the repository")
         p.add_argument("--key", required=True, help="the repository's master public key (NAME.pub)")
         group = p.add_mutually_exclusive_group()

@@ -10,7 +10,11 @@ from collections.abc import Callable
 from cvmfs_client.errors import ClientError
 
 
-def run(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
+def run(
+    parser: argparse.ArgumentParser,
+    handler: Callable[[argparse.Namespace], int],
+    argv: list[str] | None,
+) -> int:
     """Parse argv and run handler; errors become `error: ...` on stderr and exit 1."""
     args = parser.parse_args(argv)
     try:
@@ -28,7 +32,9 @@ def run(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace],
 def add_debug(parser: argparse.ArgumentParser, *, subcommand: bool = False) -> None:
     # On a subcommand the default must not overwrite a --debug given before it.
     default = argparse.SUPPRESS if subcommand else False
-    parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks on errors")
+    parser.add_argument(
+        "--debug", action="store_true", default=default, help="show tracebacks on errors"
+    )
 
 
 def human(n: float) -> str:

@@ -130,7 +130,7 @@ class CurlFetcher:
             not_found = 0
             if attempt < RETRIES:
                 time.sleep(0.2 * 2**attempt)
-        raise FetchError(f"{relpath}: every mirror failed ({'; '.join(errors[-len(self.urls):])})")
+        raise FetchError(f"{relpath}: every mirror failed ({'; '.join(errors[-len(self.urls) :])})")
 
 
 def fetcher_for(location: str) -> Fetcher:

@@ -48,9 +48,7 @@ def decode_object(stored: bytes, digest: str, content_size: int | None = None) -
     if stored[:4] == ZSTD_MAGIC:
         limit = content_size if content_size is not None else 1 << 34
         try:
-            content = zstandard.ZstdDecompressor().decompress(
-                stored, max_output_size=max(limit, 1)
-            )
+            content = zstandard.ZstdDecompressor().decompress(stored, max_output_size=max(limit, 1))
         except zstandard.ZstdError as exc:
             raise VerificationError(f"object {digest}: corrupt zstd data ({exc})") from exc
     else:

@@ -1,4 +1,7 @@
-"""Signed text documents (manifest, whitelist) and Ed25519 keys (docs/FORMAT.md, "Signed documents")."""
+"""Signed text documents (manifest, whitelist) and Ed25519 keys.
+
+Syntax: docs/FORMAT.md, "Signed documents".
+"""
 
 from __future__ import annotations
 

@@ -104,7 +104,8 @@ class CatalogBuilder:
             "SELECT COALESCE(SUM(files),0), COALESCE(SUM(dirs),0), COALESCE(SUM(symlinks),0), "
             "COALESCE(SUM(bytes),0), COALESCE(SUM(catalogs),0) FROM nested"
         ).fetchone()
-        return TreeStats(*own, catalogs=1) + TreeStats(*nested)
+        files, dirs, symlinks, size = own
+        return TreeStats(files, dirs, symlinks, size, 1) + TreeStats(*nested)
 
     def finish(self, storage: Storage, compressor: zstandard.ZstdCompressor) -> StoredCatalog:
         stats = self.stats()
@@ -143,7 +144,7 @@ class Subtree:
 
 def graft(
     storage: Storage,
-    load: "CatalogLoader",
+    load: CatalogLoader,
     root: tuple[str, int],
     subtree: Subtree,
     compressor: zstandard.ZstdCompressor,

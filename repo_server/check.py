@@ -34,7 +34,11 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
         roots = [(head.revision, head.root_hash)]
     else:
         records = {r.revision: r for r in history.revisions()}
-        wanted = set(records) if all_revisions else {head.revision} | {t.revision for t in history.tags()}
+        wanted = (
+            set(records)
+            if all_revisions
+            else {head.revision} | {t.revision for t in history.tags()}
+        )
         roots = [(n, records[n].root_hash) for n in sorted(wanted) if n in records]
         if head.revision not in records:
             report.problems.append(f"history does not list the head revision {head.revision}")
@@ -54,8 +58,9 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
     return report
 
 
-def _walk(repo: LocalRepository, digest: str, seen: set[str], objects: dict[str, int],
-          problems: list[str]) -> None:
+def _walk(
+    repo: LocalRepository, digest: str, seen: set[str], objects: dict[str, int], problems: list[str]
+) -> None:
     stack = [digest]
     while stack:
         digest = stack.pop()
@@ -112,8 +117,16 @@ def info(repo: LocalRepository) -> Info:
     for _, size in repo.storage.iter_objects():
         count += 1
         total += size
-    return Info(head.name, head.revision, head.published, head.expires,
-                repo.whitelist().expires, stats, total, count)
+    return Info(
+        head.name,
+        head.revision,
+        head.published,
+        head.expires,
+        repo.whitelist().expires,
+        stats,
+        total,
+        count,
+    )
 
 
 def format_time(ts: int) -> str:

@@ -61,7 +61,10 @@ def _info(args: argparse.Namespace) -> int:
     print(f"files:             {s.files} ({s.dirs} directories, {s.symlinks} symlinks)")
     print(f"catalogs:          {s.catalogs}")
     print(f"logical bytes:     {s.bytes} ({human(s.bytes)})")
-    print(f"stored bytes:      {i.stored_bytes} ({human(i.stored_bytes)}) in {i.stored_objects} objects")
+    print(
+        f"stored bytes:      {i.stored_bytes} ({human(i.stored_bytes)}) "
+        f"in {i.stored_objects} objects"
+    )
     return 0
 
 
@@ -89,7 +92,9 @@ def _resign(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="repo-server", description="Create, serve and operate repositories.")
+    parser = argparse.ArgumentParser(
+        prog="repo-server", description="Create, serve and operate repositories."
+    )
     console.add_debug(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 

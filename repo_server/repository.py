@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cvmfs_client import manifest as manifest_mod
 from cvmfs_client import whitelist as whitelist_mod
@@ -51,7 +52,9 @@ class LocalRepository:
     def __init__(self, root: Path, keydir: Path | None = None):
         self.root = Path(root).resolve()
         if not (self.root / MANIFEST_FILE).is_file():
-            raise RepoError(f"{root}: not a repository (no manifest; create one with `repo-server init`)")
+            raise RepoError(
+                f"{root}: not a repository (no manifest; create one with `repo-server init`)"
+            )
         self.keydir = Path(keydir) if keydir else keys.default_keydir(self.root)
         self.storage = LocalStorage(self.root)
         self._head: Manifest | None = None
@@ -73,8 +76,8 @@ class LocalRepository:
             if path.exists():
                 raise RepoError(f"{path}: already exists; refusing to overwrite a key")
         keydir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        master = keys.Ed25519PrivateKey.generate()
-        signing = keys.Ed25519PrivateKey.generate()
+        master = Ed25519PrivateKey.generate()
+        signing = Ed25519PrivateKey.generate()
         keys.write_private_key(files.master, master)
         keys.write_private_key(files.signing, signing)
         keys.write_public_key(files.public, master)
@@ -93,12 +96,21 @@ class LocalRepository:
         )
         hist_hash, hist_size = _store_history(storage, history, compressor)
         manifest = Manifest(
-            name, 0, catalog.hash, catalog.size, hist_hash, hist_size,
-            now, now + MANIFEST_DAYS * DAY, manifest_mod.DEFAULT_TTL,
+            name,
+            0,
+            catalog.hash,
+            catalog.size,
+            hist_hash,
+            hist_size,
+            now,
+            now + MANIFEST_DAYS * DAY,
+            manifest_mod.DEFAULT_TTL,
             key_fingerprint(signing.public_key()),
         )
         storage.sync()
-        storage.write_file(MANIFEST_FILE, attach_signature(manifest.body(), signing.sign(manifest.body())))
+        storage.write_file(
+            MANIFEST_FILE, attach_signature(manifest.body(), signing.sign(manifest.body()))
+        )
         return cls(root, keydir)
 
     # -- reading --------------------------------------------------------------------
@@ -162,8 +174,12 @@ class LocalRepository:
         head = self.head()
         now = time.time()
         root = graft(
-            self.storage, CatalogLoader(self.storage), (head.root_hash, head.root_size),
-            subtree, compressor, int(now * 1e9),
+            self.storage,
+            CatalogLoader(self.storage),
+            (head.root_hash, head.root_size),
+            subtree,
+            compressor,
+            int(now * 1e9),
         )
         revision = head.revision + 1
         history_db = _load_history(self.history(head))
@@ -177,17 +193,32 @@ class LocalRepository:
                 "INSERT OR REPLACE INTO tags VALUES (?, ?, ?)", (tag, revision, int(now))
             )
         hist_hash, hist_size = _store_history(self.storage, history_db, compressor)
-        manifest = self._sign_manifest(head, revision, root.hash, root.size, hist_hash, hist_size, now)
+        manifest = self._sign_manifest(
+            head, revision, root.hash, root.size, hist_hash, hist_size, now
+        )
         return CommitResult(manifest, root.stats, root.new_bytes)
 
     def _sign_manifest(
-        self, head: Manifest, revision: int, root_hash: str, root_size: int,
-        hist_hash: str, hist_size: int, now: float,
+        self,
+        head: Manifest,
+        revision: int,
+        root_hash: str,
+        root_size: int,
+        hist_hash: str,
+        hist_size: int,
+        now: float,
     ) -> Manifest:
         signing = keys.load_private_key(self.key_files().signing)
         manifest = Manifest(
-            head.name, revision, root_hash, root_size, hist_hash, hist_size,
-            int(now), int(now) + MANIFEST_DAYS * DAY, head.ttl,
+            head.name,
+            revision,
+            root_hash,
+            root_size,
+            hist_hash,
+            hist_size,
+            int(now),
+            int(now) + MANIFEST_DAYS * DAY,
+            head.ttl,
             key_fingerprint(signing.public_key()),
         )
         body = manifest.body()
@@ -199,8 +230,13 @@ class LocalRepository:
         """Re-sign the head with a fresh expiry, same revision and content."""
         head = self.head_unverified()
         return self._sign_manifest(
-            head, head.revision, head.root_hash, head.root_size,
-            head.history_hash, head.history_size, time.time(),
+            head,
+            head.revision,
+            head.root_hash,
+            head.root_size,
+            head.history_hash,
+            head.history_size,
+            time.time(),
         )
 
     def renew_whitelist(self, days: int = WHITELIST_DAYS) -> Whitelist:
@@ -218,13 +254,15 @@ def validate_tag(name: str) -> None:
 def _write_whitelist(
     storage: LocalStorage,
     name: str,
-    master: keys.Ed25519PrivateKey,
-    signing_keys: list[keys.Ed25519PrivateKey],
+    master: Ed25519PrivateKey,
+    signing_keys: list[Ed25519PrivateKey],
     now: int,
     days: int = WHITELIST_DAYS,
 ) -> Whitelist:
     whitelist = Whitelist(
-        name, now, now + days * DAY,
+        name,
+        now,
+        now + days * DAY,
         tuple(encode_public_key(k.public_key()) for k in signing_keys),
     )
     body = whitelist.body()

@@ -40,7 +40,9 @@ def create_app(root: Path, ttl: int = 60) -> Starlette:
         full = os.path.join(root, relpath)
         if not os.path.isfile(full):
             return PlainTextResponse("not found\n", status_code=404)
-        return FileResponse(full, headers={"Cache-Control": policy}, media_type="application/octet-stream")
+        return FileResponse(
+            full, headers={"Cache-Control": policy}, media_type="application/octet-stream"
+        )
 
     async def index(request: Request) -> Response:
         return PlainTextResponse(f"cvmfs-py repository {root.name}\n")
