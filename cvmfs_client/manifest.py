@@ -10,6 +10,20 @@ from cvmfs_client.whitelist import Whitelist
 
 KIND = "manifest"
 DEFAULT_TTL = 240
+FIELDS = frozenset(
+    {
+        "name",
+        "revision",
+        "root",
+        "root-size",
+        "history",
+        "history-size",
+        "published",
+        "expires",
+        "ttl",
+        "signer",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -46,7 +60,7 @@ class Manifest:
 def parse(data: bytes) -> tuple[Manifest, bytes, bytes]:
     """Parse without verifying: returns the manifest, its signed body and signature."""
     pairs, body, signature = signed.split_document(data, KIND)
-    fields = signed.Fields(KIND, pairs, frozenset())
+    fields = signed.Fields(KIND, pairs, FIELDS)
     manifest = Manifest(
         name=fields.text("name"),
         revision=fields.integer("revision"),
@@ -56,7 +70,7 @@ def parse(data: bytes) -> tuple[Manifest, bytes, bytes]:
         history_size=fields.integer("history-size"),
         published=fields.integer("published"),
         expires=fields.integer("expires"),
-        ttl=fields.integer("ttl", DEFAULT_TTL),
+        ttl=fields.integer("ttl"),
         signer=fields.digest("signer"),
     )
     return manifest, body, signature

@@ -105,8 +105,17 @@ def verify_signature(key: Ed25519PublicKey, signature: bytes, body: bytes, what:
 class Fields:
     """Typed access to a document's fields with errors that name the field."""
 
-    def __init__(self, kind: str, pairs: list[tuple[str, str]], repeatable: frozenset[str]):
+    def __init__(
+        self,
+        kind: str,
+        pairs: list[tuple[str, str]],
+        known: frozenset[str],
+        repeatable: frozenset[str] = frozenset(),
+    ):
         self.kind = kind
+        unknown = sorted({key for key, _ in pairs} - known - repeatable)
+        if unknown:
+            raise FormatError(f"{kind}: unknown field {unknown[0]!r}")
         self._single: dict[str, str] = {}
         self.multi: dict[str, list[str]] = {k: [] for k in repeatable}
         for key, value in pairs:

@@ -41,7 +41,9 @@ class Whitelist:
 def parse(data: bytes) -> tuple[Whitelist, bytes, bytes]:
     """Parse without verifying: returns the whitelist, its signed body and signature."""
     pairs, body, signature = signed.split_document(data, KIND)
-    fields = signed.Fields(KIND, pairs, frozenset({"key"}))
+    fields = signed.Fields(
+        KIND, pairs, frozenset({"name", "created", "expires"}), frozenset({"key"})
+    )
     whitelist = Whitelist(
         name=fields.text("name"),
         created=fields.integer("created"),

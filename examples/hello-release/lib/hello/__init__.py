@@ -1,0 +1,3 @@
+"""Placeholder library of the quick-start release."""
+
+VERSION = "1.0"
