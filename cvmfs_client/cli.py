@@ -51,6 +51,27 @@ def _cat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mount(args: argparse.Namespace) -> int:
+    from cvmfs_client.mount import MountOptions, default_cache_dir, mount
+
+    options = MountOptions(
+        url=args.url,
+        mountpoint=args.mountpoint,
+        key_file=args.key,
+        cache_dir=args.cache_dir or default_cache_dir(),
+        foreground=args.foreground,
+        tag=args.tag,
+        revision=args.revision,
+    )
+    return mount(options)
+
+
+def _umount(args: argparse.Namespace) -> int:
+    from cvmfs_client.mount import umount
+
+    return umount(args.mountpoint)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cvmfs-client", description="Read a cvmfs-py repository, verifying every byte."
@@ -74,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-l", "--long", action="store_true", help="long listing")
         console.add_debug(p, subcommand=True)
         p.set_defaults(func=func)
+    p = sub.add_parser("mount", help="mount a repository read-only with FUSE")
+    p.add_argument("url", help="repository http(s) URL(s) separated by ';', or a directory")
+    p.add_argument("mountpoint")
+    p.add_argument("--key", required=True, help="the repository's master public key (NAME.pub)")
+    p.add_argument("--cache-dir", help="local cache (default /var/lib/cvmfs-client/cache as root)")
+    p.add_argument("--foreground", action="store_true", help="stay in the foreground")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--tag", help="mount the revision with this tag")
+    group.add_argument("--revision", type=int, help="mount this revision")
+    console.add_debug(p, subcommand=True)
+    p.set_defaults(func=_mount)
+    p = sub.add_parser("umount", help="unmount a repository")
+    p.add_argument("mountpoint")
+    console.add_debug(p, subcommand=True)
+    p.set_defaults(func=_umount)
     return parser
 
 

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cvmfs_client import manifest as manifest_mod
 from cvmfs_client import paths
 from cvmfs_client import whitelist as whitelist_mod
+from cvmfs_client.cache import ObjectCache
 from cvmfs_client.catalog import Catalog, Entry, NestedRef
 from cvmfs_client.errors import NotFoundError, VerificationError
 from cvmfs_client.fetcher import Fetcher
@@ -35,11 +36,13 @@ class RepositoryReader:
         *,
         clock: Callable[[], float] = time.time,
         min_revision: int = 0,
+        cache: ObjectCache | None = None,
     ):
         self.fetcher = fetcher
         self.master_key = master_key
         self.clock = clock
         self.min_revision = min_revision
+        self.cache = cache
         self._catalogs: dict[str, Catalog] = {}
         self._lock = threading.Lock()
         self.manifest: Manifest | None = None
@@ -89,12 +92,25 @@ class RepositoryReader:
             )
         return decode_object(data, digest, None if stored else size)
 
+    def cached_object(self, digest: str, size: int) -> str:
+        """Path of a verified cache file with the object's content (needs a cache)."""
+        assert self.cache is not None
+        return self.cache.get(digest, lambda: self.fetch_object(digest, size))
+
     def catalog(self, digest: str, stored_size: int) -> Catalog:
         with self._lock:
             cached = self._catalogs.get(digest)
         if cached is not None:
             return cached
-        catalog = Catalog.from_bytes(self.fetch_object(digest, stored_size, stored=True), digest)
+        if self.cache is not None:
+            path = self.cache.get(
+                digest, lambda: self.fetch_object(digest, stored_size, stored=True)
+            )
+            catalog = Catalog.from_file(path, digest)
+        else:
+            catalog = Catalog.from_bytes(
+                self.fetch_object(digest, stored_size, stored=True), digest
+            )
         with self._lock:
             return self._catalogs.setdefault(digest, catalog)
 

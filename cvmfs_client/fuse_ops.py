@@ -1,0 +1,184 @@
+"""The FUSE operations: kernel calls translated into calls on a RepositoryReader.
+
+Read-only; every byte served comes from a verified cache file. A failure to fetch or
+verify an object is EIO for that file only, logged with the object and the mirror.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import mfusepy
+
+from cvmfs_client import paths
+from cvmfs_client.catalog import Chunk, Entry
+from cvmfs_client.errors import ClientError, FormatError, NotFoundError
+from cvmfs_client.repository import RepositoryReader
+
+log = logging.getLogger(__name__)
+
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+
+@dataclass
+class OpenFile:
+    entry: Entry
+    fd: int | None  # whole-object files: an fd on the cache file
+    chunks: list[Chunk]
+
+
+class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
+    use_ns = True
+
+    def __init__(self, reader: RepositoryReader, on_ready: Any = None):
+        self.reader = reader
+        self.on_ready = on_ready
+        self._handles: dict[int, OpenFile] = {}
+        self._next = itertools.count(1)
+        self._lock = threading.Lock()
+        self.io_errors = 0
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _entry(self, path: str) -> Entry:
+        try:
+            return self.reader.lookup(path)
+        except NotFoundError as exc:
+            raise mfusepy.FuseOSError(errno.ENOENT) from exc
+        except FormatError as exc:
+            if "path" in str(exc):
+                raise mfusepy.FuseOSError(errno.ENOENT) from exc
+            raise self._eio(path, exc) from exc
+        except ClientError as exc:
+            raise self._eio(path, exc) from exc
+
+    def _eio(self, path: str, exc: Exception) -> mfusepy.FuseOSError:
+        self.io_errors += 1
+        log.error("I/O error on %s via %s: %s", path, self.reader.fetcher.describe(), exc)
+        return mfusepy.FuseOSError(errno.EIO)
+
+    # -- operations -------------------------------------------------------------------
+
+    def init(self, path: str) -> None:
+        if self.on_ready is not None:
+            self.on_ready()
+
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+        entry = self._entry(path)
+        nlink = 2 if entry.is_dir else self.reader.link_count(entry)
+        return {
+            "st_mode": entry.mode,
+            "st_size": entry.size,
+            "st_nlink": nlink,
+            "st_uid": 0,
+            "st_gid": 0,
+            "st_mtime": entry.mtime_ns,
+            "st_ctime": entry.mtime_ns,
+            "st_atime": entry.mtime_ns,
+            "st_blocks": (entry.size + 511) // 512,
+        }
+
+    def readdir(self, path: str, fh: int) -> list[str]:
+        entry = self._entry(path)
+        if not entry.is_dir:
+            raise mfusepy.FuseOSError(errno.ENOTDIR)
+        try:
+            children = self.reader.listdir(entry.path)
+        except ClientError as exc:
+            raise self._eio(path, exc) from exc
+        return [".", "..", *(child.name for child in children)]
+
+    def readlink(self, path: str) -> str:
+        entry = self._entry(path)
+        if not entry.is_symlink or entry.target is None:
+            raise mfusepy.FuseOSError(errno.EINVAL)
+        return entry.target
+
+    def access(self, path: str, amode: int) -> int:
+        if amode & os.W_OK:
+            raise mfusepy.FuseOSError(errno.EROFS)
+        self._entry(path)
+        return 0
+
+    def open(self, path: str, flags: int) -> int:
+        if flags & WRITE_FLAGS:
+            raise mfusepy.FuseOSError(errno.EROFS)
+        entry = self._entry(path)
+        if not entry.is_file:
+            raise mfusepy.FuseOSError(errno.EISDIR if entry.is_dir else errno.EINVAL)
+        try:
+            if entry.chunked:
+                parent, _ = paths.split(entry.path)
+                handle = OpenFile(
+                    entry, None, self.reader.catalog_for_dir(parent).chunks(entry.path)
+                )
+            else:
+                assert entry.hash is not None
+                cached = self.reader.cached_object(entry.hash, entry.size)
+                handle = OpenFile(entry, os.open(cached, os.O_RDONLY), [])
+        except ClientError as exc:
+            raise self._eio(path, exc) from exc
+        with self._lock:
+            number = next(self._next)
+            self._handles[number] = handle
+        return number
+
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        handle = self._handles[fh]
+        if handle.fd is not None:
+            return os.pread(handle.fd, size, offset)
+        end = min(offset + size, handle.entry.size)
+        pieces = []
+        try:
+            for chunk in handle.chunks:
+                chunk_end = chunk.offset + chunk.size
+                if chunk_end <= offset or chunk.offset >= end:
+                    continue
+                cached = self.reader.cached_object(chunk.hash, chunk.size)
+                start = max(offset, chunk.offset)
+                with open(cached, "rb") as f:
+                    f.seek(start - chunk.offset)
+                    pieces.append(f.read(min(end, chunk_end) - start))
+        except ClientError as exc:
+            raise self._eio(path, exc) from exc
+        return b"".join(pieces)
+
+    def release(self, path: str, fh: int) -> int:
+        with self._lock:
+            handle = self._handles.pop(fh, None)
+        if handle is not None and handle.fd is not None:
+            os.close(handle.fd)
+        return 0
+
+    def statfs(self, path: str) -> dict[str, int]:
+        return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
+
+    def listxattr(self, path: str) -> list[str]:
+        entry = self._entry(path)
+        names = ["user.revision", "user.host", "user.root_hash"] if entry.path == "/" else []
+        if entry.is_file:
+            names.append("user.hash" if not entry.chunked else "user.chunks")
+        return names
+
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        entry = self._entry(path)
+        manifest = self.reader.manifest
+        values: dict[str, str] = {}
+        if entry.path == "/" and manifest is not None:
+            values["user.revision"] = str(manifest.revision)
+            values["user.host"] = self.reader.fetcher.describe()
+            values["user.root_hash"] = self.reader.root_hash
+        if entry.is_file and entry.hash is not None:
+            values["user.hash"] = entry.hash
+        if entry.chunked:
+            parent, _ = paths.split(entry.path)
+            values["user.chunks"] = str(len(self.reader.catalog_for_dir(parent).chunks(entry.path)))
+        if name not in values:
+            raise mfusepy.FuseOSError(mfusepy.ENOATTR)
+        return values[name].encode()

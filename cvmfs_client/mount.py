@@ -1,0 +1,145 @@
+"""`cvmfs-client mount`/`umount`: wiring a verified reader, a cache and FUSE together.
+
+The mount verifies the manifest before it detaches, so a bad URL or key is reported
+on the terminal; it returns only once the kernel has the file system mounted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import mfusepy
+
+from cvmfs_client.cache import ObjectCache
+from cvmfs_client.errors import ClientError
+from cvmfs_client.fetcher import fetcher_for
+from cvmfs_client.fuse_ops import RepositoryFS
+from cvmfs_client.repository import RepositoryReader
+from cvmfs_client.signed import load_public_key_pem
+
+ENTRY_TIMEOUT_S = 60  # content is immutable per revision: let the kernel cache it
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    url: str
+    mountpoint: str
+    key_file: str
+    cache_dir: str
+    foreground: bool = False
+    tag: str | None = None
+    revision: int | None = None
+
+
+def default_cache_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/cvmfs-client/cache"
+    return os.path.expanduser("~/.cache/cvmfs-client")
+
+
+class RevisionMemory:
+    """The highest revision accepted per repository, kept in the cache directory."""
+
+    def __init__(self, cache_dir: str, name: str):
+        self.path = os.path.join(cache_dir, f"{name}.revision")
+
+    def load(self) -> int:
+        try:
+            with open(self.path) as f:
+                return int(f.read().strip() or 0)
+        except FileNotFoundError:
+            return 0
+        except ValueError as exc:
+            raise ClientError(f"{self.path}: corrupt; remove it to trust the server again") from exc
+
+    def store(self, revision: int) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{revision}\n")
+        os.replace(tmp, self.path)
+
+
+def open_reader(options: MountOptions) -> RepositoryReader:
+    try:
+        with open(options.key_file, "rb") as f:
+            key = load_public_key_pem(f.read(), options.key_file)
+    except OSError as exc:
+        raise ClientError(f"{options.key_file}: cannot read public key ({exc.strerror})") from exc
+    os.makedirs(options.cache_dir, exist_ok=True)
+    cache = ObjectCache(os.path.join(options.cache_dir, "objects"))
+    reader = RepositoryReader(fetcher_for(options.url), key, cache=cache)
+    probe = reader.load_manifest()
+    memory = RevisionMemory(options.cache_dir, probe.name)
+    reader.min_revision = memory.load()
+    manifest = reader.load_manifest()
+    memory.store(max(manifest.revision, reader.min_revision))
+    if options.tag is not None or options.revision is not None:
+        reader.select_revision(revision=options.revision, tag=options.tag)
+    reader.root_catalog()
+    return reader
+
+
+def mount(options: MountOptions) -> int:
+    if not os.path.isdir(options.mountpoint):
+        raise ClientError(f"{options.mountpoint}: mount point is not a directory")
+    if os.path.ismount(options.mountpoint):
+        raise ClientError(f"{options.mountpoint}: something is already mounted there")
+    reader = open_reader(options)
+    assert reader.manifest is not None
+    fuse_options = {
+        "ro": True,
+        "fsname": f"cvmfs-py:{reader.manifest.name}",
+        "kernel_cache": True,
+        "entry_timeout": ENTRY_TIMEOUT_S,
+        "attr_timeout": ENTRY_TIMEOUT_S,
+        "negative_timeout": ENTRY_TIMEOUT_S,
+        "default_permissions": True,
+    }
+    if os.geteuid() == 0:
+        fuse_options["allow_other"] = True
+    log_file = os.path.join(options.cache_dir, "client.log")
+    if options.foreground:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+        mfusepy.FUSE(RepositoryFS(reader), options.mountpoint, foreground=True, **fuse_options)
+        return 0
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_end)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(devnull, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+        status = 1
+        try:
+            fs = RepositoryFS(reader, on_ready=lambda: os.write(write_end, b"1"))
+            mfusepy.FUSE(fs, options.mountpoint, foreground=True, **fuse_options)
+            status = 0
+        except BaseException:  # the parent reports failure; the details go to the log
+            logging.exception("mount failed")
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    ready = os.read(read_end, 1)
+    os.close(read_end)
+    if ready != b"1":
+        os.waitpid(pid, 0)
+        raise ClientError(f"mounting {options.mountpoint} failed; see {log_file}")
+    return 0
+
+
+def umount(mountpoint: str) -> int:
+    if not os.path.ismount(mountpoint):
+        raise ClientError(f"{mountpoint}: not mounted")
+    command = ["fusermount", "-u", mountpoint] if os.geteuid() != 0 else ["umount", mountpoint]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ClientError(f"unmounting {mountpoint} failed: {result.stderr.strip()}")
+    return 0
