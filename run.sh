@@ -45,16 +45,20 @@ demo() {
   repo-server serve "$work/repo" --listen "127.0.0.1:$port" &
   server=$!
   { set +x; } 2>/dev/null
-  trap 'kill $server 2>/dev/null; rm -rf "$work"' EXIT
+  trap 'mountpoint -q "$work/mnt" && umount "$work/mnt"; kill $server 2>/dev/null; rm -rf "$work"' EXIT
   for _ in $(seq 50); do curl -fs "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.1; done
   key="$work/repo.keys/demo.example.org.pub"
   set -x
   cvmfs-client ls -l "http://127.0.0.1:$port" /sw/hello/1.0/bin --key "$key"
   cvmfs-client cat "http://127.0.0.1:$port" /sw/hello/1.0/bin/hello.py --key "$key" | python3 -
+  mkdir -p "$work/mnt"
+  cvmfs-client mount "http://127.0.0.1:$port" "$work/mnt" --key "$key" --cache-dir "$work/cache"
+  python3 "$work/mnt/sw/hello/1.0/bin/hello.py"
+  cvmfs-client umount "$work/mnt"
   repo-server check "$work/repo"
   repo-server info "$work/repo"
   { set +x; } 2>/dev/null
-  echo "demo ok: published, served on 127.0.0.1:$port, read back and run with verification"
+  echo "demo ok: published, served on 127.0.0.1:$port, read back verified, mounted and run"
 }
 
 case "${1:-}" in
