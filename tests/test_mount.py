@@ -1,0 +1,157 @@
+"""The FUSE mount as a user meets it: files identical to the build tree, programs run,
+tampering costs one file (EIO), never wrong bytes, and old manifests are refused."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cvmfs_client.fetcher import DirectoryFetcher
+from cvmfs_client.objects import object_path
+from cvmfs_client.repository import RepositoryReader
+from cvmfs_client.signed import load_public_key_pem
+from tests.conftest import Repo, run_cli
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or shutil.which("fusermount") is None,
+    reason="needs /dev/fuse and fusermount (apt-get install fuse libfuse2)",
+)
+
+
+def make_release(root: Path) -> Path:
+    src = root / "release"
+    (src / "bin").mkdir(parents=True)
+    (src / "lib" / "pkg").mkdir(parents=True)
+    (src / "lib" / "pkg" / "__init__.py").write_text("ANSWER = 42\n")
+    (src / "lib" / "pkg" / "data.bin").write_bytes(os.urandom(9 * 1024 * 1024))
+    tool = src / "bin" / "tool.py"
+    tool.write_text("import pkg\nprint('answer', pkg.ANSWER)\n")
+    tool.chmod(0o755)
+    (src / "bin" / "other.txt").write_text("untouched\n")
+    os.symlink("../lib/pkg", src / "bin" / "pkg-link")
+    os.utime(src / "bin" / "other.txt", ns=(1_600_000_000_123_456_789,) * 2)
+    return src
+
+
+class Mount:
+    def __init__(self, repo: Repo, mountpoint: Path, cache: Path):
+        self.repo, self.path, self.cache = repo, mountpoint, cache
+
+    def __enter__(self) -> Mount:
+        self.path.mkdir(exist_ok=True)
+        run_cli(
+            "cvmfs-client",
+            "mount",
+            self.repo.dir,
+            self.path,
+            "--key",
+            self.repo.pub,
+            "--cache-dir",
+            self.cache,
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
+
+
+@pytest.fixture
+def published(repo: Repo, tmp_path: Path) -> Iterator[tuple[Repo, Path]]:
+    src = make_release(tmp_path)
+    run_cli("cvmbuild", "publish", src, "--repo", repo.dir, "--path", "/sw/1.0")
+    yield repo, src
+
+
+def test_mounted_release_is_identical_to_the_build_tree(published, tmp_path: Path) -> None:
+    repo, src = published
+    with Mount(repo, tmp_path / "mnt", tmp_path / "cache") as m:
+        base = m.path / "sw" / "1.0"
+        for path in src.rglob("*"):
+            mounted = base / path.relative_to(src)
+            st_src, st_mnt = path.lstat(), mounted.lstat()
+            assert st_mnt.st_mode == st_src.st_mode, path
+            assert st_mnt.st_mtime_ns == st_src.st_mtime_ns, path
+            if path.is_symlink():
+                assert os.readlink(mounted) == os.readlink(path)
+            elif path.is_file():
+                assert mounted.read_bytes() == path.read_bytes(), path
+        assert os.getxattr(m.path, "user.revision") == b"1"
+
+
+def test_a_python_program_runs_from_the_mount(published, tmp_path: Path) -> None:
+    repo, _ = published
+    with Mount(repo, tmp_path / "mnt", tmp_path / "cache") as m:
+        base = m.path / "sw" / "1.0"
+        out = subprocess.run(
+            [sys.executable, str(base / "bin" / "tool.py")],
+            env={**os.environ, "PYTHONPATH": str(base / "lib")},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert out.stdout == "answer 42\n"
+
+
+def test_a_tampered_object_is_an_io_error_for_that_file_only(published, tmp_path: Path) -> None:
+    repo, src = published
+    key = load_public_key_pem(repo.pub.read_bytes(), str(repo.pub))
+    reader = RepositoryReader(DirectoryFetcher(str(repo.dir)), key)
+    digest = reader.lookup("/sw/1.0/lib/pkg/__init__.py").hash
+    assert digest is not None
+    obj = repo.dir / object_path(digest)
+    obj.write_bytes(b"ANSWER = 666\n")
+    with Mount(repo, tmp_path / "mnt", tmp_path / "cache") as m:
+        base = m.path / "sw" / "1.0"
+        with pytest.raises(OSError) as failure:
+            (base / "lib" / "pkg" / "__init__.py").read_bytes()
+        assert failure.value.errno == 5  # EIO
+        assert (base / "bin" / "other.txt").read_text() == "untouched\n"
+
+
+def test_an_older_manifest_is_refused_after_a_newer_one(published, tmp_path: Path) -> None:
+    repo, src = published
+    old_manifest = (repo.dir / "manifest").read_bytes()
+    (src / "bin" / "other.txt").write_text("second release\n")
+    run_cli("cvmbuild", "publish", src, "--repo", repo.dir, "--path", "/sw/1.0")
+    with Mount(repo, tmp_path / "mnt", tmp_path / "cache") as m:
+        assert (m.path / "sw/1.0/bin/other.txt").read_text() == "second release\n"
+    (repo.dir / "manifest").write_bytes(old_manifest)  # a replayed, validly signed manifest
+    (tmp_path / "mnt2").mkdir()
+    result = run_cli(
+        "cvmfs-client",
+        "mount",
+        repo.dir,
+        tmp_path / "mnt2",
+        "--key",
+        repo.pub,
+        "--cache-dir",
+        tmp_path / "cache",
+        check=False,
+    )
+    assert result.returncode == 1
+    assert b"older than revision 2" in result.stderr
+    assert not os.path.ismount(tmp_path / "mnt2")
+
+
+def test_mount_without_a_reachable_repository_fails_clearly(repo: Repo, tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    result = run_cli(
+        "cvmfs-client",
+        "mount",
+        "http://127.0.0.1:9",
+        tmp_path / "mnt",
+        "--key",
+        repo.pub,
+        "--cache-dir",
+        tmp_path / "cache",
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith(b"error: ")
+    assert not os.path.ismount(tmp_path / "mnt")
