@@ -186,7 +186,7 @@ def build_catalogs(
                 builder.add_nested(ref)
             stored[root] = builder.finish(storage, compressor)
             new_bytes += stored[root].new_bytes
-            written += 1
+            written += 1 if stored[root].new_bytes else 0  # already stored: nothing uploaded
         s = stored[root]
         reusable[digest] = NestedRef(root_path, s.hash, s.size, s.stats)
     mode = top.mode if stat.S_ISDIR(top.mode) else stat.S_IFDIR | 0o755

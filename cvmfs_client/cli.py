@@ -52,7 +52,7 @@ def _cat(args: argparse.Namespace) -> int:
 
 
 def _mount(args: argparse.Namespace) -> int:
-    from cvmfs_client.mount import MountOptions, default_cache_dir, mount
+    from cvmfs_client.mount import MountOptions, default_cache_dir, mount, parse_size
 
     options = MountOptions(
         url=args.url,
@@ -60,6 +60,7 @@ def _mount(args: argparse.Namespace) -> int:
         key_file=args.key,
         cache_dir=args.cache_dir or default_cache_dir(),
         foreground=args.foreground,
+        quota=parse_size(args.quota) if args.quota else None,
         tag=args.tag,
         revision=args.revision,
     )
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.add_argument("--key", required=True, help="the repository's master public key (NAME.pub)")
     p.add_argument("--cache-dir", help="local cache (default /var/lib/cvmfs-client/cache as root)")
+    p.add_argument("--quota", help="cache size limit, e.g. 4G (default: unlimited)")
     p.add_argument("--foreground", action="store_true", help="stay in the foreground")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--tag", help="mount the revision with this tag")

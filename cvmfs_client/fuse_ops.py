@@ -120,8 +120,8 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
                 )
             else:
                 assert entry.hash is not None
-                cached = self.reader.cached_object(entry.hash, entry.size)
-                handle = OpenFile(entry, os.open(cached, os.O_RDONLY), [])
+                fd = self.reader.open_object(entry.hash, entry.size)
+                handle = OpenFile(entry, fd, [])
         except ClientError as exc:
             raise self._eio(path, exc) from exc
         with self._lock:
@@ -140,11 +140,12 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
                 chunk_end = chunk.offset + chunk.size
                 if chunk_end <= offset or chunk.offset >= end:
                     continue
-                cached = self.reader.cached_object(chunk.hash, chunk.size)
                 start = max(offset, chunk.offset)
-                with open(cached, "rb") as f:
-                    f.seek(start - chunk.offset)
-                    pieces.append(f.read(min(end, chunk_end) - start))
+                fd = self.reader.open_object(chunk.hash, chunk.size)
+                try:
+                    pieces.append(os.pread(fd, min(end, chunk_end) - start, start - chunk.offset))
+                finally:
+                    self.reader.close_object(chunk.hash, fd)
         except ClientError as exc:
             raise self._eio(path, exc) from exc
         return b"".join(pieces)
@@ -153,7 +154,8 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
         with self._lock:
             handle = self._handles.pop(fh, None)
         if handle is not None and handle.fd is not None:
-            os.close(handle.fd)
+            assert handle.entry.hash is not None
+            self.reader.close_object(handle.entry.hash, handle.fd)
         return 0
 
     def statfs(self, path: str) -> dict[str, int]:

@@ -31,8 +31,20 @@ class MountOptions:
     key_file: str
     cache_dir: str
     foreground: bool = False
+    quota: int | None = None
     tag: str | None = None
     revision: int | None = None
+
+
+def parse_size(text: str) -> int:
+    """'4G', '500M', '1024' (bytes; K, M, G, T are powers of 1024)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    factor = units.get(value[-1:], 1)
+    number = value[:-1] if value[-1:] in units else value
+    if not number.isdigit():
+        raise ClientError(f"size {text!r}: expected a number with an optional K, M, G or T")
+    return int(number) * factor
 
 
 def default_cache_dir() -> str:
@@ -70,7 +82,7 @@ def open_reader(options: MountOptions) -> RepositoryReader:
     except OSError as exc:
         raise ClientError(f"{options.key_file}: cannot read public key ({exc.strerror})") from exc
     os.makedirs(options.cache_dir, exist_ok=True)
-    cache = ObjectCache(os.path.join(options.cache_dir, "objects"))
+    cache = ObjectCache(os.path.join(options.cache_dir, "objects"), options.quota)
     reader = RepositoryReader(fetcher_for(options.url), key, cache=cache)
     probe = reader.load_manifest()
     memory = RevisionMemory(options.cache_dir, probe.name)

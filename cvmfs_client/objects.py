@@ -48,6 +48,13 @@ def decode_object(stored: bytes, digest: str, content_size: int | None = None) -
     if stored[:4] == ZSTD_MAGIC:
         limit = content_size if content_size is not None else 1 << 34
         try:
+            # decompress() allocates what the frame header declares, ignoring
+            # max_output_size: a forged header must not make us allocate terabytes.
+            declared = zstandard.frame_content_size(stored)
+            if declared > limit:
+                raise VerificationError(
+                    f"object {digest}: declares {declared} bytes of content, expected {limit}"
+                )
             content = zstandard.ZstdDecompressor().decompress(stored, max_output_size=max(limit, 1))
         except zstandard.ZstdError as exc:
             raise VerificationError(f"object {digest}: corrupt zstd data ({exc})") from exc

@@ -61,6 +61,7 @@ class RepositoryReader:
             self.fetcher.fetch(MANIFEST_FILE, MAX_DOCUMENT_SIZE), whitelist, now, self.min_revision
         )
         self.manifest = manifest
+        self.min_revision = manifest.revision  # never go back (docs/FORMAT.md, "Verification")
         self.root_hash, self.root_size = manifest.root_hash, manifest.root_size
         return manifest
 
@@ -92,10 +93,14 @@ class RepositoryReader:
             )
         return decode_object(data, digest, None if stored else size)
 
-    def cached_object(self, digest: str, size: int) -> str:
-        """Path of a verified cache file with the object's content (needs a cache)."""
+    def open_object(self, digest: str, size: int) -> int:
+        """A pinned fd on the object's verified content in the cache; see close_object."""
         assert self.cache is not None
-        return self.cache.get(digest, lambda: self.fetch_object(digest, size))
+        return self.cache.acquire(digest, lambda: self.fetch_object(digest, size))
+
+    def close_object(self, digest: str, fd: int) -> None:
+        assert self.cache is not None
+        self.cache.release(digest, fd)
 
     def catalog(self, digest: str, stored_size: int) -> Catalog:
         with self._lock:
@@ -103,7 +108,7 @@ class RepositoryReader:
         if cached is not None:
             return cached
         if self.cache is not None:
-            path = self.cache.get(
+            path = self.cache.get_pinned(
                 digest, lambda: self.fetch_object(digest, stored_size, stored=True)
             )
             catalog = Catalog.from_file(path, digest)

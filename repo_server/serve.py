@@ -1,18 +1,22 @@
 """`repo-server serve`: the repository's static files over HTTP on an ASGI stack.
 
-GET and HEAD only for now; Range and ETag come from Starlette's FileResponse. Objects
+GET and HEAD only for now; Range and ETag come from Starlette's FileResponse, which
+does not answer conditional requests itself, so revalidation (304) is done here. Objects
 are immutable and cached for a year; the manifest and whitelist for a short time.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.staticfiles import NotModifiedResponse
 
 from cvmfs_client.objects import is_hash
 from cvmfs_client.repository import MANIFEST_FILE, WHITELIST_FILE
@@ -29,6 +33,23 @@ def cache_control(relpath: str, ttl: int) -> str | None:
     return None  # anything else (lock, txn) is not part of the served repository
 
 
+def not_modified(request: Request, response: Response) -> bool:
+    """A conditional GET/HEAD the cache can answer from its copy (RFC 9110, 13.1.2-3)."""
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match is not None:
+        tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+        return "*" in tags or response.headers["etag"] in tags
+    since = request.headers.get("if-modified-since")
+    if since is None:
+        return False
+    try:
+        return parsedate_to_datetime(since) >= parsedate_to_datetime(
+            response.headers["last-modified"]
+        )
+    except (TypeError, ValueError):
+        return False
+
+
 def create_app(root: Path, ttl: int = 60) -> Starlette:
     root = root.resolve()
 
@@ -38,11 +59,21 @@ def create_app(root: Path, ttl: int = 60) -> Starlette:
         if policy is None:
             return PlainTextResponse("not found\n", status_code=404)
         full = os.path.join(root, relpath)
-        if not os.path.isfile(full):
+        try:
+            st = os.stat(full)
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
             return PlainTextResponse("not found\n", status_code=404)
-        return FileResponse(
-            full, headers={"Cache-Control": policy}, media_type="application/octet-stream"
+        response = FileResponse(
+            full,
+            headers={"Cache-Control": policy},
+            media_type="application/octet-stream",
+            stat_result=st,
         )
+        if not_modified(request, response):
+            return NotModifiedResponse(response.headers)
+        return response
 
     async def index(request: Request) -> Response:
         return PlainTextResponse(f"cvmfs-py repository {root.name}\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_client.fetcher import DirectoryFetcher
+from cvmfs_client.repository import RepositoryReader
+from cvmfs_client.signed import load_public_key_pem
 from repo_server.repository import LocalRepository
 
 BIN = Path(sys.executable).parent
@@ -64,3 +68,71 @@ def run_cli(
 @pytest.fixture
 def cli() -> Iterator[object]:
     yield run_cli
+
+
+# -- helpers the test modules share ---------------------------------------------------
+
+MiB = 1024 * 1024
+
+Tree = dict[str, bytes]  # relpath inside the published prefix -> content
+
+
+def open_reader(repo: Repo, **kwargs: object) -> RepositoryReader:
+    """A verifying reader of the repository directory, pinned to its master public key."""
+    key = load_public_key_pem(repo.pub.read_bytes(), str(repo.pub))
+    reader = RepositoryReader(DirectoryFetcher(str(repo.dir)), key, **kwargs)  # type: ignore[arg-type]
+    reader.load_manifest()
+    return reader
+
+
+def read_back(reader: RepositoryReader, path: str) -> bytes:
+    return b"".join(reader.iter_content(reader.lookup(path)))
+
+
+def publish(
+    src: Path, repo: Repo, path: str, *extra: str, check: bool = True
+) -> tuple[int, str, str]:
+    """`cvmbuild publish` as a build script runs it: (exit code, stdout, stderr)."""
+    result = run_cli(
+        "cvmbuild", "publish", src, "--repo", repo.dir, "--path", path, *extra, check=check
+    )
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+def read_tree(reader: RepositoryReader, prefix: str) -> Tree:
+    """Every regular file below prefix, read and verified through the client."""
+    tree: Tree = {}
+    stack = [("", prefix)]
+    while stack:
+        rel, path = stack.pop()
+        for entry in reader.listdir(path):
+            child = f"{rel}/{entry.name}" if rel else entry.name
+            if entry.is_dir:
+                stack.append((child, entry.path))
+            elif entry.is_file:
+                tree[child] = b"".join(reader.iter_content(entry))
+    return tree
+
+
+def write_build_tree(
+    root: Path, *, seed: int, small_files: int, big_files: int, big_size: int = 8 * MiB
+) -> Tree:
+    """A release-like tree: many small, partly compressible files in directories (some
+    with a `.cvmfscatalog` marker, so nested catalogs are written too) and a few files
+    large enough to be cut into chunks. Returns what was written."""
+    rng = random.Random(seed)
+    tree: Tree = {}
+    per_dir = 100
+    for i in range(small_files):
+        directory = f"lib{i // per_dir:03d}"
+        if i % per_dir == 0 and (i // per_dir) % 5 == 0:
+            tree[f"{directory}/.cvmfscatalog"] = b""
+        words = b" ".join(rng.choice([b"muon", b"jet", b"track", b"vertex"]) for _ in range(40))
+        tree[f"{directory}/mod{i}.py"] = rng.randbytes(rng.randint(0, 1500)) + words
+    for i in range(big_files):
+        tree[f"data/calib{i}.bin"] = rng.randbytes(big_size)
+    for relpath, content in tree.items():
+        path = root / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    return tree

@@ -4,6 +4,7 @@ tampering costs one file (EIO), never wrong bytes, and old manifests are refused
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -68,7 +69,9 @@ def published(repo: Repo, tmp_path: Path) -> Iterator[tuple[Repo, Path]]:
     yield repo, src
 
 
-def test_mounted_release_is_identical_to_the_build_tree(published, tmp_path: Path) -> None:
+def test_mounted_release_is_identical_to_the_build_tree(
+    published: tuple[Repo, Path], tmp_path: Path
+) -> None:
     repo, src = published
     with Mount(repo, tmp_path / "mnt", tmp_path / "cache") as m:
         base = m.path / "sw" / "1.0"
@@ -84,7 +87,7 @@ def test_mounted_release_is_identical_to_the_build_tree(published, tmp_path: Pat
         assert os.getxattr(m.path, "user.revision") == b"1"
 
 
-def test_a_python_program_runs_from_the_mount(published, tmp_path: Path) -> None:
+def test_a_python_program_runs_from_the_mount(published: tuple[Repo, Path], tmp_path: Path) -> None:
     repo, _ = published
     with Mount(repo, tmp_path / "mnt", tmp_path / "cache") as m:
         base = m.path / "sw" / "1.0"
@@ -98,7 +101,9 @@ def test_a_python_program_runs_from_the_mount(published, tmp_path: Path) -> None
         assert out.stdout == "answer 42\n"
 
 
-def test_a_tampered_object_is_an_io_error_for_that_file_only(published, tmp_path: Path) -> None:
+def test_a_tampered_object_is_an_io_error_for_that_file_only(
+    published: tuple[Repo, Path], tmp_path: Path
+) -> None:
     repo, src = published
     key = load_public_key_pem(repo.pub.read_bytes(), str(repo.pub))
     reader = RepositoryReader(DirectoryFetcher(str(repo.dir)), key)
@@ -114,7 +119,9 @@ def test_a_tampered_object_is_an_io_error_for_that_file_only(published, tmp_path
         assert (base / "bin" / "other.txt").read_text() == "untouched\n"
 
 
-def test_an_older_manifest_is_refused_after_a_newer_one(published, tmp_path: Path) -> None:
+def test_an_older_manifest_is_refused_after_a_newer_one(
+    published: tuple[Repo, Path], tmp_path: Path
+) -> None:
     repo, src = published
     old_manifest = (repo.dir / "manifest").read_bytes()
     (src / "bin" / "other.txt").write_text("second release\n")
@@ -155,3 +162,41 @@ def test_mount_without_a_reachable_repository_fails_clearly(repo: Repo, tmp_path
     assert result.returncode == 1
     assert result.stderr.startswith(b"error: ")
     assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_the_cache_stays_under_its_quota_while_files_stay_readable(
+    published: tuple[Repo, Path], tmp_path: Path
+) -> None:
+    repo, src = published
+    data = src / "lib" / "pkg" / "data.bin"  # 9 MiB, chunked into about 1 MiB pieces
+    cache = tmp_path / "cache"
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    run_cli(
+        "cvmfs-client",
+        "mount",
+        repo.dir,
+        mountpoint,
+        "--key",
+        repo.pub,
+        "--cache-dir",
+        cache,
+        "--quota",
+        "3M",
+    )
+    try:
+        mounted = mountpoint / "sw/1.0/lib/pkg/data.bin"
+        expected = data.read_bytes()
+        rng = random.Random(7)
+        with open(mounted, "rb") as f:
+            for _ in range(40):
+                offset = rng.randrange(len(expected))
+                f.seek(offset)
+                assert f.read(65536) == expected[offset : offset + 65536]
+                stored = sum(
+                    p.stat().st_size for p in (cache / "objects").rglob("*") if p.is_file()
+                )
+                assert stored <= 3 * 1024 * 1024 + 1024 * 1024  # quota, plus catalogs pinned
+        assert mounted.read_bytes() == expected
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)

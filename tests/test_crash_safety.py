@@ -1,0 +1,95 @@
+"""A publish killed with SIGKILL at any moment leaves the previous revision intact.
+
+The story: a build machine dies in the middle of `cvmbuild publish`. The operator's
+`repo-server check` is still green, clients still read the previous release byte for
+byte, and running the same publish again finishes the job.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from repo_server.repository import LocalRepository
+from tests.conftest import BIN, MiB, Repo, Tree, open_reader, read_tree, run_cli, write_build_tree
+
+TRIALS = 20
+
+
+@dataclass(frozen=True)
+class Release:
+    src: Path
+    tree: Tree
+    publish_seconds: float  # wall time of one uninterrupted publish into a fresh repository
+
+
+@pytest.fixture(scope="module")
+def previous_release(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Tree]:
+    src = tmp_path_factory.mktemp("release-1.0")
+    return src, write_build_tree(src, seed=1, small_files=60, big_files=1, big_size=5 * MiB)
+
+
+@pytest.fixture(scope="module")
+def next_release(tmp_path_factory: pytest.TempPathFactory) -> Release:
+    src = tmp_path_factory.mktemp("release-2.0")
+    tree = write_build_tree(src, seed=2, small_files=2500, big_files=3)
+    scratch = tmp_path_factory.mktemp("timing")
+    LocalRepository.init(scratch / "repo", "timing.example.org")
+    start = time.monotonic()
+    run_cli(
+        "cvmbuild", "publish", src, "--repo", scratch / "repo", "--path", "/sw/2.0",
+        env={"CVMBUILD_CACHE_DIR": str(scratch / "statcache")},
+    )  # fmt: skip
+    return Release(src, tree, time.monotonic() - start)
+
+
+def kill_delay(trial: int, seconds: float) -> float:
+    """Random moments spread over the whole publish, from start-up to the last rename."""
+    return seconds * (trial + random.random()) / TRIALS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(TRIALS))
+def test_publish_killed_at_any_moment_leaves_the_previous_revision_intact(
+    trial: int, repo: Repo, previous_release: tuple[Path, Tree], next_release: Release
+) -> None:
+    previous_src, previous_tree = previous_release
+    run_cli("cvmbuild", "publish", previous_src, "--repo", repo.dir, "--path", "/sw/1.0")
+    publish_next = ["publish", str(next_release.src), "--repo", str(repo.dir), "--path", "/sw/2.0"]
+
+    build = subprocess.Popen(
+        [str(BIN / "cvmbuild"), *publish_next], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    delay = kill_delay(trial, next_release.publish_seconds)
+    time.sleep(delay)
+    build.kill()
+    build.communicate()
+    moment = f"killed after {delay:.3f} s of a {next_release.publish_seconds:.3f} s publish"
+
+    check = run_cli("repo-server", "check", repo.dir, "--all", check=False)
+    assert check.returncode == 0, f"{moment}\n{check.stdout.decode()}"
+    reader = open_reader(repo)
+    assert reader.manifest is not None
+    assert reader.manifest.revision in (1, 2), moment
+    if reader.manifest.revision == 2:  # killed after the manifest was renamed into place
+        assert read_tree(reader, "/sw/2.0") == next_release.tree, moment
+    reader.select_revision(revision=1)
+    assert read_tree(reader, "/sw/1.0") == previous_tree, moment
+    assert reader.listdir("/sw") == [reader.lookup("/sw/1.0")], moment
+
+    rerun = run_cli("cvmbuild", *publish_next, check=False)
+    assert rerun.returncode == 0, f"{moment}\n{rerun.stderr.decode()}"
+    assert b"published revision" in rerun.stdout
+    reader = open_reader(repo)  # reading every file verifies every byte both prefixes name
+    assert reader.manifest is not None
+    assert reader.manifest.revision in (2, 3)
+    assert read_tree(reader, "/sw/2.0") == next_release.tree, moment
+    assert read_tree(reader, "/sw/1.0") == previous_tree, moment
+    leftovers = os.listdir(repo.dir / "txn")
+    assert leftovers == [], f"{moment}: the re-run left temporary files {leftovers}"
