@@ -39,6 +39,12 @@ def max_stored_size(content_size: int) -> int:
     return content_size + (content_size >> 8) + 128
 
 
+def max_catalog_content(stored_size: int) -> int:
+    """Bound on the content of an object whose content size is not recorded (catalogs,
+    history): 256 times its stored size, at least 16 MiB, at most 4 GiB."""
+    return min(max(stored_size * 256, 16 << 20), 4 << 30)
+
+
 def decode_object(stored: bytes, digest: str, content_size: int | None = None) -> bytes:
     """Turn an object's stored bytes into its verified content.
 
@@ -46,7 +52,7 @@ def decode_object(stored: bytes, digest: str, content_size: int | None = None) -
     `content_size` bytes, when known): the caller never sees unverified bytes.
     """
     if stored[:4] == ZSTD_MAGIC:
-        limit = content_size if content_size is not None else 1 << 34
+        limit = content_size if content_size is not None else max_catalog_content(len(stored))
         try:
             # decompress() allocates what the frame header declares, ignoring
             # max_output_size: a forged header must not make us allocate terabytes.
@@ -66,7 +72,10 @@ def decode_object(stored: bytes, digest: str, content_size: int | None = None) -
         )
     actual = content_hash(content)
     if actual != digest:
-        raise VerificationError(f"object {digest}: content hashes to {actual}")
+        raise VerificationError(
+            f"object {digest}: content hashes to {actual}; the copy is corrupt or tampered "
+            "with (try another mirror, or tell the repository's operator)"
+        )
     return content
 
 

@@ -26,7 +26,11 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
         head = repo.head()
     except ClientError as exc:
         report.problems.append(f"manifest or whitelist: {exc}")
-        head = repo.head_unverified()
+        try:
+            head = repo.head_unverified()
+        except ClientError as parse_error:
+            report.problems.append(f"manifest: {parse_error}")
+            return report
     try:
         history = repo.history(head)
     except (ClientError, OSError) as exc:
