@@ -20,7 +20,7 @@ def _open(args: argparse.Namespace) -> RepositoryReader:
         key = load_public_key_pem(Path(args.key).read_bytes(), args.key)
     except OSError as exc:
         raise ClientError(f"{args.key}: cannot read public key ({exc.strerror})") from exc
-    reader = RepositoryReader(fetcher_for(args.repo), key)
+    reader = RepositoryReader(fetcher_for(args.repo, args.proxy or ""), key)
     reader.load_manifest()
     if args.tag is not None or args.revision is not None:
         reader.select_revision(revision=args.revision, tag=args.tag)
@@ -61,6 +61,7 @@ def _mount(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir or default_cache_dir(),
         foreground=args.foreground,
         quota=parse_size(args.quota) if args.quota else None,
+        proxies=args.proxy or "",
         tag=args.tag,
         revision=args.revision,
     )
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("path", help="path inside the repository")
         p.add_argument("--key", required=True, help="the repository's master public key (NAME.pub)")
+        p.add_argument("--proxy", help="HTTP proxies in CernVM-FS syntax (see mount --help)")
         group = p.add_mutually_exclusive_group()
         group.add_argument("--tag", help="read the revision with this tag")
         group.add_argument("--revision", type=int, help="read this revision")
@@ -102,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", required=True, help="the repository's master public key (NAME.pub)")
     p.add_argument("--cache-dir", help="local cache (default /var/lib/cvmfs-client/cache as root)")
     p.add_argument("--quota", help="cache size limit, e.g. 4G (default: unlimited)")
+    p.add_argument(
+        "--proxy",
+        help='HTTP proxies, CernVM-FS syntax: "http://p1:3128|http://p2:3128;DIRECT" '
+        "('|' load-balances, ';' fails over; default DIRECT)",
+    )
     p.add_argument("--foreground", action="store_true", help="stay in the foreground")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--tag", help="mount the revision with this tag")

@@ -4,25 +4,32 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import threading
 import time
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import pycurl
 
-from cvmfs_client.errors import FetchError, NotFoundError
+from cvmfs_client.errors import FetchError, FormatError, NotFoundError, VerificationError
 
 CONNECT_TIMEOUT_S = 5
 LOW_SPEED_TIME_S = 10  # a server that sends < 1 KiB/s for this long is cut off
 RETRIES = 2
 
 
+T = TypeVar("T")
+
+
 class Fetcher(Protocol):
-    def fetch(self, relpath: str, max_bytes: int) -> bytes:
-        """Return the file at relpath (relative to the repository root).
+    def fetch(self, relpath: str, max_bytes: int, decode: Callable[[bytes], T]) -> T:
+        """Return decode(the file at relpath), relative to the repository root.
 
         Refuses (FetchError) to read more than max_bytes: the endless-data defence.
-        Raises NotFoundError if every source answers that the file does not exist.
+        When decode raises VerificationError the next source is tried, so one bad
+        mirror or proxy cannot stop a reader. Raises NotFoundError if every source
+        answers that the file does not exist.
         """
         ...
 
@@ -38,7 +45,7 @@ class DirectoryFetcher:
     def describe(self) -> str:
         return self.root
 
-    def fetch(self, relpath: str, max_bytes: int) -> bytes:
+    def fetch(self, relpath: str, max_bytes: int, decode: Callable[[bytes], T]) -> T:
         path = os.path.join(self.root, relpath)
         try:
             with open(path, "rb") as f:
@@ -49,26 +56,55 @@ class DirectoryFetcher:
             raise FetchError(f"{path}: {exc.strerror}") from exc
         if len(data) > max_bytes:
             raise FetchError(f"{path}: larger than the expected {max_bytes} bytes")
-        return data
+        return decode(data)
+
+
+class _TooLarge(FetchError):
+    """A reply over the size bound: another attempt at the same source will not help."""
+
+
+DIRECT = "DIRECT"
+
+
+def parse_proxies(spec: str) -> list[list[str]]:
+    """CernVM-FS proxy syntax: `;` separates fail-over groups, `|` load-balances
+    inside a group; DIRECT means no proxy. An empty spec is DIRECT."""
+    groups = [[p.strip() for p in group.split("|") if p.strip()] for group in spec.split(";")]
+    groups = [g for g in groups if g]
+    for group in groups:
+        for proxy in group:
+            if proxy != DIRECT and not proxy.startswith(("http://", "https://")):
+                raise FetchError(f"proxy {proxy!r}: expected http://HOST:PORT or DIRECT")
+    return groups or [[DIRECT]]
 
 
 class CurlFetcher:
-    """HTTP(S) with connection reuse, mirror failover and bounded retries.
+    """HTTP(S) with connection reuse, proxies, mirror failover and bounded retries.
 
-    Mirrors are tried in order; a mirror that fails is skipped for the rest of the
-    request but tried again on the next one.
+    Routes are tried proxy group by proxy group (a random order inside a group spreads
+    the load), and within a proxy mirror by mirror; the route that last worked is
+    tried first next time.
     """
 
-    def __init__(self, urls: list[str], *, timeout_s: float = 30.0):
+    def __init__(self, urls: list[str], *, proxies: str = "", timeout_s: float = 30.0):
         if not urls:
             raise FetchError("no repository URL given")
         self.urls = [u.rstrip("/") for u in urls]
+        self.proxy_groups = parse_proxies(proxies)
         self.timeout_s = timeout_s
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._preferred: tuple[str, str] | None = None
         self.bytes_downloaded = 0
+        self.failures = 0
 
     def describe(self) -> str:
         return ";".join(self.urls)
+
+    @property
+    def current(self) -> tuple[str, str]:
+        """(mirror, proxy) of the route in use."""
+        return self._preferred or (self.urls[0], self.proxy_groups[0][0])
 
     def _handle(self) -> pycurl.Curl:
         handle = getattr(self._local, "curl", None)
@@ -84,7 +120,7 @@ class CurlFetcher:
             self._local.curl = handle
         return handle
 
-    def _get(self, url: str, max_bytes: int) -> tuple[int, bytes]:
+    def _get(self, url: str, proxy: str, max_bytes: int) -> tuple[int, bytes]:
         handle = self._handle()
         buffer = io.BytesIO()
         too_large = False
@@ -98,45 +134,66 @@ class CurlFetcher:
             return None
 
         handle.setopt(pycurl.URL, url)
+        handle.setopt(pycurl.PROXY, "" if proxy == DIRECT else proxy)
         handle.setopt(pycurl.WRITEFUNCTION, write)
         handle.setopt(pycurl.TIMEOUT_MS, int(self.timeout_s * 1000))
+        via = "" if proxy == DIRECT else f" via {proxy}"
         try:
             handle.perform()
         except pycurl.error as exc:
             if too_large:
-                raise FetchError(f"{url}: larger than the expected {max_bytes} bytes") from exc
-            raise FetchError(f"{url}: {exc.args[-1]}") from exc
-        self.bytes_downloaded += buffer.tell()
+                raise _TooLarge(f"{url}{via}: larger than the expected {max_bytes} bytes") from exc
+            raise FetchError(f"{url}{via}: {exc.args[-1]}") from exc
+        with self._lock:
+            self.bytes_downloaded += buffer.tell()
         return int(handle.getinfo(pycurl.RESPONSE_CODE)), buffer.getvalue()
 
-    def fetch(self, relpath: str, max_bytes: int) -> bytes:
-        errors = []
-        not_found = 0
+    def _routes(self) -> list[tuple[str, str]]:
+        routes: list[tuple[str, str]] = []
+        for group in self.proxy_groups:
+            for proxy in random.sample(group, len(group)):
+                routes.extend((url, proxy) for url in self.urls)
+        preferred = self._preferred
+        if preferred in routes:
+            routes.remove(preferred)
+            routes.insert(0, preferred)
+        return routes
+
+    def fetch(self, relpath: str, max_bytes: int, decode: Callable[[bytes], T]) -> T:
+        errors: list[str] = []
         for attempt in range(RETRIES + 1):
-            for base in self.urls:
+            routes = self._routes()
+            not_found = wrong_answers = 0
+            for base, proxy in routes:
                 url = f"{base}/{relpath}"
                 try:
-                    status, body = self._get(url, max_bytes)
+                    status, body = self._get(url, proxy, max_bytes)
+                    if status == 200:
+                        result = decode(body)
+                        self._preferred = (base, proxy)
+                        return result
+                    not_found += status == 404
+                    errors.append(f"{url}: HTTP {status}")
+                except (_TooLarge, VerificationError, FormatError) as exc:
+                    wrong_answers += 1
+                    errors.append(str(exc))
                 except FetchError as exc:
                     errors.append(str(exc))
-                    continue
-                if status == 200:
-                    return body
-                if status == 404:
-                    not_found += 1
-                errors.append(f"{url}: HTTP {status}")
-            if not_found == len(self.urls):
+                with self._lock:
+                    self.failures += 1
+            if not_found == len(routes):
                 raise NotFoundError(f"{relpath}: not found on any mirror")
-            not_found = 0
+            if not_found + wrong_answers == len(routes):
+                break  # every source answered, wrongly: asking again will not help
             if attempt < RETRIES:
                 time.sleep(0.2 * 2**attempt)
-        raise FetchError(f"{relpath}: every mirror failed ({'; '.join(errors[-len(self.urls) :])})")
+        raise FetchError(f"{relpath}: every mirror failed ({'; '.join(errors[-3:])})")
 
 
-def fetcher_for(location: str) -> Fetcher:
+def fetcher_for(location: str, proxies: str = "") -> Fetcher:
     """A repository location is a directory or a ';'-separated list of http(s) URLs."""
     if location.startswith(("http://", "https://")):
-        return CurlFetcher([u for u in location.split(";") if u])
+        return CurlFetcher([u for u in location.split(";") if u], proxies=proxies)
     if not os.path.isdir(location):
         raise FetchError(f"{location}: not a directory or an http(s):// URL")
     return DirectoryFetcher(location)

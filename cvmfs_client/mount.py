@@ -32,6 +32,7 @@ class MountOptions:
     cache_dir: str
     foreground: bool = False
     quota: int | None = None
+    proxies: str = ""
     tag: str | None = None
     revision: int | None = None
 
@@ -83,7 +84,7 @@ def open_reader(options: MountOptions) -> RepositoryReader:
         raise ClientError(f"{options.key_file}: cannot read public key ({exc.strerror})") from exc
     os.makedirs(options.cache_dir, exist_ok=True)
     cache = ObjectCache(os.path.join(options.cache_dir, "objects"), options.quota)
-    reader = RepositoryReader(fetcher_for(options.url), key, cache=cache)
+    reader = RepositoryReader(fetcher_for(options.url, options.proxies), key, cache=cache)
     probe = reader.load_manifest()
     memory = RevisionMemory(options.cache_dir, probe.name)
     reader.min_revision = memory.load()

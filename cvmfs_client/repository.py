@@ -54,11 +54,15 @@ class RepositoryReader:
     def load_manifest(self) -> Manifest:
         """Fetch and verify whitelist and manifest; select the newest revision."""
         now = self.clock()
-        whitelist = whitelist_mod.verify(
-            self.fetcher.fetch(WHITELIST_FILE, MAX_DOCUMENT_SIZE), self.master_key, now
+        whitelist = self.fetcher.fetch(
+            WHITELIST_FILE,
+            MAX_DOCUMENT_SIZE,
+            lambda data: whitelist_mod.verify(data, self.master_key, now),
         )
-        manifest = manifest_mod.verify(
-            self.fetcher.fetch(MANIFEST_FILE, MAX_DOCUMENT_SIZE), whitelist, now, self.min_revision
+        manifest = self.fetcher.fetch(
+            MANIFEST_FILE,
+            MAX_DOCUMENT_SIZE,
+            lambda data: manifest_mod.verify(data, whitelist, now, self.min_revision),
         )
         self.manifest = manifest
         self.min_revision = manifest.revision  # never go back (docs/FORMAT.md, "Verification")
@@ -86,12 +90,15 @@ class RepositoryReader:
         """Fetch and verify an object. `size` is its content size, or with stored=True
         the stored size that the manifest and nested-catalog rows record."""
         limit = size if stored else max_stored_size(size)
-        data = self.fetcher.fetch(object_path(digest), limit)
-        if stored and len(data) != size:
-            raise VerificationError(
-                f"object {digest}: expected {size} stored bytes, got {len(data)}"
-            )
-        return decode_object(data, digest, None if stored else size)
+
+        def verify(data: bytes) -> bytes:
+            if stored and len(data) != size:
+                raise VerificationError(
+                    f"object {digest}: expected {size} stored bytes, got {len(data)}"
+                )
+            return decode_object(data, digest, None if stored else size)
+
+        return self.fetcher.fetch(object_path(digest), limit, verify)
 
     def open_object(self, digest: str, size: int) -> int:
         """A pinned fd on the object's verified content in the cache; see close_object."""

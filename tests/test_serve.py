@@ -335,3 +335,32 @@ def test_client_refuses_tampered_data_from_a_hostile_server(
     assert complaint in cat.stderr.decode()
     assert cat.stdout == b""
     assert os.path.exists(served.repo.dir / target)  # the honest copy is untouched
+
+
+@pytest.mark.parametrize("what", ["file object", "manifest"])
+def test_client_fails_over_from_a_mirror_serving_bad_data_to_an_honest_one(
+    served: Served, hostile_server: Callable[[str, Lie], HostileServer], what: str
+) -> None:
+    file_digest = served.digest_of("/sw/1.0/share/readme.txt")
+    target = {"file object": object_path(file_digest), "manifest": "manifest"}[what]
+    bad = hostile_server(target, flip_a_byte(served.repo.dir / target))
+    cat = run_cli(
+        "cvmfs-client", "cat", f"{bad.url};{served.url}", "/sw/1.0/share/readme.txt",
+        "--key", served.repo.pub,
+    )  # fmt: skip
+    assert cat.stdout == served.files["/sw/1.0/share/readme.txt"]
+
+
+def test_a_dead_proxy_group_falls_over_to_the_next_group(served: Served) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    cat = run_cli(
+        "cvmfs-client", "cat", served.url, "/sw/1.0/bin/hello", "--key", served.repo.pub,
+        "--proxy", f"{dead}|{dead};DIRECT",
+    )  # fmt: skip
+    assert cat.stdout == served.files["/sw/1.0/bin/hello"]
+    only_dead = run_cli(
+        "cvmfs-client", "cat", served.url, "/sw/1.0/bin/hello", "--key", served.repo.pub,
+        "--proxy", dead, check=False,
+    )  # fmt: skip
+    assert only_dead.returncode == 1 and only_dead.stderr.startswith(b"error: ")
+    assert f"via {dead}".encode() in only_dead.stderr
