@@ -79,6 +79,9 @@ class ObjectCache:
             self._lru[digest] = size
             self.used += size
 
+    def __len__(self) -> int:
+        return len(self._lru)
+
     def path(self, digest: str) -> str:
         return os.path.join(self.directory, digest[:2], digest[2:])
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import stat
 import sys
 import time
 from pathlib import Path
 
 from cvmfs_client import console
+from cvmfs_client.console import human
 from cvmfs_client.errors import ClientError
 from cvmfs_client.fetcher import fetcher_for
 from cvmfs_client.repository import RepositoryReader
@@ -74,6 +77,53 @@ def _umount(args: argparse.Namespace) -> int:
     return umount(args.mountpoint)
 
 
+def _stat(args: argparse.Namespace) -> int:
+    try:
+        raw = os.getxattr(args.mountpoint, "user.stats")
+    except OSError as exc:
+        raise ClientError(f"{args.mountpoint}: not a cvmfs-client mount ({exc.strerror})") from exc
+    stats = json.loads(raw)
+    for key, value in stats.items():
+        if key in ("cache_bytes", "cache_quota", "bytes_downloaded") and value is not None:
+            value = f"{value} ({human(value)})"
+        print(f"{key + ':':<18} {value}")
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from cvmfs_client.cache import ObjectCache
+    from cvmfs_client.mount import default_cache_dir
+
+    cache = ObjectCache(os.path.join(args.cache_dir or default_cache_dir(), "objects"))
+    if args.action == "verify":
+        removed = cache.verify_all()
+        for digest in removed:
+            print(f"removed corrupt entry {digest}")
+        print(f"cache verified: {len(cache)} entries ok, {len(removed)} removed")
+    else:
+        freed = cache.clean()
+        print(f"cache cleaned: {human(freed)} freed")
+    return 0
+
+
+def _preload(args: argparse.Namespace) -> int:
+    from cvmfs_client.mount import MountOptions, open_reader
+    from cvmfs_client.preload import preload
+
+    options = MountOptions(
+        url=args.url, mountpoint="", key_file=args.key, cache_dir=args.cache_dir,
+        proxies=args.proxy or "",
+    )  # fmt: skip
+    reader = open_reader(options)
+    files, objects = preload(reader, args.path)
+    assert reader.cache is not None and reader.manifest is not None
+    print(
+        f"preloaded {args.path} of revision {reader.manifest.revision}: {files} files, "
+        f"{objects} objects, {human(reader.cache.stats.bytes_fetched)} downloaded"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cvmfs-client", description="Read a cvmfs-py repository, verifying every byte."
@@ -115,6 +165,23 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--revision", type=int, help="mount this revision")
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_mount)
+    p = sub.add_parser("stat", help="revision, route, cache and error counters of a mount")
+    p.add_argument("mountpoint")
+    console.add_debug(p, subcommand=True)
+    p.set_defaults(func=_stat)
+    p = sub.add_parser("cache", help="maintain the local cache")
+    p.add_argument("action", choices=["verify", "clean"])
+    p.add_argument("--cache-dir", help="cache directory (default as for mount)")
+    console.add_debug(p, subcommand=True)
+    p.set_defaults(func=_cache)
+    p = sub.add_parser("preload", help="fill a cache for offline use")
+    p.add_argument("url")
+    p.add_argument("cache_dir")
+    p.add_argument("--key", required=True, help="the repository's master public key (NAME.pub)")
+    p.add_argument("--path", default="/", help="subtree to preload (default /)")
+    p.add_argument("--proxy", help="HTTP proxies in CernVM-FS syntax")
+    console.add_debug(p, subcommand=True)
+    p.set_defaults(func=_preload)
     p = sub.add_parser("umount", help="unmount a repository")
     p.add_argument("mountpoint")
     console.add_debug(p, subcommand=True)

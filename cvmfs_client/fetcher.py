@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import random
 import threading
@@ -20,6 +21,7 @@ RETRIES = 2
 
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class Fetcher(Protocol):
@@ -197,3 +199,50 @@ def fetcher_for(location: str, proxies: str = "") -> Fetcher:
     if not os.path.isdir(location):
         raise FetchError(f"{location}: not a directory or an http(s):// URL")
     return DirectoryFetcher(location)
+
+
+class OfflineFallback:
+    """Keeps the last verified whitelist and manifest on local disk and falls back to
+    them when no source answers, so a mount comes up offline from a warm cache. The
+    saved copies are verified again on every use (signatures, expiry, revision)."""
+
+    def __init__(self, inner: Fetcher, directory: str, documents: frozenset[str], prefix: str):
+        self.inner = inner
+        self.directory = directory
+        self.prefix = prefix
+        self.documents = documents
+        self.offline = False
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+    def fetch(self, relpath: str, max_bytes: int, decode: Callable[[bytes], T]) -> T:
+        if relpath not in self.documents:
+            return self.inner.fetch(relpath, max_bytes, decode)
+        saved = os.path.join(self.directory, f"{self.prefix}.{relpath}")
+        accepted: list[bytes] = []
+
+        def keep(data: bytes) -> T:
+            value = decode(data)
+            accepted.append(data)
+            return value
+
+        try:
+            value = self.inner.fetch(relpath, max_bytes, keep)
+        except NotFoundError:
+            raise
+        except FetchError as exc:
+            try:
+                with open(saved, "rb") as f:
+                    data = f.read(max_bytes + 1)
+            except FileNotFoundError:
+                raise exc from None
+            log.warning("%s: no source answers (%s); using the copy saved offline", relpath, exc)
+            self.offline = True
+            return decode(data)
+        tmp = saved + ".tmp"
+        with open(tmp, "wb") as out:
+            out.write(accepted[-1])
+        os.replace(tmp, saved)
+        self.offline = False
+        return value

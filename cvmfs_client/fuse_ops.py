@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import logging
 import os
 import threading
@@ -23,6 +24,7 @@ from cvmfs_client.repository import RepositoryReader
 
 log = logging.getLogger(__name__)
 
+ROOT_XATTRS = ["user.revision", "user.host", "user.proxy", "user.root_hash", "user.stats"]
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
@@ -62,6 +64,38 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
         self.io_errors += 1
         log.error("I/O error on %s via %s: %s", path, self.reader.fetcher.describe(), exc)
         return mfusepy.FuseOSError(errno.EIO)
+
+    def _route(self) -> tuple[str, str]:
+        fetcher = self.reader.fetcher
+        inner = getattr(fetcher, "inner", fetcher)
+        current = getattr(inner, "current", None)
+        return current if current is not None else (fetcher.describe(), "DIRECT")
+
+    def statistics(self) -> dict[str, Any]:
+        """What `cvmfs-client stat` shows, read through the user.stats attribute."""
+        manifest = self.reader.manifest
+        cache = self.reader.cache
+        host, proxy = self._route()
+        stats: dict[str, Any] = {
+            "repository": manifest.name if manifest else "",
+            "revision": manifest.revision if manifest else 0,
+            "host": host,
+            "proxy": proxy,
+            "offline": bool(getattr(self.reader.fetcher, "offline", False)),
+            "io_errors": self.io_errors,
+        }
+        if cache is not None:
+            stats.update(
+                cache_dir=cache.directory,
+                cache_bytes=cache.used,
+                cache_quota=cache.quota,
+                hits=cache.stats.hits,
+                misses=cache.stats.misses,
+                bytes_downloaded=cache.stats.bytes_fetched,
+                evictions=cache.stats.evictions,
+                corrupt_entries=cache.stats.corrupt_entries,
+            )
+        return stats
 
     # -- operations -------------------------------------------------------------------
 
@@ -163,7 +197,7 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
 
     def listxattr(self, path: str) -> list[str]:
         entry = self._entry(path)
-        names = ["user.revision", "user.host", "user.root_hash"] if entry.path == "/" else []
+        names = list(ROOT_XATTRS) if entry.path == "/" else []
         if entry.is_file:
             names.append("user.hash" if not entry.chunked else "user.chunks")
         return names
@@ -174,8 +208,9 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
         values: dict[str, str] = {}
         if entry.path == "/" and manifest is not None:
             values["user.revision"] = str(manifest.revision)
-            values["user.host"] = self.reader.fetcher.describe()
+            values["user.host"], values["user.proxy"] = self._route()
             values["user.root_hash"] = self.reader.root_hash
+            values["user.stats"] = json.dumps(self.statistics())
         if entry.is_file and entry.hash is not None:
             values["user.hash"] = entry.hash
         if entry.chunked:

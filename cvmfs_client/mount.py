@@ -16,10 +16,10 @@ import mfusepy
 
 from cvmfs_client.cache import ObjectCache
 from cvmfs_client.errors import ClientError
-from cvmfs_client.fetcher import fetcher_for
+from cvmfs_client.fetcher import OfflineFallback, fetcher_for
 from cvmfs_client.fuse_ops import RepositoryFS
-from cvmfs_client.repository import RepositoryReader
-from cvmfs_client.signed import load_public_key_pem
+from cvmfs_client.repository import MANIFEST_FILE, WHITELIST_FILE, RepositoryReader
+from cvmfs_client.signed import key_fingerprint, load_public_key_pem
 
 ENTRY_TIMEOUT_S = 60  # content is immutable per revision: let the kernel cache it
 
@@ -55,10 +55,10 @@ def default_cache_dir() -> str:
 
 
 class RevisionMemory:
-    """The highest revision accepted per repository, kept in the cache directory."""
+    """The highest revision accepted per repository (by master key), in the cache directory."""
 
-    def __init__(self, cache_dir: str, name: str):
-        self.path = os.path.join(cache_dir, f"{name}.revision")
+    def __init__(self, cache_dir: str, key_id: str):
+        self.path = os.path.join(cache_dir, f"revision-{key_id[:16]}")
 
     def load(self) -> int:
         try:
@@ -84,12 +84,17 @@ def open_reader(options: MountOptions) -> RepositoryReader:
         raise ClientError(f"{options.key_file}: cannot read public key ({exc.strerror})") from exc
     os.makedirs(options.cache_dir, exist_ok=True)
     cache = ObjectCache(os.path.join(options.cache_dir, "objects"), options.quota)
-    reader = RepositoryReader(fetcher_for(options.url, options.proxies), key, cache=cache)
-    probe = reader.load_manifest()
-    memory = RevisionMemory(options.cache_dir, probe.name)
-    reader.min_revision = memory.load()
+    key_id = key_fingerprint(key)
+    fetcher = OfflineFallback(
+        fetcher_for(options.url, options.proxies),
+        options.cache_dir,
+        frozenset({MANIFEST_FILE, WHITELIST_FILE}),
+        prefix=key_id[:16],
+    )
+    memory = RevisionMemory(options.cache_dir, key_id)
+    reader = RepositoryReader(fetcher, key, cache=cache, min_revision=memory.load())
     manifest = reader.load_manifest()
-    memory.store(max(manifest.revision, reader.min_revision))
+    memory.store(manifest.revision)
     if options.tag is not None or options.revision is not None:
         reader.select_revision(revision=options.revision, tag=options.tag)
     reader.root_catalog()

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 
 from cvmfs_client.fetcher import DirectoryFetcher
 from cvmfs_client.repository import RepositoryReader
@@ -136,3 +140,42 @@ def write_build_tree(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
     return tree
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (the kernel just handed it out)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until_serving(
+    url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"repo-server serve exited {proc.returncode}: {log.read_text()}")
+        try:
+            if requests.get(url, timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            time.sleep(0.05)
+    raise AssertionError(f"repo-server serve did not answer on {url} within {timeout} s")
+
+
+@contextlib.contextmanager
+def serving(repo_dir: Path, log: Path) -> Iterator[str]:
+    """`repo-server serve` on a free loopback port for the duration of the block."""
+    url = f"http://127.0.0.1:{free_port()}"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "repo-server"), "serve", str(repo_dir), "--listen", url[7:]],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_until_serving(url, proc, log)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -3,6 +3,7 @@ tampering costs one file (EIO), never wrong bytes, and old manifests are refused
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -17,7 +18,7 @@ from cvmfs_client.fetcher import DirectoryFetcher
 from cvmfs_client.objects import object_path
 from cvmfs_client.repository import RepositoryReader
 from cvmfs_client.signed import load_public_key_pem
-from tests.conftest import Repo, run_cli
+from tests.conftest import Repo, run_cli, serving
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or shutil.which("fusermount") is None,
@@ -200,3 +201,47 @@ def test_the_cache_stays_under_its_quota_while_files_stay_readable(
         assert mounted.read_bytes() == expected
     finally:
         subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+
+
+def test_a_preloaded_cache_mounts_and_reads_with_the_server_gone(
+    published: tuple[Repo, Path], tmp_path: Path
+) -> None:
+    repo, src = published
+    cache = tmp_path / "cache"
+    with serving(repo.dir, tmp_path / "serve.log") as url:
+        out = run_cli("cvmfs-client", "preload", url, cache, "--key", repo.pub, "--path", "/sw")
+        assert b"preloaded /sw of revision 1" in out.stdout
+    # The server is gone: the mount comes up from the saved manifest and the warm cache.
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    run_cli("cvmfs-client", "mount", url, mountpoint, "--key", repo.pub, "--cache-dir", cache)
+    try:
+        base = mountpoint / "sw" / "1.0"
+        for path in src.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                assert (base / path.relative_to(src)).read_bytes() == path.read_bytes()
+        stat = run_cli("cvmfs-client", "stat", mountpoint).stdout.decode()
+        assert "revision:          1" in stat and "offline:           True" in stat
+        assert "io_errors:         0" in stat
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+
+
+def test_cache_verify_removes_a_corrupted_entry_and_the_mount_fetches_it_again(
+    published: tuple[Repo, Path], tmp_path: Path
+) -> None:
+    repo, src = published
+    cache = tmp_path / "cache"
+    run_cli("cvmfs-client", "preload", repo.dir, cache, "--key", repo.pub)
+    tool = (src / "bin" / "tool.py").read_bytes()
+    digest = hashlib.sha256(tool).hexdigest()
+    entry = cache / "objects" / digest[:2] / digest[2:]
+    entry.write_bytes(b"print('not what was published')\n")
+    out = run_cli("cvmfs-client", "cache", "verify", "--cache-dir", cache).stdout.decode()
+    assert f"removed corrupt entry {digest}" in out
+    assert not entry.exists()
+    entry.parent.mkdir(exist_ok=True)
+    entry.write_bytes(b"corrupted again, behind the verifier's back\n")
+    with Mount(repo, tmp_path / "mnt", cache) as m:
+        assert (m.path / "sw/1.0/bin/tool.py").read_bytes() == tool
+    assert entry.read_bytes() == tool

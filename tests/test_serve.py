@@ -10,7 +10,6 @@ import http.client
 import os
 import random
 import re
-import socket
 import subprocess
 import threading
 import time
@@ -25,7 +24,7 @@ import requests
 from cvmfs_client.objects import object_path
 from cvmfs_client.signed import MAX_DOCUMENT_SIZE
 from repo_server.repository import LocalRepository
-from tests.conftest import BIN, Repo, open_reader, run_cli
+from tests.conftest import BIN, Repo, free_port, open_reader, run_cli, wait_until_serving
 
 MiB = 1024 * 1024
 
@@ -45,13 +44,6 @@ class Served:
     def object_of(self, path: str) -> str:
         """Where that object is, relative to the repository root."""
         return object_path(self.digest_of(path))
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (the kernel just handed it out)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -74,21 +66,6 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> tuple[Repo, dict[str,
     )  # fmt: skip
     (repo.dir / "txn" / "leftover").write_bytes(b"half-written object of a killed publish")
     return repo, {f"/sw/1.0/{k}": v for k, v in files.items()}
-
-
-def wait_until_serving(
-    url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"repo-server serve exited {proc.returncode}: {log.read_text()}")
-        try:
-            if requests.get(url, timeout=1).status_code == 200:
-                return
-        except requests.ConnectionError:
-            time.sleep(0.05)
-    raise AssertionError(f"repo-server serve did not answer on {url} within {timeout} s")
 
 
 @pytest.fixture(scope="module")
