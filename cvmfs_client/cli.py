@@ -55,18 +55,27 @@ def _cat(args: argparse.Namespace) -> int:
 
 
 def _mount(args: argparse.Namespace) -> int:
+    from cvmfs_client.config import ClientConfig, load_config
     from cvmfs_client.mount import MountOptions, default_cache_dir, mount, parse_size
 
+    config = load_config(args.config) if args.config else ClientConfig()
+    url = args.url or config.server_url
+    key = args.key or config.public_key
+    if not url:
+        raise ClientError("no repository URL: give one or set CVMFS_SERVER_URL in --config")
+    if not key:
+        raise ClientError("no public key: give --key or set CVMFS_PUBLIC_KEY in --config")
+    pinned = args.tag is not None or args.revision is not None
     options = MountOptions(
-        url=args.url,
+        url=url,
         mountpoint=args.mountpoint,
-        key_file=args.key,
-        cache_dir=args.cache_dir or default_cache_dir(),
+        key_file=key,
+        cache_dir=args.cache_dir or config.cache_base or default_cache_dir(),
         foreground=args.foreground,
-        quota=parse_size(args.quota) if args.quota else None,
-        proxies=args.proxy or "",
-        tag=args.tag,
-        revision=args.revision,
+        quota=parse_size(args.quota) if args.quota else config.quota_bytes,
+        proxies=args.proxy or config.http_proxy or "",
+        tag=args.tag if pinned else config.tag,
+        revision=args.revision if pinned else config.revision,
     )
     return mount(options)
 
@@ -149,9 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         console.add_debug(p, subcommand=True)
         p.set_defaults(func=func)
     p = sub.add_parser("mount", help="mount a repository read-only with FUSE")
-    p.add_argument("url", help="repository http(s) URL(s) separated by ';', or a directory")
+    p.add_argument(
+        "url", nargs="?", help="repository http(s) URL(s) separated by ';', or a directory"
+    )
     p.add_argument("mountpoint")
-    p.add_argument("--key", required=True, help="the repository's master public key (NAME.pub)")
+    p.add_argument("--key", help="the repository's master public key (NAME.pub)")
+    p.add_argument("--config", help="CernVM-FS-style KEY=VALUE settings (CVMFS_SERVER_URL, ...)")
     p.add_argument("--cache-dir", help="local cache (default /var/lib/cvmfs-client/cache as root)")
     p.add_argument("--quota", help="cache size limit, e.g. 4G (default: unlimited)")
     p.add_argument(
