@@ -76,6 +76,7 @@ def _mount(args: argparse.Namespace) -> int:
         proxies=args.proxy or config.http_proxy or "",
         tag=args.tag if pinned else config.tag,
         revision=args.revision if pinned else config.revision,
+        max_ttl=args.max_ttl,
     )
     return mount(options)
 
@@ -164,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.add_argument("--key", help="the repository's master public key (NAME.pub)")
     p.add_argument("--config", help="CernVM-FS-style KEY=VALUE settings (CVMFS_SERVER_URL, ...)")
+    p.add_argument(
+        "--max-ttl", type=float, help="look for new revisions at least this often (seconds)"
+    )
     p.add_argument("--cache-dir", help="local cache (default /var/lib/cvmfs-client/cache as root)")
     p.add_argument("--quota", help="cache size limit, e.g. 4G (default: unlimited)")
     p.add_argument(

@@ -49,6 +49,7 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
     # -- helpers ----------------------------------------------------------------------
 
     def _entry(self, path: str) -> Entry:
+        self.reader.refresh()
         try:
             return self.reader.lookup(path)
         except NotFoundError as exc:

@@ -33,6 +33,7 @@ class MountOptions:
     foreground: bool = False
     quota: int | None = None
     proxies: str = ""
+    max_ttl: float | None = None
     tag: str | None = None
     revision: int | None = None
 
@@ -92,9 +93,12 @@ def open_reader(options: MountOptions) -> RepositoryReader:
         prefix=key_id[:16],
     )
     memory = RevisionMemory(options.cache_dir, key_id)
-    reader = RepositoryReader(fetcher, key, cache=cache, min_revision=memory.load())
+    reader = RepositoryReader(
+        fetcher, key, cache=cache, min_revision=memory.load(), max_ttl=options.max_ttl
+    )
     manifest = reader.load_manifest()
     memory.store(manifest.revision)
+    reader.on_new_revision = lambda m: memory.store(m.revision)
     if options.tag is not None or options.revision is not None:
         reader.select_revision(revision=options.revision, tag=options.tag)
     reader.root_catalog()
@@ -108,13 +112,17 @@ def mount(options: MountOptions) -> int:
         raise ClientError(f"{options.mountpoint}: something is already mounted there")
     reader = open_reader(options)
     assert reader.manifest is not None
+    ttl = reader.manifest.ttl if options.max_ttl is None else options.max_ttl
+    timeout = min(ENTRY_TIMEOUT_S, ttl)
     fuse_options = {
         "ro": True,
         "fsname": f"cvmfs-py:{reader.manifest.name}",
-        "kernel_cache": True,
-        "entry_timeout": ENTRY_TIMEOUT_S,
-        "attr_timeout": ENTRY_TIMEOUT_S,
-        "negative_timeout": ENTRY_TIMEOUT_S,
+        # auto_cache keeps the kernel's pages of a file until its size or mtime changes,
+        # which is what a switch to a new revision does to a republished file.
+        "auto_cache": True,
+        "entry_timeout": timeout,
+        "attr_timeout": timeout,
+        "negative_timeout": timeout,
         "default_permissions": True,
     }
     if os.geteuid() == 0:

@@ -6,6 +6,7 @@ manifest (docs/FORMAT.md, "Verification").
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,12 +18,14 @@ from cvmfs_client import paths
 from cvmfs_client import whitelist as whitelist_mod
 from cvmfs_client.cache import ObjectCache
 from cvmfs_client.catalog import Catalog, Entry, NestedRef
-from cvmfs_client.errors import NotFoundError, VerificationError
+from cvmfs_client.errors import ClientError, NotFoundError, VerificationError
 from cvmfs_client.fetcher import Fetcher
 from cvmfs_client.history import History
 from cvmfs_client.manifest import Manifest
 from cvmfs_client.objects import decode_object, max_stored_size, object_path
 from cvmfs_client.signed import MAX_DOCUMENT_SIZE
+
+log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest"
 WHITELIST_FILE = "whitelist"
@@ -37,6 +40,7 @@ class RepositoryReader:
         clock: Callable[[], float] = time.time,
         min_revision: int = 0,
         cache: ObjectCache | None = None,
+        max_ttl: float | None = None,
     ):
         self.fetcher = fetcher
         self.master_key = master_key
@@ -46,8 +50,22 @@ class RepositoryReader:
         self._catalogs: dict[str, Catalog] = {}
         self._lock = threading.Lock()
         self.manifest: Manifest | None = None
-        self.root_hash = ""
-        self.root_size = 0
+        # (hash, stored size) of the root catalog in use: one tuple, replaced whole, so a
+        # lookup never mixes two revisions.
+        self._root: tuple[str, int] = ("", 0)
+        self.max_ttl = max_ttl
+        self.pinned = False
+        self._loaded_at = 0.0
+        self._refresh_lock = threading.Lock()
+        self.on_new_revision: Callable[[Manifest], None] | None = None
+
+    @property
+    def root_hash(self) -> str:
+        return self._root[0]
+
+    @property
+    def root_size(self) -> int:
+        return self._root[1]
 
     # -- manifest and revision selection -------------------------------------------
 
@@ -66,8 +84,39 @@ class RepositoryReader:
         )
         self.manifest = manifest
         self.min_revision = manifest.revision  # never go back (docs/FORMAT.md, "Verification")
-        self.root_hash, self.root_size = manifest.root_hash, manifest.root_size
+        self._loaded_at = self.clock()
+        if not self.pinned:
+            self._root = (manifest.root_hash, manifest.root_size)
         return manifest
+
+    def refresh(self) -> bool:
+        """Once the manifest's TTL has passed, look for a newer revision and switch new
+        lookups to it. Never blocks a second caller; failures keep the current revision.
+        Returns True when the revision changed."""
+        manifest = self.manifest
+        if manifest is None or self.pinned:
+            return False
+        ttl = manifest.ttl if self.max_ttl is None else min(manifest.ttl, self.max_ttl)
+        if self.clock() - self._loaded_at < ttl:
+            return False
+        if not self._refresh_lock.acquire(blocking=False):
+            return False
+        try:
+            self._loaded_at = self.clock()
+            new = self.load_manifest()
+        except ClientError as exc:
+            log.warning(
+                "looking for a new revision failed, staying on %d: %s", manifest.revision, exc
+            )
+            return False
+        finally:
+            self._refresh_lock.release()
+        if new.revision != manifest.revision:
+            log.info("switched from revision %d to %d", manifest.revision, new.revision)
+            if self.on_new_revision is not None:
+                self.on_new_revision(new)
+            return True
+        return False
 
     def history(self) -> History:
         manifest = self.manifest or self.load_manifest()
@@ -81,7 +130,8 @@ class RepositoryReader:
         if number is None:
             raise ValueError("select_revision needs a revision or a tag")
         record = history.revision(number)
-        self.root_hash, self.root_size = record.root_hash, record.root_size
+        self._root = (record.root_hash, record.root_size)
+        self.pinned = True
         return number
 
     # -- objects and catalogs -------------------------------------------------------
@@ -127,9 +177,10 @@ class RepositoryReader:
             return self._catalogs.setdefault(digest, catalog)
 
     def root_catalog(self) -> Catalog:
-        if not self.root_hash:
+        if not self._root[0]:
             self.load_manifest()
-        return self.catalog(self.root_hash, self.root_size)
+        digest, size = self._root
+        return self.catalog(digest, size)
 
     def catalog_for_dir(self, dirpath: str) -> Catalog:
         """The catalog that lists the children of dirpath, loading nested ones on the way."""

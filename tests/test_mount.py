@@ -9,6 +9,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -245,3 +246,37 @@ def test_cache_verify_removes_a_corrupted_entry_and_the_mount_fetches_it_again(
     with Mount(repo, tmp_path / "mnt", cache) as m:
         assert (m.path / "sw/1.0/bin/tool.py").read_bytes() == tool
     assert entry.read_bytes() == tool
+
+
+def test_a_new_revision_appears_after_the_ttl_while_open_files_keep_their_content(
+    published: tuple[Repo, Path], tmp_path: Path
+) -> None:
+    repo, src = published
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    run_cli(
+        "cvmfs-client", "mount", repo.dir, mountpoint, "--key", repo.pub,
+        "--cache-dir", tmp_path / "cache", "--max-ttl", "1",
+    )  # fmt: skip
+    try:
+        other = mountpoint / "sw/1.0/bin/other.txt"
+        held = open(other, "rb")  # noqa: SIM115 - held open across the switch on purpose
+        assert os.getxattr(mountpoint, "user.revision") == b"1"
+        (src / "bin" / "other.txt").write_text("second release, longer than the first\n")
+        (src / "bin" / "added.txt").write_text("new in revision 2\n")
+        run_cli("cvmbuild", "publish", src, "--repo", repo.dir,
+                "--path", "/sw/1.0")  # fmt: skip
+        deadline = time.monotonic() + 15
+        while os.getxattr(mountpoint, "user.revision") != b"2":
+            assert time.monotonic() < deadline, "the mount never switched to revision 2"
+            time.sleep(0.3)
+        while not (mountpoint / "sw/1.0/bin/added.txt").exists():
+            assert time.monotonic() < deadline, "a new file did not appear"
+            time.sleep(0.3)
+        # The handle opened at revision 1 still reads revision 1's bytes ...
+        assert held.read() == b"untouched\n"
+        held.close()
+        # ... and a new open reads revision 2 (the kernel drops its stale pages).
+        assert other.read_text() == "second release, longer than the first\n"
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
