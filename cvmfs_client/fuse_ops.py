@@ -6,13 +6,15 @@ verify an object is EIO for that file only, logged with the object and the mirro
 
 from __future__ import annotations
 
+import bisect
 import errno
 import itertools
 import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import mfusepy
@@ -25,6 +27,8 @@ from cvmfs_client.repository import RepositoryReader
 log = logging.getLogger(__name__)
 
 ROOT_XATTRS = ["user.revision", "user.host", "user.proxy", "user.root_hash", "user.stats"]
+PREFETCH_CHUNKS = 4  # chunks fetched ahead of a sequential reader
+PREFETCH_WORKERS = 4
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
@@ -33,6 +37,9 @@ class OpenFile:
     entry: Entry
     fd: int | None  # whole-object files: an fd on the cache file
     chunks: list[Chunk]
+    offsets: list[int] = field(default_factory=list)  # chunk start offsets, for bisect
+    next_offset: int = 0  # where a sequential reader reads next
+    prefetched: int = 0  # chunks below this index were already handed to the prefetcher
 
 
 class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
@@ -45,6 +52,7 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
         self._next = itertools.count(1)
         self._lock = threading.Lock()
         self.io_errors = 0
+        self._prefetcher = ThreadPoolExecutor(PREFETCH_WORKERS, thread_name_prefix="prefetch")
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -150,9 +158,8 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
         try:
             if entry.chunked:
                 parent, _ = paths.split(entry.path)
-                handle = OpenFile(
-                    entry, None, self.reader.catalog_for_dir(parent).chunks(entry.path)
-                )
+                chunks = self.reader.catalog_for_dir(parent).chunks(entry.path)
+                handle = OpenFile(entry, None, chunks, [c.offset for c in chunks])
             else:
                 assert entry.hash is not None
                 fd = self.reader.open_object(entry.hash, entry.size)
@@ -169,11 +176,17 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
         if handle.fd is not None:
             return os.pread(handle.fd, size, offset)
         end = min(offset + size, handle.entry.size)
+        first = max(bisect.bisect_right(handle.offsets, offset) - 1, 0)
+        if offset == handle.next_offset:
+            self._prefetch(handle, first + 1)
+        handle.next_offset = end
         pieces = []
         try:
-            for chunk in handle.chunks:
+            for chunk in handle.chunks[first:]:
                 chunk_end = chunk.offset + chunk.size
-                if chunk_end <= offset or chunk.offset >= end:
+                if chunk.offset >= end:
+                    break
+                if chunk_end <= offset:
                     continue
                 start = max(offset, chunk.offset)
                 fd = self.reader.open_object(chunk.hash, chunk.size)
@@ -184,6 +197,20 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
         except ClientError as exc:
             raise self._eio(path, exc) from exc
         return b"".join(pieces)
+
+    def _prefetch(self, handle: OpenFile, index: int) -> None:
+        """A sequential reader will want the next chunks: fetch them in parallel now."""
+        stop = min(index + PREFETCH_CHUNKS, len(handle.chunks))
+        start = max(index, handle.prefetched)
+        handle.prefetched = max(handle.prefetched, stop)
+        for chunk in handle.chunks[start:stop]:
+            self._prefetcher.submit(self._warm, chunk)
+
+    def _warm(self, chunk: Chunk) -> None:
+        try:
+            self.reader.close_object(chunk.hash, self.reader.open_object(chunk.hash, chunk.size))
+        except ClientError as exc:  # the read itself will report it as EIO
+            log.info("prefetch of chunk %s failed: %s", chunk.hash, exc)
 
     def release(self, path: str, fh: int) -> int:
         with self._lock:

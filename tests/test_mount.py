@@ -280,3 +280,24 @@ def test_a_new_revision_appears_after_the_ttl_while_open_files_keep_their_conten
         assert other.read_text() == "second release, longer than the first\n"
     finally:
         subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+
+
+def test_reading_a_large_file_sequentially_fetches_the_next_chunks_ahead(
+    published: tuple[Repo, Path], tmp_path: Path
+) -> None:
+    repo, src = published
+    key = load_public_key_pem(repo.pub.read_bytes(), str(repo.pub))
+    reader = RepositoryReader(DirectoryFetcher(str(repo.dir)), key)
+    chunks = reader.catalog_for_dir("/sw/1.0/lib/pkg").chunks("/sw/1.0/lib/pkg/data.bin")
+    assert len(chunks) >= 5
+    cache = tmp_path / "cache"
+    with (
+        Mount(repo, tmp_path / "mnt", cache) as m,
+        open(m.path / "sw/1.0/lib/pkg/data.bin", "rb") as f,
+    ):
+        assert f.read(4096) == (src / "lib/pkg/data.bin").read_bytes()[:4096]
+        wanted = [cache / "objects" / c.hash[:2] / c.hash[2:] for c in chunks[1:5]]
+        deadline = time.monotonic() + 10
+        while not all(p.exists() for p in wanted):
+            assert time.monotonic() < deadline, "the next chunks were not fetched ahead"
+            time.sleep(0.05)
