@@ -14,13 +14,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import zstandard
-from pyfastcdc import FastCDC
 
 from cvmbuild.errors import SourceError
 from cvmbuild.scan import SourceEntry
 from cvmfs_client.catalog import Chunk
 from cvmfs_client.objects import encode_object
 from repo_server.storage import Storage
+
+BATCH_FILES = 32
+BATCH_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,10 @@ class Ingestor:
         self.progress = progress or (lambda n: None)
         self.stats = IngestStats()
         self._local = threading.local()
+        # Digests this publish has taken on: two files with the same new content are
+        # compressed and written once, and the summary counts are deterministic.
+        self._claimed: set[str] = set()
+        self._claim_lock = threading.Lock()
 
     def _compressor(self) -> zstandard.ZstdCompressor:
         compressor = getattr(self._local, "zstd", None)
@@ -84,7 +90,10 @@ class Ingestor:
     def _store(self, data: bytes | memoryview) -> str:
         digest = hashlib.sha256(data).hexdigest()
         written, stored = False, 0
-        if not self.storage.has(digest):
+        with self._claim_lock:
+            first = digest not in self._claimed
+            self._claimed.add(digest)
+        if first and not self.storage.has(digest):
             encoded = encode_object(data, self._compressor())
             written = self.storage.put_object(digest, encoded)
             stored = len(encoded)
@@ -93,14 +102,26 @@ class Ingestor:
         return digest
 
     def _small_file(self, entry: SourceEntry) -> FileContent:
+        # os.read on a raw fd: no buffered-reader ioctl/lseek/fstat per file.
         try:
-            with open(entry.abspath, "rb") as f:
-                data = f.read()
+            fd = os.open(entry.abspath, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = os.read(fd, entry.size + 1)
+                while 0 < len(data) <= entry.size:
+                    more = os.read(fd, entry.size + 1 - len(data))
+                    if not more:
+                        break
+                    data += more
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise SourceError(f"{entry.abspath}: cannot read ({exc.strerror})") from exc
         if len(data) != entry.size:
             raise SourceError(f"{entry.abspath}: changed size while being published")
         return FileContent(self._store(data))
+
+    def _small_files(self, batch: list[SourceEntry]) -> list[FileContent]:
+        return [self._small_file(entry) for entry in batch]
 
     def _chunk(self, data: memoryview, offset: int) -> Chunk:
         return Chunk(offset, len(data), self._store(data))
@@ -109,15 +130,26 @@ class Ingestor:
         """Content of every given regular file, keyed by relpath."""
         result: dict[str, FileContent] = {}
         chunked: list[tuple[SourceEntry, list[Future[Chunk]]]] = []
-        cdc = FastCDC(
-            self.policy.avg_size, min_size=self.policy.min_size, max_size=self.policy.max_size
-        )
+        cdc = None
         with ThreadPoolExecutor(self.workers) as pool:
-            small: list[tuple[SourceEntry, Future[FileContent]]] = []
+            # Small files go to the workers in batches: one future per file cost more
+            # in locking than the work itself (profile: 23 futex calls per file).
+            small: list[tuple[list[SourceEntry], Future[list[FileContent]]]] = []
+            batch: list[SourceEntry] = []
+            batch_bytes = 0
             for entry in entries:
                 if entry.size <= self.policy.threshold:
-                    small.append((entry, pool.submit(self._small_file, entry)))
+                    batch.append(entry)
+                    batch_bytes += entry.size
+                    if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
+                        small.append((batch, pool.submit(self._small_files, batch)))
+                        batch, batch_bytes = [], 0
                     continue
+                if cdc is None:
+                    from pyfastcdc import FastCDC  # only publishes with large files need it
+
+                    p = self.policy
+                    cdc = FastCDC(p.avg_size, min_size=p.min_size, max_size=p.max_size)
                 try:
                     cuts = list(cdc.cut_file(entry.abspath))
                 except OSError as exc:
@@ -126,8 +158,11 @@ class Ingestor:
                     raise SourceError(f"{entry.abspath}: changed size while being published")
                 futures = [pool.submit(self._chunk, c.data, c.offset) for c in cuts]
                 chunked.append((entry, futures))
-            for entry, future in small:
-                result[entry.relpath] = future.result()
+            if batch:
+                small.append((batch, pool.submit(self._small_files, batch)))
+            for done, future in small:
+                for entry, content in zip(done, future.result(), strict=True):
+                    result[entry.relpath] = content
             for entry, futures in chunked:
                 result[entry.relpath] = FileContent(None, tuple(f.result() for f in futures))
         return result

@@ -84,6 +84,18 @@ class StatCache:
         contents: dict[str, FileContent],
         catalogs: dict[str, NestedRef],
     ) -> None:
+        """Replace the cache with this publish's state (skipped if nothing changed)."""
+        unchanged = (
+            catalogs == self.catalogs
+            and len(self.files) == len(contents)
+            and all(
+                self.files.get(e.relpath) == (_stat_key(e), contents[e.relpath])
+                for e in entries
+                if e.relpath in contents
+            )
+        )
+        if unchanged:
+            return
         rows = []
         for entry in entries:
             content = contents.get(entry.relpath)

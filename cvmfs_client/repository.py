@@ -10,20 +10,23 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from cvmfs_client import manifest as manifest_mod
 from cvmfs_client import paths
 from cvmfs_client import whitelist as whitelist_mod
-from cvmfs_client.cache import ObjectCache
 from cvmfs_client.catalog import Catalog, Entry, NestedRef
 from cvmfs_client.errors import ClientError, NotFoundError, VerificationError
-from cvmfs_client.fetcher import Fetcher
 from cvmfs_client.history import History
 from cvmfs_client.manifest import Manifest
 from cvmfs_client.objects import decode_object, max_stored_size, object_path
 from cvmfs_client.signed import MAX_DOCUMENT_SIZE
+
+if TYPE_CHECKING:  # the publisher reads repositories without loading pycurl
+    from cvmfs_client.cache import ObjectCache
+    from cvmfs_client.fetcher import Fetcher
 
 log = logging.getLogger(__name__)
 

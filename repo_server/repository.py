@@ -156,8 +156,9 @@ class LocalRepository:
                         flush=True,
                     )
                 fcntl.flock(fd, fcntl.LOCK_EX)
-            self.storage.clean_txn()
+            self.storage.begin_writes()
             yield
+            self.storage.end_writes()  # not reached if the publish failed or was killed
         finally:
             os.close(fd)
 

@@ -16,6 +16,8 @@ from typing import Protocol
 from cvmfs_client.objects import object_path
 
 TXN_DIR = "txn"
+TMP_PREFIX = ".tmp-"
+DIRTY_MARKER = "dirty"
 
 
 class Storage(Protocol):
@@ -37,6 +39,9 @@ class Storage(Protocol):
         """Make every object written so far durable."""
         ...
 
+    def begin_writes(self) -> None: ...
+    def end_writes(self) -> None: ...
+
 
 class LocalStorage:
     def __init__(self, root: Path):
@@ -48,10 +53,29 @@ class LocalStorage:
         for i in range(256):
             (self.root / "data" / f"{i:02x}").mkdir(parents=True, exist_ok=True)
 
-    def clean_txn(self) -> None:
-        """Remove temp files a killed publish left behind (call under the publish lock)."""
+    def begin_writes(self) -> None:
+        """Start a publish (under its lock): remove what a killed one left behind.
+
+        Objects are written as `.tmp-*` files beside their final name (a same-directory
+        rename, spread over 256 directories); the `dirty` marker says a publish did not
+        end cleanly, so only then are the object directories searched for leftovers.
+        """
+        dirty = os.path.exists(self.txn / DIRTY_MARKER)
         for entry in os.scandir(self.txn):
             os.unlink(entry.path)
+        if dirty:
+            for sub in os.scandir(self.root / "data"):
+                if sub.is_dir():
+                    for entry in os.scandir(sub.path):
+                        if entry.name.startswith(TMP_PREFIX):
+                            os.unlink(entry.path)
+        (self.txn / DIRTY_MARKER).touch()
+
+    def end_writes(self) -> None:
+        try:
+            os.unlink(self.txn / DIRTY_MARKER)
+        except FileNotFoundError:
+            pass
 
     def _path(self, digest: str) -> str:
         return os.path.join(self.root, object_path(digest))
@@ -62,8 +86,8 @@ class LocalStorage:
     def missing(self, digests: Iterable[str]) -> set[str]:
         return {d for d in set(digests) if not os.path.exists(self._path(d))}
 
-    def _write_temp(self, data: bytes) -> str:
-        tmp = os.path.join(self.txn, secrets.token_hex(12))
+    def _write_temp(self, data: bytes, directory: str | None = None) -> str:
+        tmp = os.path.join(directory or self.txn, TMP_PREFIX + secrets.token_hex(12))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             view = memoryview(data)
@@ -77,7 +101,7 @@ class LocalStorage:
         final = self._path(digest)
         if os.path.exists(final):
             return False
-        os.rename(self._write_temp(stored), final)
+        os.rename(self._write_temp(stored, os.path.dirname(final)), final)
         return True
 
     def get_object(self, digest: str) -> bytes:
@@ -90,7 +114,8 @@ class LocalStorage:
             if len(sub.name) != 2 or not sub.is_dir():
                 continue
             for entry in os.scandir(sub.path):
-                yield sub.name + entry.name, entry.stat().st_size
+                if not entry.name.startswith(TMP_PREFIX):
+                    yield sub.name + entry.name, entry.stat().st_size
 
     def delete_object(self, digest: str) -> None:
         os.unlink(self._path(digest))
