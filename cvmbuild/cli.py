@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from cvmbuild.errors import BuildError
-from cvmbuild.ingest import ChunkPolicy
+from cvmbuild.ingest import DEFAULT_LEVEL, ChunkPolicy
 from cvmbuild.layout import DEFAULT_MAX_ENTRIES
 from cvmbuild.publish import PublishOptions, publish
 from cvmfs_client import console
@@ -51,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", help="name the new revision")
     p.add_argument("--message", help="a note stored with the revision")
     p.add_argument("--keys", help="key directory (default: REPO.keys)")
-    p.add_argument("--compression-level", type=int, default=3, help="zstd level, 1-19 (default 3)")
+    p.add_argument(
+        "--compression-level",
+        type=int,
+        default=DEFAULT_LEVEL,
+        help=f"zstd level, 1-19 (default {DEFAULT_LEVEL})",
+    )
     p.add_argument(
         "--skip-special",
         action="store_true",

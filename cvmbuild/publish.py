@@ -11,7 +11,7 @@ from pathlib import Path
 import zstandard
 
 from cvmbuild.errors import BuildError
-from cvmbuild.ingest import ChunkPolicy, FileContent, Ingestor
+from cvmbuild.ingest import DEFAULT_LEVEL, ChunkPolicy, FileContent, Ingestor
 from cvmbuild.layout import DEFAULT_MAX_ENTRIES, build_catalogs
 from cvmbuild.scan import SourceEntry, scan
 from cvmbuild.statcache import StatCache
@@ -25,7 +25,7 @@ class PublishOptions:
     tag: str | None = None
     message: str = ""
     keydir: Path | None = None
-    level: int = 3
+    level: int = DEFAULT_LEVEL
     skip_special: bool = False
     max_entries: int = DEFAULT_MAX_ENTRIES
     chunking: ChunkPolicy = ChunkPolicy()
