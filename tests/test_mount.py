@@ -43,21 +43,20 @@ def make_release(root: Path) -> Path:
 
 
 class Mount:
-    def __init__(self, repo: Repo, mountpoint: Path, cache: Path):
+    """`cvmfs-client mount` for the duration of a with-block (lazy unmount after)."""
+
+    def __init__(
+        self, repo: Repo, mountpoint: Path, cache: Path, *extra: str, url: str | None = None
+    ):
         self.repo, self.path, self.cache = repo, mountpoint, cache
+        self.extra, self.url = extra, url or str(repo.dir)
 
     def __enter__(self) -> Mount:
         self.path.mkdir(exist_ok=True)
         run_cli(
-            "cvmfs-client",
-            "mount",
-            self.repo.dir,
-            self.path,
-            "--key",
-            self.repo.pub,
-            "--cache-dir",
-            self.cache,
-        )
+            "cvmfs-client", "mount", self.url, self.path, "--key", self.repo.pub,
+            "--cache-dir", self.cache, *self.extra,
+        )  # fmt: skip
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -172,22 +171,8 @@ def test_the_cache_stays_under_its_quota_while_files_stay_readable(
     repo, src = published
     data = src / "lib" / "pkg" / "data.bin"  # 9 MiB, chunked into about 1 MiB pieces
     cache = tmp_path / "cache"
-    mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    run_cli(
-        "cvmfs-client",
-        "mount",
-        repo.dir,
-        mountpoint,
-        "--key",
-        repo.pub,
-        "--cache-dir",
-        cache,
-        "--quota",
-        "3M",
-    )
-    try:
-        mounted = mountpoint / "sw/1.0/lib/pkg/data.bin"
+    with Mount(repo, tmp_path / "mnt", cache, "--quota", "3M") as m:
+        mounted = m.path / "sw/1.0/lib/pkg/data.bin"
         expected = data.read_bytes()
         rng = random.Random(7)
         with open(mounted, "rb") as f:
@@ -200,8 +185,6 @@ def test_the_cache_stays_under_its_quota_while_files_stay_readable(
                 )
                 assert stored <= 3 * 1024 * 1024 + 1024 * 1024  # quota, plus catalogs pinned
         assert mounted.read_bytes() == expected
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
 
 
 def test_a_preloaded_cache_mounts_and_reads_with_the_server_gone(
@@ -213,19 +196,14 @@ def test_a_preloaded_cache_mounts_and_reads_with_the_server_gone(
         out = run_cli("cvmfs-client", "preload", url, cache, "--key", repo.pub, "--path", "/sw")
         assert b"preloaded /sw of revision 1" in out.stdout
     # The server is gone: the mount comes up from the saved manifest and the warm cache.
-    mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    run_cli("cvmfs-client", "mount", url, mountpoint, "--key", repo.pub, "--cache-dir", cache)
-    try:
-        base = mountpoint / "sw" / "1.0"
+    with Mount(repo, tmp_path / "mnt", cache, url=url) as m:
+        base = m.path / "sw" / "1.0"
         for path in src.rglob("*"):
             if path.is_file() and not path.is_symlink():
                 assert (base / path.relative_to(src)).read_bytes() == path.read_bytes()
-        stat = run_cli("cvmfs-client", "stat", mountpoint).stdout.decode()
+        stat = run_cli("cvmfs-client", "stat", m.path).stdout.decode()
         assert "revision:          1" in stat and "offline:           True" in stat
         assert "io_errors:         0" in stat
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
 
 
 def test_cache_verify_removes_a_corrupted_entry_and_the_mount_fetches_it_again(
@@ -252,13 +230,8 @@ def test_a_new_revision_appears_after_the_ttl_while_open_files_keep_their_conten
     published: tuple[Repo, Path], tmp_path: Path
 ) -> None:
     repo, src = published
-    mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    run_cli(
-        "cvmfs-client", "mount", repo.dir, mountpoint, "--key", repo.pub,
-        "--cache-dir", tmp_path / "cache", "--max-ttl", "1",
-    )  # fmt: skip
-    try:
+    with Mount(repo, tmp_path / "mnt", tmp_path / "cache", "--max-ttl", "1") as m:
+        mountpoint = m.path
         other = mountpoint / "sw/1.0/bin/other.txt"
         held = open(other, "rb")  # noqa: SIM115 - held open across the switch on purpose
         assert os.getxattr(mountpoint, "user.revision") == b"1"
@@ -278,8 +251,6 @@ def test_a_new_revision_appears_after_the_ttl_while_open_files_keep_their_conten
         held.close()
         # ... and a new open reads revision 2 (the kernel drops its stale pages).
         assert other.read_text() == "second release, longer than the first\n"
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
 
 
 def test_reading_a_large_file_sequentially_fetches_the_next_chunks_ahead(
