@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import traceback
 from collections.abc import Callable
@@ -17,6 +18,11 @@ def run(
 ) -> int:
     """Parse argv and run handler; errors become `error: ...` on stderr and exit 1."""
     args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
+    # Failover warnings belong in a daemon's log; on a terminal only --debug shows them.
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.ERROR, format="%(levelname)s: %(message)s"
+    )
     try:
         return handler(args)
     except KeyboardInterrupt:

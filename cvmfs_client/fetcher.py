@@ -183,6 +183,8 @@ class CurlFetcher:
                     errors.append(str(exc))
                 with self._lock:
                     self.failures += 1
+                if errors:
+                    log.warning("%s: %s; trying the next mirror or proxy", relpath, errors[-1])
             if not_found == len(routes):
                 raise NotFoundError(f"{relpath}: not found on any mirror")
             if not_found + wrong_answers == len(routes):

@@ -92,6 +92,9 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
             "proxy": proxy,
             "offline": bool(getattr(self.reader.fetcher, "offline", False)),
             "io_errors": self.io_errors,
+            "fetch_failures": getattr(
+                getattr(self.reader.fetcher, "inner", self.reader.fetcher), "failures", 0
+            ),
         }
         if cache is not None:
             stats.update(

@@ -129,7 +129,7 @@ def mount(options: MountOptions) -> int:
         fuse_options["allow_other"] = True
     log_file = os.path.join(options.cache_dir, "client.log")
     if options.foreground:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
         mfusepy.FUSE(RepositoryFS(reader), options.mountpoint, foreground=True, **fuse_options)
         return 0
     read_end, write_end = os.pipe()
@@ -142,7 +142,7 @@ def mount(options: MountOptions) -> int:
         os.dup2(devnull, 0)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
         status = 1
         try:
             fs = RepositoryFS(reader, on_ready=lambda: os.write(write_end, b"1"))

@@ -165,8 +165,9 @@ def wait_until_serving(
 
 
 @contextlib.contextmanager
-def serving(repo_dir: Path, log: Path) -> Iterator[str]:
-    """`repo-server serve` on a free loopback port for the duration of the block."""
+def serving_process(repo_dir: Path, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`repo-server serve` on a free loopback port for the duration of the block, with
+    its process, for tests that kill it on purpose."""
     url = f"http://127.0.0.1:{free_port()}"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -175,7 +176,62 @@ def serving(repo_dir: Path, log: Path) -> Iterator[str]:
         )  # fmt: skip
     try:
         wait_until_serving(url, proc, log)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def serving(repo_dir: Path, log: Path) -> Iterator[str]:
+    """`repo-server serve` on a free loopback port for the duration of the block."""
+    with serving_process(repo_dir, log) as (url, _):
+        yield url
+
+
+def client_daemon(mountpoint: Path) -> int | None:
+    """The pid of the `cvmfs-client mount` daemon serving mountpoint, if it runs."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            args = Path(f"/proc/{entry}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if (
+            any(arg.endswith("cvmfs-client") for arg in args)
+            and "mount" in args
+            and str(mountpoint) in args
+        ):
+            return int(entry)
+    return None
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pid: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while running(pid):
+        assert time.monotonic() < deadline, f"process {pid} is still running"
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def mounted(url: str, mountpoint: Path, cache: Path, key: Path, *options: str) -> Iterator[Path]:
+    """`cvmfs-client mount` for the duration of the block; unmounted (lazily if busy or
+    dead) and its daemon gone afterwards."""
+    mountpoint.mkdir(exist_ok=True)
+    run_cli("cvmfs-client", "mount", url, mountpoint, "--key", key, "--cache-dir", cache, *options)
+    daemon = client_daemon(mountpoint)
+    try:
+        yield mountpoint
+    finally:
+        if subprocess.run(["umount", str(mountpoint)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+        if daemon is not None:
+            wait_gone(daemon)

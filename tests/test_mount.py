@@ -19,7 +19,7 @@ from cvmfs_client.fetcher import DirectoryFetcher
 from cvmfs_client.objects import object_path
 from cvmfs_client.repository import RepositoryReader
 from cvmfs_client.signed import load_public_key_pem
-from tests.conftest import Repo, run_cli, serving
+from tests.conftest import Repo, mounted, run_cli, serving
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or shutil.which("fusermount") is None,
@@ -43,24 +43,20 @@ def make_release(root: Path) -> Path:
 
 
 class Mount:
-    """`cvmfs-client mount` for the duration of a with-block (lazy unmount after)."""
+    """`cvmfs-client mount` for the duration of a with-block (conftest.mounted)."""
 
     def __init__(
         self, repo: Repo, mountpoint: Path, cache: Path, *extra: str, url: str | None = None
     ):
-        self.repo, self.path, self.cache = repo, mountpoint, cache
-        self.extra, self.url = extra, url or str(repo.dir)
+        self._context = mounted(url or str(repo.dir), mountpoint, cache, repo.pub, *extra)
+        self.path = mountpoint
 
     def __enter__(self) -> Mount:
-        self.path.mkdir(exist_ok=True)
-        run_cli(
-            "cvmfs-client", "mount", self.url, self.path, "--key", self.repo.pub,
-            "--cache-dir", self.cache, *self.extra,
-        )  # fmt: skip
+        self._context.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
+        self._context.__exit__(None, None, None)
 
 
 @pytest.fixture
