@@ -59,6 +59,18 @@ class Mount:
         self._context.__exit__(None, None, None)
 
 
+def mount_fails(url: str, mountpoint: Path, repo: Repo, cache: Path) -> str:
+    """Run a mount that must fail: exit 1, nothing mounted; returns its stderr."""
+    mountpoint.mkdir(exist_ok=True)
+    result = run_cli(
+        "cvmfs-client", "mount", url, mountpoint, "--key", repo.pub, "--cache-dir", cache,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert not os.path.ismount(mountpoint)
+    return result.stderr.decode()
+
+
 @pytest.fixture
 def published(repo: Repo, tmp_path: Path) -> Iterator[tuple[Repo, Path]]:
     src = make_release(tmp_path)
@@ -126,39 +138,13 @@ def test_an_older_manifest_is_refused_after_a_newer_one(
     with Mount(repo, tmp_path / "mnt", tmp_path / "cache") as m:
         assert (m.path / "sw/1.0/bin/other.txt").read_text() == "second release\n"
     (repo.dir / "manifest").write_bytes(old_manifest)  # a replayed, validly signed manifest
-    (tmp_path / "mnt2").mkdir()
-    result = run_cli(
-        "cvmfs-client",
-        "mount",
-        repo.dir,
-        tmp_path / "mnt2",
-        "--key",
-        repo.pub,
-        "--cache-dir",
-        tmp_path / "cache",
-        check=False,
-    )
-    assert result.returncode == 1
-    assert b"older than revision 2" in result.stderr
-    assert not os.path.ismount(tmp_path / "mnt2")
+    stderr = mount_fails(str(repo.dir), tmp_path / "mnt2", repo, tmp_path / "cache")
+    assert "older than revision 2" in stderr
 
 
 def test_mount_without_a_reachable_repository_fails_clearly(repo: Repo, tmp_path: Path) -> None:
-    (tmp_path / "mnt").mkdir()
-    result = run_cli(
-        "cvmfs-client",
-        "mount",
-        "http://127.0.0.1:9",
-        tmp_path / "mnt",
-        "--key",
-        repo.pub,
-        "--cache-dir",
-        tmp_path / "cache",
-        check=False,
-    )
-    assert result.returncode == 1
-    assert result.stderr.startswith(b"error: ")
-    assert not os.path.ismount(tmp_path / "mnt")
+    stderr = mount_fails("http://127.0.0.1:9", tmp_path / "mnt", repo, tmp_path / "cache")
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1
 
 
 def test_the_cache_stays_under_its_quota_while_files_stay_readable(
