@@ -10,7 +10,6 @@ from pathlib import Path
 
 import zstandard
 
-from cvmbuild.errors import BuildError
 from cvmbuild.ingest import DEFAULT_LEVEL, ChunkPolicy, FileContent, Ingestor
 from cvmbuild.layout import DEFAULT_MAX_ENTRIES, build_catalogs
 from cvmbuild.scan import SourceEntry, scan
@@ -151,6 +150,3 @@ class _progress:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-__all__ = ["BuildError", "PublishOptions", "PublishSummary", "publish"]

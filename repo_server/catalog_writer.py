@@ -22,7 +22,7 @@ from cvmfs_client.catalog import (
     NestedRef,
     TreeStats,
 )
-from cvmfs_client.objects import content_hash, encode_object
+from cvmfs_client.objects import content_hash, decode_object, encode_object
 from repo_server.errors import RepoError
 from repo_server.storage import Storage
 
@@ -163,8 +163,6 @@ class CatalogLoader:
         self.storage = storage
 
     def __call__(self, digest: str) -> tuple[Catalog, bytes]:
-        from cvmfs_client.objects import decode_object
-
         data = decode_object(self.storage.get_object(digest), digest)
         return Catalog.from_bytes(data, digest), data
 

@@ -26,7 +26,6 @@ from cvmfs_client.history import SCHEMA as HISTORY_SCHEMA
 from cvmfs_client.history import History
 from cvmfs_client.manifest import Manifest
 from cvmfs_client.objects import content_hash, decode_object, encode_object
-from cvmfs_client.paths import normalize
 from cvmfs_client.repository import MANIFEST_FILE, WHITELIST_FILE
 from cvmfs_client.signed import attach_signature, encode_public_key, key_fingerprint
 from cvmfs_client.whitelist import Whitelist
@@ -292,7 +291,3 @@ def _store_history(
     stored = encode_object(content, compressor)
     storage.put_object(digest, stored)
     return digest, len(stored)
-
-
-def parse_prefix(prefix: str) -> str:
-    return normalize(prefix)
