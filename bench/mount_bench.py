@@ -1,0 +1,459 @@
+"""Start-up and read speed through `cvmfs-client mount` against native disk, squashfuse and rclone.
+
+Publishes bench/work/release1 (a venv with numpy, scipy, pandas, matplotlib, sympy) and a
+1 GiB random file into a fresh repository, serves it with nginx on loopback, and times a
+Python import of the big packages cold (fresh mount, empty cache, kernel caches dropped)
+and warm (again on the same mount), a cold `find -type f`, and sequential reads of the
+big file. Prints a markdown table of medians with ratios against native disk.
+
+    /tmp/venv/bin/python bench/mount_bench.py [--tree DIR] [--repeat N] [--output FILE]
+
+Needs root (drop_caches, mounts), nginx, squashfs-tools, squashfuse and rclone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_release_tree import DEFAULT_WORK, tree_stats  # noqa: E402
+from publish_bench import BenchError, _first_line, output_of, run  # noqa: E402
+
+BIN = Path(sys.executable).parent  # cvmbuild, repo-server and cvmfs-client of our interpreter
+# One interpreter for every variant: the release venv's bin/python3 is an absolute symlink
+# to this file, which rclone's http backend cannot represent. The interpreter and its
+# standard library stay on native disk; only site-packages comes from the tree under test.
+PYTHON = Path(os.path.realpath(sys.executable))
+IMPORT = "import scipy.stats, pandas, matplotlib.pyplot, sympy"
+SITE = "lib/python3.11/site-packages"
+NAME = "bench.example.org"
+RELEASE = "sw/release"
+BIG = "sw/big"
+BIG_SIZE = 1 << 30
+VARIANTS = ("native", "ours", "squashfuse", "rclone")
+# ours/native at most this; find and downloaded are absolute.
+TARGETS = {"cold": 1.3, "warm": 1.1}
+FIND_TARGET = 0.3  # seconds
+DOWNLOAD_TARGET = 0.25  # of the tree's bytes
+
+NGINX_CONF = """\
+daemon off;
+master_process on;
+worker_processes 2;
+user root;
+pid {work}/nginx.pid;
+error_log {work}/error.log;
+events {{ worker_connections 512; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/client_body;
+    proxy_temp_path {work}/proxy;
+    fastcgi_temp_path {work}/fastcgi;
+    uwsgi_temp_path {work}/uwsgi;
+    scgi_temp_path {work}/scgi;
+    sendfile on;
+    # The repository, as in docs/OPERATING.md:
+    server {{
+        listen 127.0.0.1:{port};
+        root {repo};
+        default_type application/octet-stream;
+        location = /manifest  {{ add_header Cache-Control "public, max-age=60"; }}
+        location = /whitelist {{ add_header Cache-Control "public, max-age=60"; }}
+        location /data/       {{ add_header Cache-Control "public, max-age=31536000, immutable"; }}
+        location /            {{ return 404; }}
+    }}
+    # The release tree itself with directory listings, for rclone's http backend:
+    server {{
+        listen 127.0.0.1:{tree_port};
+        root {tree};
+        default_type application/octet-stream;
+        location / {{ autoindex on; }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(what: str, ready, proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise BenchError(f"{what} exited {proc.returncode}")
+        time.sleep(0.05)
+    raise BenchError(f"{what} not ready within {timeout} s")
+
+
+def accepting(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), 1):
+            return True
+    except OSError:
+        return False
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def timed(cmd: list[str] | str, env: dict[str, str] | None = None) -> float:
+    return run(cmd, env).wall
+
+
+def import_time(tree: Path) -> float:
+    env = {"PYTHONPATH": str(tree / SITE), "PYTHONDONTWRITEBYTECODE": "1"}
+    return timed([str(PYTHON), "-S", "-c", IMPORT], env)
+
+
+def find_time(tree: Path) -> tuple[float, int]:
+    t = run(f"find '{tree}' -type f | wc -l")
+    return t.wall, int(t.stdout)
+
+
+def read_mbs(path: Path) -> float:
+    return BIG_SIZE / 1e6 / timed(["dd", f"if={path}", "of=/dev/null", "bs=1M", "status=none"])
+
+
+class Setup:
+    """Everything the variants mount: repository, nginx, squashfs image."""
+
+    def __init__(self, tree: Path, run_dir: Path):
+        self.tree = tree
+        self.run_dir = run_dir
+        self.repo = run_dir / "repo"
+        self.key = Path(f"{self.repo}.keys") / f"{NAME}.pub"
+        self.image = run_dir / "release1.sqsh"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.mounts: list[Path] = []
+        self.counter = 0
+        self.port = self.tree_port = 0
+        self.prep: dict[str, float] = {}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def prepare(self) -> None:
+        self.run_dir.mkdir(parents=True)
+        env = {"CVMBUILD_CACHE_DIR": str(self.run_dir / "statcache")}
+        run([str(BIN / "repo-server"), "init", str(self.repo), "--name", NAME])
+        cmd = [str(BIN / "cvmbuild"), "publish", "--repo", str(self.repo)]
+        self.prep["publish release1"] = timed(
+            [*cmd[:2], str(self.tree), *cmd[2:], "--path", f"/{RELEASE}"], env
+        )
+        big_dir = self.run_dir / "big"
+        big_dir.mkdir()
+        with open(big_dir / "big.bin", "wb") as f:
+            for _ in range(BIG_SIZE >> 24):
+                f.write(os.urandom(1 << 24))
+        self.prep["publish 1 GiB file"] = timed(
+            [*cmd[:2], str(big_dir), *cmd[2:], "--path", f"/{BIG}"], env
+        )
+        self.big_native = big_dir / "big.bin"
+        self.prep["mksquashfs -comp zstd"] = timed(
+            [
+                "mksquashfs",
+                str(self.tree),
+                str(self.image),
+                "-comp",
+                "zstd",
+                "-quiet",
+                "-no-progress",
+            ]
+        )
+        work = self.run_dir / "nginx"
+        work.mkdir()
+        self.port, self.tree_port = free_port(), free_port()
+        conf = work / "nginx.conf"
+        conf.write_text(
+            NGINX_CONF.format(
+                work=work, port=self.port, tree_port=self.tree_port, repo=self.repo, tree=self.tree
+            )
+        )
+        with (work / "stderr").open("wb") as out:
+            proc = subprocess.Popen(
+                ["nginx", "-c", str(conf), "-p", str(work), "-e", str(work / "error.log")],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        self.procs.append(proc)
+        for port in (self.port, self.tree_port):
+            wait_for("nginx", lambda p=port: accepting(p), proc)
+
+    def fresh_dir(self, what: str) -> Path:
+        self.counter += 1
+        d = self.run_dir / f"{what}-{self.counter}"
+        d.mkdir()
+        return d
+
+    @contextlib.contextmanager
+    def mount(self, variant: str) -> Iterator[tuple[Path, Path]]:
+        """(release tree, directory holding big.bin or None) of a fresh mount, empty cache."""
+        if variant == "native":
+            yield self.tree, self.big_native.parent
+            return
+        d = self.fresh_dir(variant)
+        mnt = d / "mnt"
+        mnt.mkdir()
+        proc = None
+        if variant == "ours":
+            cache = d / "cache"
+            run([str(BIN / "cvmfs-client"), "mount", self.url, str(mnt), "--key", str(self.key),
+                 "--cache-dir", str(cache)])  # fmt: skip
+            self.last_cache = cache
+            root, big = mnt / RELEASE, mnt / BIG
+        elif variant == "squashfuse":
+            run(["squashfuse", str(self.image), str(mnt)])
+            root, big = mnt, None
+        else:
+            conf = d / "rclone.conf"
+            conf.touch()
+            with (d / "rclone.log").open("wb") as out:
+                proc = subprocess.Popen(
+                    ["rclone", "mount", ":http:", str(mnt), "--config", str(conf),
+                     "--http-url", f"http://127.0.0.1:{self.tree_port}/",
+                     "--vfs-cache-mode", "full", "--cache-dir", str(d / "cache"), "--read-only"],
+                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                )  # fmt: skip
+            self.procs.append(proc)
+            root, big = mnt, None
+        self.mounts.append(mnt)
+        try:
+            wait_for(f"{variant} mount", lambda: os.path.ismount(mnt), proc)
+            yield root, big
+        finally:
+            self.unmount(mnt)
+            if proc is not None:
+                stop(proc)
+                self.procs.remove(proc)
+
+    def unmount(self, mnt: Path) -> None:
+        if mnt not in self.mounts:
+            return
+        self.mounts.remove(mnt)
+        if not os.path.ismount(mnt):
+            return
+        cmd = ["umount", str(mnt)]
+        if mnt.parent.name.startswith("ours"):
+            cmd = [str(BIN / "cvmfs-client"), "umount", str(mnt)]
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+    def close(self) -> None:
+        for mnt in list(self.mounts):
+            self.unmount(mnt)
+        for proc in reversed(self.procs):
+            stop(proc)
+
+
+def client_stat(mnt: Path) -> dict[str, str]:
+    out = output_of([str(BIN / "cvmfs-client"), "stat", str(mnt)])
+    return {
+        k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in out.splitlines() if ":" in ln)
+    }
+
+
+def trial(setup: Setup, results: dict[str, dict[str, list[float]]], number: int) -> None:
+    for variant in VARIANTS:
+        got = results.setdefault(variant, {})
+        with setup.mount(variant) as (root, big):
+            drop_caches()
+            got.setdefault("cold", []).append(import_time(root))
+            got.setdefault("warm", []).append(import_time(root))
+            if variant == "ours":
+                stat = client_stat(root.parents[1])
+                got.setdefault("downloaded", []).append(float(stat["bytes_downloaded"].split()[0]))
+                got.setdefault("io_errors", []).append(
+                    float(stat.get("io_errors", "nan").split()[0])
+                )
+        with setup.mount(variant) as (root, big):
+            drop_caches()
+            wall, count = find_time(root)
+            got.setdefault("find", []).append(wall)
+            got.setdefault("files", []).append(count)
+        if big is not None:
+            with setup.mount(variant) as (root, big):
+                drop_caches()
+                got.setdefault("read cold", []).append(read_mbs(big / "big.bin"))
+                got.setdefault("read warm", []).append(read_mbs(big / "big.bin"))
+        print(
+            f"trial {number} {variant}: " + ", ".join(f"{k} {v[-1]:.3g}" for k, v in got.items()),
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def machine(tree: Path) -> list[str]:
+    model = "unknown"
+    for line in output_of(["lscpu"]).splitlines():
+        if line.startswith("Model name:"):
+            model = line.split(":", 1)[1].strip()
+    with open("/proc/meminfo") as f:
+        mem_kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+    repo_root = Path(__file__).resolve().parent.parent
+    commit = _first_line(["git", "-C", str(repo_root), "rev-parse", "--short", "HEAD"])
+    dirty = output_of(
+        ["git", "-C", str(repo_root), "status", "--porcelain", "--",
+         "cvmbuild", "cvmfs_client", "repo_server"]
+    )  # fmt: skip
+    return [
+        f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- CPU: {model}, {os.cpu_count()} cores; RAM {mem_kb / 1024 / 1024:.1f} GiB; "
+        f"kernel {platform.release()}; file system "
+        f"{_first_line(['findmnt', '-no', 'FSTYPE', '-T', str(tree)])}",
+        f"- Python {platform.python_version()}; cvmfs-client at commit {commit}"
+        f"{' (product code modified)' if dirty else ''}",
+        f"- {_first_line('nginx -v 2>&1')}; {_first_line(['rclone', 'version'])}; "
+        f"{_first_line('squashfuse --version 2>&1; true')}; "
+        f"{_first_line(['mksquashfs', '-version'])}",
+    ]
+
+
+def _verdict(ok: bool, target: str) -> str:
+    return f"{target}: {'met' if ok else 'missed'}"
+
+
+def report(
+    results: dict[str, dict[str, list[float]]], setup: Setup, repeat: int, tree_bytes: int
+) -> str:
+    med = {v: {k: statistics.median(xs) for k, xs in got.items()} for v, got in results.items()}
+    names = list(VARIANTS)
+    n_files, _ = tree_stats(setup.tree)
+    lines = [
+        *machine(setup.tree),
+        f"- tree: bench/work/release1, {n_files} files, {tree_bytes / 1e6:.0f} MB "
+        "(venv: numpy, scipy, pandas, matplotlib, sympy)",
+        f'- medians of {repeat} runs. Import: `{PYTHON.name} -S -c "{IMPORT}"` with '
+        f"PYTHONPATH=TREE/{SITE} (the same interpreter, on native disk, for every variant: "
+        "the venv's bin/python3 is an absolute symlink out of the tree, which rclone "
+        "cannot show). Cold = fresh mount, empty cache, `sync; echo 3 > drop_caches`; "
+        "warm = the same command again on that mount. find = `find -type f | wc -l` on "
+        "another fresh mount after dropping caches.",
+        "- ours: `cvmfs-client mount` over nginx (docs/OPERATING.md config); squashfuse: "
+        "mksquashfs -comp zstd image of the tree; rclone: `rclone mount :http: "
+        "--vfs-cache-mode full` of nginx serving the release tree itself with "
+        "`autoindex on` (the repository layout has no listings); rclone shows symlinks as "
+        "what they point to, so lib64 -> lib is walked twice by find",
+        "",
+        "| measurement | " + " | ".join(names) + " | ours/native | target |",
+        "| --- | " + " | ".join("---:" for _ in names) + " | ---: | --- |",
+    ]
+
+    def cells(key: str, fmt: str) -> str:
+        return " | ".join(fmt.format(med[n][key]) if key in med.get(n, {}) else "–" for n in names)
+
+    for key, title in (("cold", "import, cold (s)"), ("warm", "import, warm (s)")):
+        r = med["ours"][key] / med["native"][key]
+        lines.append(
+            f"| {title} | {cells(key, '{:.2f}')} | {r:.2f} | "
+            f"{_verdict(r <= TARGETS[key], f'≤ {TARGETS[key]}')} |"
+        )
+    r = med["ours"]["find"] / med["native"]["find"]
+    lines.append(
+        f"| find -type f, cold (s) | {cells('find', '{:.3f}')} | {r:.2f} | "
+        f"{_verdict(med['ours']['find'] <= FIND_TARGET, f'ours ≤ {FIND_TARGET} s')} |"
+    )
+    lines.append(f"| files found | {cells('files', '{:.0f}')} | | |")
+    frac = med["ours"]["downloaded"] / tree_bytes
+    lines.append(
+        f"| downloaded by the cold import (MB) | – | {med['ours']['downloaded'] / 1e6:.1f} "
+        f"| – | – | {frac:.1%} of tree | {_verdict(frac <= DOWNLOAD_TARGET, '≤ 25%')} |"
+    )
+    for key in ("read cold", "read warm"):
+        r = med["ours"][key] / med["native"][key]
+        lines.append(f"| 1 GiB sequential {key[5:]} (MB/s) | {cells(key, '{:.0f}')} | {r:.2f} | |")
+    lines += [
+        "",
+        "Preparation (wall s): " + ", ".join(f"{k} {v:.1f}" for k, v in setup.prep.items()),
+    ]
+    lines += ["", "All runs:", ""]
+    for name in names:
+        lines.append(
+            f"- {name}: "
+            + "; ".join(
+                f"{k} " + ", ".join(f"{x:.3g}" for x in xs) for k, xs in results[name].items()
+            )
+        )
+    return "\n".join(lines) + "\n"
+
+
+def prune(run_dir: Path) -> None:
+    """Delete the bulk (repository, image, caches: gigabytes) but keep every *.log, e.g.
+    the client.log in each of our mounts' cache directories."""
+    for root, dirs, names in os.walk(run_dir, topdown=False):
+        if any(os.path.ismount(os.path.join(root, d)) for d in dirs):
+            continue  # a mount that would not go away: leave it alone
+        for name in names:
+            if not name.endswith(".log"):
+                os.unlink(os.path.join(root, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(root)  # only when nothing was kept inside
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--tree", type=Path, default=DEFAULT_WORK / "release1", help="the tree to publish"
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement")
+    parser.add_argument(
+        "--runs", type=Path, default=DEFAULT_WORK / "mount-runs", help="where everything goes"
+    )
+    parser.add_argument("--output", type=Path, help="append the markdown to this file")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("error: needs root (drop_caches, mounts)", file=sys.stderr)
+        return 1
+    tree = args.tree.resolve()
+    runs = args.runs.resolve()
+    shutil.rmtree(runs, ignore_errors=True)  # left by an earlier run
+    setup = Setup(tree, runs / datetime.datetime.now().strftime("run-%Y%m%d-%H%M%S"))
+    results: dict[str, dict[str, list[float]]] = {}
+    try:
+        setup.prepare()
+        for number in range(1, args.repeat + 1):
+            trial(setup, results, number)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        setup.close()
+        prune(setup.run_dir)
+    text = report(results, setup, args.repeat, tree_stats(tree)[1])
+    print(text)
+    if args.output:
+        with open(args.output, "a") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
