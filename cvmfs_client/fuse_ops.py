@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,7 +20,6 @@ from typing import Any
 
 import mfusepy
 
-from cvmfs_client import paths
 from cvmfs_client.catalog import Chunk, Entry
 from cvmfs_client.errors import ClientError, FormatError, NotFoundError
 from cvmfs_client.repository import RepositoryReader
@@ -130,7 +130,7 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
             "st_blocks": (entry.size + 511) // 512,
         }
 
-    def readdir(self, path: str, fh: int) -> list[str]:
+    def readdir(self, path: str, fh: int) -> list[tuple[str, int, int]]:
         entry = self._entry(path)
         if not entry.is_dir:
             raise mfusepy.FuseOSError(errno.ENOTDIR)
@@ -138,7 +138,10 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
             children = self.reader.listdir(entry.path)
         except ClientError as exc:
             raise self._eio(path, exc) from exc
-        return [".", "..", *(child.name for child in children)]
+        # The mode gives the kernel each entry's type (d_type), so `find -type f` and
+        # Python's import scanning need no lookup per file.
+        dot = stat.S_IFDIR | 0o755
+        return [(".", dot, 0), ("..", dot, 0), *((c.name, c.mode, 0) for c in children)]
 
     def readlink(self, path: str) -> str:
         entry = self._entry(path)
@@ -160,8 +163,7 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
             raise mfusepy.FuseOSError(errno.EISDIR if entry.is_dir else errno.EINVAL)
         try:
             if entry.chunked:
-                parent, _ = paths.split(entry.path)
-                chunks = self.reader.catalog_for_dir(parent).chunks(entry.path)
+                chunks = self.reader.chunks(entry)
                 handle = OpenFile(entry, None, chunks, [c.offset for c in chunks])
             else:
                 assert entry.hash is not None
@@ -245,8 +247,7 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
         if entry.is_file and entry.hash is not None:
             values["user.hash"] = entry.hash
         if entry.chunked:
-            parent, _ = paths.split(entry.path)
-            values["user.chunks"] = str(len(self.reader.catalog_for_dir(parent).chunks(entry.path)))
+            values["user.chunks"] = str(len(self.reader.chunks(entry)))
         if name not in values:
             raise mfusepy.FuseOSError(mfusepy.ENOATTR)
         return values[name].encode()

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-from cvmfs_client import paths
 from cvmfs_client.catalog import Entry
 from cvmfs_client.repository import RepositoryReader
 
@@ -26,8 +25,7 @@ def _objects(reader: RepositoryReader, entry: Entry) -> list[tuple[str, int]]:
     if not entry.chunked:
         assert entry.hash is not None
         return [(entry.hash, entry.size)]
-    parent, _ = paths.split(entry.path)
-    return [(c.hash, c.size) for c in reader.catalog_for_dir(parent).chunks(entry.path)]
+    return [(c.hash, c.size) for c in reader.chunks(entry)]
 
 
 def preload(reader: RepositoryReader, path: str = "/") -> tuple[int, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cvmfs_client import manifest as manifest_mod
 from cvmfs_client import paths
 from cvmfs_client import whitelist as whitelist_mod
-from cvmfs_client.catalog import Catalog, Entry, NestedRef
+from cvmfs_client.catalog import Catalog, Chunk, Entry, NestedRef
 from cvmfs_client.errors import ClientError, NotFoundError, VerificationError
 from cvmfs_client.history import History
 from cvmfs_client.manifest import Manifest
@@ -32,6 +33,42 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest"
 WHITELIST_FILE = "whitelist"
+CACHED_ENTRIES = 65536  # catalog rows kept in memory, about 25 MB
+
+
+class TreeView:
+    """In-memory directory listings and the catalog of each directory, for one root
+    catalog: a revision switch replaces the whole view, so no lookup mixes revisions.
+
+    A lookup loads its parent's whole listing with one query; siblings, negative
+    lookups and readdir are then dictionary hits. Least recently used listings are
+    dropped once more than `capacity` entries are held.
+    """
+
+    def __init__(self, root: tuple[str, int], capacity: int = CACHED_ENTRIES):
+        self.root = root
+        self.capacity = capacity
+        self.listings: OrderedDict[str, dict[str, Entry]] = OrderedDict()
+        self.held = 0
+        self.catalogs: dict[str, Catalog] = {}
+        self.lock = threading.Lock()
+
+    def listing(self, dirpath: str) -> dict[str, Entry] | None:
+        with self.lock:
+            found = self.listings.get(dirpath)
+            if found is not None:
+                self.listings.move_to_end(dirpath)
+            return found
+
+    def remember(self, dirpath: str, listing: dict[str, Entry]) -> None:
+        with self.lock:
+            if dirpath in self.listings:
+                return
+            self.listings[dirpath] = listing
+            self.held += len(listing)
+            while self.held > self.capacity and len(self.listings) > 1:
+                _, dropped = self.listings.popitem(last=False)
+                self.held -= len(dropped)
 
 
 class RepositoryReader:
@@ -44,6 +81,7 @@ class RepositoryReader:
         min_revision: int = 0,
         cache: ObjectCache | None = None,
         max_ttl: float | None = None,
+        cached_entries: int = CACHED_ENTRIES,
     ):
         self.fetcher = fetcher
         self.master_key = master_key
@@ -55,7 +93,8 @@ class RepositoryReader:
         self.manifest: Manifest | None = None
         # (hash, stored size) of the root catalog in use: one tuple, replaced whole, so a
         # lookup never mixes two revisions.
-        self._root: tuple[str, int] = ("", 0)
+        self.cached_entries = cached_entries
+        self._view = TreeView(("", 0), cached_entries)
         self.max_ttl = max_ttl
         self.pinned = False
         self._loaded_at = 0.0
@@ -64,11 +103,15 @@ class RepositoryReader:
 
     @property
     def root_hash(self) -> str:
-        return self._root[0]
+        return self._view.root[0]
 
     @property
     def root_size(self) -> int:
-        return self._root[1]
+        return self._view.root[1]
+
+    def _use_root(self, digest: str, size: int) -> None:
+        if self._view.root != (digest, size):
+            self._view = TreeView((digest, size), self.cached_entries)
 
     # -- manifest and revision selection -------------------------------------------
 
@@ -89,7 +132,7 @@ class RepositoryReader:
         self.min_revision = manifest.revision  # never go back (docs/FORMAT.md, "Verification")
         self._loaded_at = self.clock()
         if not self.pinned:
-            self._root = (manifest.root_hash, manifest.root_size)
+            self._use_root(manifest.root_hash, manifest.root_size)
         return manifest
 
     def refresh(self) -> bool:
@@ -133,7 +176,7 @@ class RepositoryReader:
         if number is None:
             raise ValueError("select_revision needs a revision or a tag")
         record = history.revision(number)
-        self._root = (record.root_hash, record.root_size)
+        self._use_root(record.root_hash, record.root_size)
         self.pinned = True
         return number
 
@@ -180,27 +223,47 @@ class RepositoryReader:
             return self._catalogs.setdefault(digest, catalog)
 
     def root_catalog(self) -> Catalog:
-        if not self._root[0]:
+        if not self._view.root[0]:
             self.load_manifest()
-        digest, size = self._root
+        digest, size = self._view.root
         return self.catalog(digest, size)
 
     def catalog_for_dir(self, dirpath: str) -> Catalog:
         """The catalog that lists the children of dirpath, loading nested ones on the way."""
-        catalog = self.root_catalog()
+        view = self._view
+        catalog = view.catalogs.get(dirpath)
+        if catalog is not None:
+            return catalog
+        catalog = self.catalog(*view.root) if view.root[0] else self.root_catalog()
         while True:
             ref: NestedRef | None = catalog.nested_for(dirpath)
             if ref is None:
-                return catalog
+                break
             catalog = self.catalog(ref.hash, ref.size)
+        with view.lock:
+            view.catalogs[dirpath] = catalog
+        return catalog
 
     # -- the tree -------------------------------------------------------------------
 
+    def _listing(self, dirpath: str) -> dict[str, Entry]:
+        view = self._view
+        listing = view.listing(dirpath)
+        if listing is None:
+            children = self.catalog_for_dir(dirpath).children(dirpath)
+            listing = {child.name: child for child in children}
+            view.remember(dirpath, listing)
+        return listing
+
     def lookup(self, path: str) -> Entry:
+        # Listings are keyed by normalised paths only, so a hit needs no normalising.
+        parent, _, name = path.rpartition("/")
+        listing = self._view.listing(parent or "/") if name else None
+        if listing is not None and name in listing:
+            return listing[name]
         path = paths.normalize(path)
-        parent, _ = paths.split(path)
-        catalog = self.catalog_for_dir(parent) if parent else self.root_catalog()
-        entry = catalog.entry(path)
+        parent, name = paths.split(path)
+        entry = self._listing(parent).get(name) if parent else self.root_catalog().entry(path)
         if entry is None:
             raise NotFoundError(f"{path}: no such file or directory")
         return entry
@@ -209,13 +272,17 @@ class RepositoryReader:
         entry = self.lookup(path)
         if not entry.is_dir:
             raise NotFoundError(f"{entry.path}: not a directory")
-        return self.catalog_for_dir(entry.path).children(entry.path)
+        return list(self._listing(entry.path).values())
 
     def link_count(self, entry: Entry) -> int:
         if entry.link_group == 0:
             return 1
         parent, _ = paths.split(entry.path)
         return self.catalog_for_dir(parent).link_count(entry.link_group)
+
+    def chunks(self, entry: Entry) -> list[Chunk]:
+        parent, _ = paths.split(entry.path)
+        return self.catalog_for_dir(parent).chunks(entry.path)
 
     def iter_content(self, entry: Entry) -> Iterator[bytes]:
         """A regular file's verified content, chunk by chunk."""
@@ -225,9 +292,8 @@ class RepositoryReader:
             assert entry.hash is not None
             yield self.fetch_object(entry.hash, entry.size)
             return
-        parent, _ = paths.split(entry.path)
         expected = 0
-        for chunk in self.catalog_for_dir(parent).chunks(entry.path):
+        for chunk in self.chunks(entry):
             if chunk.offset != expected:
                 raise VerificationError(f"{entry.path}: chunk list has a gap at {expected}")
             yield self.fetch_object(chunk.hash, chunk.size)

@@ -15,7 +15,16 @@ import pytest
 
 from cvmfs_client.catalog import Entry
 from cvmfs_client.errors import NotFoundError
-from tests.conftest import MiB, Repo, open_reader, publish, read_back, run_cli
+from tests.conftest import (
+    MiB,
+    Repo,
+    open_reader,
+    publish,
+    read_back,
+    read_tree,
+    run_cli,
+    write_build_tree,
+)
 
 # Distinct, deliberately odd timestamps: nanoseconds must survive the round trip.
 MTIME_NS = 1_234_567_890_123_456_789
@@ -334,6 +343,20 @@ def test_a_large_tree_is_split_into_several_catalogs(tmp_path: Path, repo: Repo)
             assert read_back(reader, f"/sw/pkg{d}/file{f:03}") == f"{d}/{f}\n".encode()
     assert client(repo, "cat", "/sw/pkg5/file049") == b"5/49\n"
     run_cli("repo-server", "check", repo.dir)
+
+
+def test_lookups_stay_right_when_the_listing_cache_overflows(tmp_path: Path, repo: Repo) -> None:
+    tree = write_build_tree(tmp_path / "src", seed=7, small_files=450, big_files=1)
+    publish(tmp_path / "src", repo, "/sw")
+    # Room for fewer rows than one directory holds: every listing evicts the one before.
+    reader = open_reader(repo, cached_entries=10)
+    for _ in range(2):
+        assert read_tree(reader, "/sw") == tree
+        for path in sorted(tree)[::37]:
+            assert reader.lookup(f"/sw/{path}").size == len(tree[path])
+        with pytest.raises(NotFoundError):
+            reader.lookup("/sw/lib000/missing")
+    assert reader._view.held <= 10 or len(reader._view.listings) == 1
 
 
 # -- large files ----------------------------------------------------------------------
