@@ -70,7 +70,7 @@ def _mount(args: argparse.Namespace) -> int:
         url=url,
         mountpoint=args.mountpoint,
         key_file=key,
-        cache_dir=args.cache_dir or config.cache_base or default_cache_dir(),
+        cache_dir=os.path.abspath(args.cache_dir or config.cache_base or default_cache_dir()),
         foreground=args.foreground,
         quota=parse_size(args.quota) if args.quota else config.quota_bytes,
         proxies=args.proxy or config.http_proxy or "",
