@@ -16,7 +16,7 @@ from cvmbuild.scan import SourceEntry, scan
 from cvmbuild.statcache import StatCache
 from cvmfs_client.console import human
 from cvmfs_client.paths import normalize
-from repo_server.repository import LocalRepository
+from repo_server.repository import LocalRepository, open_repository
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def publish(
 ) -> PublishSummary:
     start = time.monotonic()
     prefix = normalize(prefix)
-    repo = LocalRepository(Path(repo_dir), options.keydir)
+    repo = open_repository(repo_dir, options.keydir)
     compressor = zstandard.ZstdCompressor(level=options.level)
     with repo.lock():
         repo.head()  # fail before any work if keys or signatures are wrong

@@ -10,7 +10,7 @@ from cvmfs_client import console
 from cvmfs_client.console import human
 from repo_server import check as check_mod
 from repo_server.errors import RepoError
-from repo_server.repository import LocalRepository
+from repo_server.repository import LocalRepository, open_repository
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -22,7 +22,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _repo(args: argparse.Namespace) -> LocalRepository:
-    return LocalRepository(Path(args.dir), Path(args.keys) if getattr(args, "keys", None) else None)
+    return open_repository(args.dir, Path(args.keys) if getattr(args, "keys", None) else None)
 
 
 def _serve(args: argparse.Namespace) -> int:

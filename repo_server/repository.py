@@ -246,6 +246,11 @@ class LocalRepository:
         return _write_whitelist(self.storage, files.name, master, [signing], int(time.time()), days)
 
 
+def open_repository(location: str, keydir: Path | None = None) -> LocalRepository:
+    """The repository a command names: a local directory (the S3 backend plugs in here)."""
+    return LocalRepository(Path(location), keydir)
+
+
 def validate_tag(name: str) -> None:
     if not name or len(name) > 128 or not all(c.isalnum() or c in "-_.+@" for c in name):
         raise RepoError(f"tag {name!r}: use up to 128 letters, digits and '-_.+@'")
