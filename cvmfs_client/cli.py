@@ -94,7 +94,10 @@ def _stat(args: argparse.Namespace) -> int:
         raise ClientError(f"{args.mountpoint}: not a cvmfs-client mount ({exc.strerror})") from exc
     stats = json.loads(raw)
     for key, value in stats.items():
-        if key in ("cache_bytes", "cache_quota", "bytes_downloaded") and value is not None:
+        if (
+            key in ("cache_bytes", "cache_quota", "bytes_downloaded", "content_fetched")
+            and value is not None
+        ):
             value = f"{value} ({human(value)})"
         print(f"{key + ':':<18} {value}")
     return 0

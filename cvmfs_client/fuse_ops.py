@@ -108,6 +108,7 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
         manifest = self.reader.manifest
         cache = self.reader.cache
         host, proxy = self._route()
+        inner = getattr(self.reader.fetcher, "inner", self.reader.fetcher)
         stats: dict[str, Any] = {
             "repository": manifest.name if manifest else "",
             "revision": manifest.revision if manifest else 0,
@@ -115,9 +116,9 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
             "proxy": proxy,
             "offline": bool(getattr(self.reader.fetcher, "offline", False)),
             "io_errors": self.io_errors,
-            "fetch_failures": getattr(
-                getattr(self.reader.fetcher, "inner", self.reader.fetcher), "failures", 0
-            ),
+            "fetch_failures": getattr(inner, "failures", 0),
+            # as received over the network, compressed; a directory fetcher counts none
+            "bytes_downloaded": getattr(inner, "bytes_downloaded", 0),
         }
         if cache is not None:
             stats.update(
@@ -126,7 +127,7 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
                 cache_quota=cache.quota,
                 hits=cache.stats.hits,
                 misses=cache.stats.misses,
-                bytes_downloaded=cache.stats.bytes_fetched,
+                content_fetched=cache.stats.bytes_fetched,
                 evictions=cache.stats.evictions,
                 corrupt_entries=cache.stats.corrupt_entries,
             )
