@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -13,12 +14,19 @@ from cvmbuild.publish import PublishOptions, publish
 from cvmfs_client import console
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise BuildError(f"--token-file {args.token_file}: {exc.strerror}") from exc
+        if not token:
+            raise BuildError(f"--token-file {args.token_file}: the file is empty")
+        return token
+    return os.environ.get("CVMBUILD_TOKEN") or None
+
+
 def _publish(args: argparse.Namespace) -> int:
-    if args.repo.startswith(("http://", "https://")):
-        raise BuildError(
-            f"{args.repo}: publishing over HTTP needs the repo-server publish API, which "
-            "this version does not have yet; publish into the repository directory instead"
-        )
     if not 1 <= args.compression_level <= 19:
         raise BuildError("--compression-level must be between 1 and 19")
     options = PublishOptions(
@@ -30,6 +38,7 @@ def _publish(args: argparse.Namespace) -> int:
         max_entries=args.catalog_entries,
         chunking=ChunkPolicy(threshold=args.chunk_threshold),
         progress=True,
+        token=_token(args),
     )
     summary = publish(args.src, args.repo, args.path, options)
     print(summary.line())
@@ -44,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("publish", help="publish SRC at /PREFIX as a new signed revision")
     p.add_argument("src", help="the build tree to publish")
-    p.add_argument("--repo", required=True, help="repository directory")
+    p.add_argument(
+        "--repo", required=True, help="repository directory, or http(s):// URL of a repo-server"
+    )
+    p.add_argument(
+        "--token-file", help="publish token for an http(s) repository (or set CVMBUILD_TOKEN)"
+    )
     p.add_argument(
         "--path", required=True, help="where SRC appears in the repository, e.g. /sw/1.2"
     )

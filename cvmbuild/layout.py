@@ -20,7 +20,7 @@ from cvmbuild.scan import SourceEntry
 from cvmfs_client import paths
 from cvmfs_client.catalog import FLAG_CHUNKED, FLAG_NESTED_ROOT, SCHEMA_VERSION, NestedRef
 from repo_server.catalog_writer import CatalogBuilder, EntryRow, StoredCatalog, Subtree
-from repo_server.storage import Storage
+from repo_server.storage import ObjectSink
 
 MARKER = ".cvmfscatalog"
 DEFAULT_MAX_ENTRIES = 4096
@@ -93,7 +93,7 @@ def _link_groups(
 
 
 def build_catalogs(
-    storage: Storage,
+    storage: ObjectSink,
     prefix: str,
     entries: list[SourceEntry],
     contents: dict[str, FileContent],

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
 
+from cvmbuild import remote
+from cvmbuild.errors import BuildError
 from cvmbuild.ingest import DEFAULT_LEVEL, ChunkPolicy, FileContent, Ingestor
 from cvmbuild.layout import DEFAULT_MAX_ENTRIES, build_catalogs
 from cvmbuild.scan import SourceEntry, scan
 from cvmbuild.statcache import StatCache
 from cvmfs_client.console import human
 from cvmfs_client.paths import normalize
+from repo_server.catalog_writer import Subtree
 from repo_server.repository import LocalRepository, open_repository
+from repo_server.storage import ObjectSink
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,7 @@ class PublishOptions:
     chunking: ChunkPolicy = ChunkPolicy()
     workers: int | None = None
     progress: bool = False
+    token: str | None = None  # for an http(s) repository
 
 
 @dataclass(frozen=True)
@@ -58,20 +64,80 @@ def _warn(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def publish(
-    src: str, repo_dir: str, prefix: str, options: PublishOptions = PublishOptions()
-) -> PublishSummary:
-    start = time.monotonic()
-    prefix = normalize(prefix)
-    repo = open_repository(repo_dir, options.keydir)
-    compressor = zstandard.ZstdCompressor(level=options.level)
+class _LocalSession:
+    """Publishing straight into a repository directory, holding its lock."""
+
+    def __init__(self, repo: LocalRepository):
+        self.repo = repo
+        self.storage: ObjectSink = repo.storage
+
+    def commit(
+        self, subtree: Subtree, options: PublishOptions, compressor: zstandard.ZstdCompressor
+    ) -> tuple[int, int]:
+        result = self.repo.commit(
+            subtree, message=options.message, tag=options.tag, compressor=compressor
+        )
+        return result.manifest.revision, result.new_bytes
+
+
+class _RemoteSession:
+    """Publishing to a repo-server, holding a lease on the prefix."""
+
+    def __init__(self, gateway: remote.Gateway, lease: str):
+        self.gateway = gateway
+        self.lease = lease
+        self.storage = remote.UploadStorage(gateway, lease)
+
+    def commit(
+        self, subtree: Subtree, options: PublishOptions, compressor: zstandard.ZstdCompressor
+    ) -> tuple[int, int]:
+        self.storage.flush()
+        return remote.commit(self.gateway, self.lease, subtree, options.message, options.tag)
+
+
+def is_url(location: str) -> bool:
+    return location.startswith(("http://", "https://"))
+
+
+@contextlib.contextmanager
+def _session(
+    location: str, prefix: str, options: PublishOptions
+) -> Iterator[_LocalSession | _RemoteSession]:
+    if is_url(location):
+        if not options.token:
+            raise BuildError(
+                f"{location}: publishing over HTTP needs a token "
+                "(--token-file FILE or CVMBUILD_TOKEN; the operator makes one with "
+                "`repo-server token add`)"
+            )
+        gateway = remote.Gateway(location, options.token)
+        with gateway.lease(prefix) as lease:
+            session = _RemoteSession(gateway, lease)
+            try:
+                yield session
+            finally:
+                session.storage.close()
+        return
+    repo = open_repository(location, options.keydir)
     with repo.lock():
         repo.head()  # fail before any work if keys or signatures are wrong
+        yield _LocalSession(repo)
+
+
+def publish(
+    src: str, location: str, prefix: str, options: PublishOptions = PublishOptions()
+) -> PublishSummary:
+    """Publish src at prefix into the repository at location (a directory or a URL)."""
+    start = time.monotonic()
+    prefix = normalize(prefix)
+    compressor = zstandard.ZstdCompressor(level=options.level)
+    with _session(location, prefix, options) as session:
         entries = scan(src, skip_special=options.skip_special, warn=_warn)
-        cache = StatCache(str(repo.root), prefix, src)
-        contents, to_read = _reuse_from_cache(repo, cache, entries)
+        repo_id = location if is_url(location) else str(Path(location).resolve())
+        cache = StatCache(repo_id, prefix, src)
+        contents, to_read = _reuse_from_cache(session.storage, cache, entries)
         ingestor = Ingestor(
-            repo.storage,
+            session.storage,
             level=options.level,
             policy=options.chunking,
             workers=options.workers,
@@ -80,7 +146,7 @@ def publish(
             ingestor.progress = advance
             contents.update(ingestor.ingest(to_read))
         layout = build_catalogs(
-            repo.storage,
+            session.storage,
             prefix,
             entries,
             contents,
@@ -89,18 +155,16 @@ def publish(
             max_entries=options.max_entries,
             warn=_warn,
         )
-        result = repo.commit(
-            layout.subtree, message=options.message, tag=options.tag, compressor=compressor
-        )
+        revision, commit_bytes = session.commit(layout.subtree, options, compressor)
         cache.save(entries, contents, layout.catalogs)
     files = [e for e in entries if e.is_file]
     return PublishSummary(
-        revision=result.manifest.revision,
+        revision=revision,
         path=prefix,
         files=len(files),
         bytes=sum(e.size for e in files),
         new_raw_bytes=ingestor.stats.raw_bytes,
-        new_stored_bytes=ingestor.stats.stored_bytes + layout.new_bytes + result.new_bytes,
+        new_stored_bytes=ingestor.stats.stored_bytes + layout.new_bytes + commit_bytes,
         objects_written=ingestor.stats.objects_written,
         catalogs_written=layout.catalogs_written,
         seconds=time.monotonic() - start,
@@ -108,7 +172,7 @@ def publish(
 
 
 def _reuse_from_cache(
-    repo: LocalRepository, cache: StatCache, entries: list[SourceEntry]
+    storage: ObjectSink, cache: StatCache, entries: list[SourceEntry]
 ) -> tuple[dict[str, FileContent], list[SourceEntry]]:
     """Contents known from the stat cache whose objects are all still stored."""
     known: dict[str, FileContent] = {}
@@ -124,7 +188,7 @@ def _reuse_from_cache(
     needed = {
         h for c in known.values() for h in ([c.hash] if c.hash else [x.hash for x in c.chunks])
     }
-    missing = repo.storage.missing(needed)
+    missing = storage.missing(needed)
     if missing:
         for entry in entries:
             content = known.get(entry.relpath)

@@ -24,7 +24,7 @@ from cvmfs_client.catalog import (
 )
 from cvmfs_client.objects import content_hash, decode_object, encode_object
 from repo_server.errors import RepoError
-from repo_server.storage import Storage
+from repo_server.storage import ObjectSink, Storage
 
 EntryRow = tuple[str, str, int, int, int, "str | None", "str | None", int, int]
 
@@ -107,7 +107,7 @@ class CatalogBuilder:
         files, dirs, symlinks, size = own
         return TreeStats(files, dirs, symlinks, size, 1) + TreeStats(*nested)
 
-    def finish(self, storage: Storage, compressor: zstandard.ZstdCompressor) -> StoredCatalog:
+    def finish(self, storage: ObjectSink, compressor: zstandard.ZstdCompressor) -> StoredCatalog:
         stats = self.stats()
         props = {
             "schema": SCHEMA_VERSION,

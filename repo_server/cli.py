@@ -11,6 +11,7 @@ from cvmfs_client.console import human
 from repo_server import check as check_mod
 from repo_server.errors import RepoError
 from repo_server.repository import LocalRepository, open_repository
+from repo_server.tokens import TOKENS_FILE, TokenStore
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -25,15 +26,49 @@ def _repo(args: argparse.Namespace) -> LocalRepository:
     return open_repository(args.dir, Path(args.keys) if getattr(args, "keys", None) else None)
 
 
+def _tokens(args: argparse.Namespace, repo: LocalRepository) -> TokenStore:
+    return TokenStore(Path(args.tokens) if args.tokens else repo.keydir / TOKENS_FILE)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    from repo_server.gateway import Gateway, Leases
     from repo_server.serve import serve
 
     repo = _repo(args)
     host, sep, port = args.listen.rpartition(":")
     if not sep or not port.isdigit():
         raise RepoError(f"--listen {args.listen!r}: expected HOST:PORT")
-    print(f"serving {repo.root} on http://{host}:{port}/", file=sys.stderr, flush=True)
-    serve(repo.root, host.strip("[]"), int(port))
+    tokens = _tokens(args, repo)
+    count = len(tokens.tokens())
+    print(
+        f"serving {repo.root} on http://{host}:{port}/; publish API with {count} tokens "
+        f"from {tokens.path}",
+        file=sys.stderr,
+        flush=True,
+    )
+    serve(repo.root, host.strip("[]"), int(port), Gateway(repo, tokens, Leases(args.lease_ttl)))
+    return 0
+
+
+def _token_add(args: argparse.Namespace) -> int:
+    token = _tokens(args, _repo(args)).add(args.name, args.path)
+    print(token)
+    print(
+        f"token {args.name!r} may publish under {args.path}; it is shown only now",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _token_list(args: argparse.Namespace) -> int:
+    for token in _tokens(args, _repo(args)).tokens():
+        print(f"{token.name}\t{token.path}\t{check_mod.format_time(token.created)}")
+    return 0
+
+
+def _token_revoke(args: argparse.Namespace) -> int:
+    _tokens(args, _repo(args)).revoke(args.name)
+    print(f"token {args.name!r} revoked")
     return 0
 
 
@@ -109,8 +144,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("init", _init, "create a repository with revision 0 and new keys")
     p.add_argument("--name", required=True, help="repository name, e.g. sw.example.org")
-    p = command("serve", _serve, "serve the repository over HTTP")
+    p = command("serve", _serve, "serve the repository and its publish API over HTTP")
     p.add_argument("--listen", default="127.0.0.1:8000", help="HOST:PORT (default 127.0.0.1:8000)")
+    p.add_argument("--tokens", help="publish token file (default: KEYDIR/tokens.json)")
+    p.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=120,
+        help="give up a publisher's lease after this many seconds without a request "
+        "(publishers renew every 20 s; default 120)",
+    )
+    tk = sub.add_parser("token", help="manage publish tokens")
+    tk_sub = tk.add_subparsers(dest="action", required=True)
+    for action, func, text in (
+        ("add", _token_add, "make a token that may publish under --path; prints it"),
+        ("list", _token_list, "list tokens: name, path, created"),
+        ("revoke", _token_revoke, "remove a token; the server refuses it at once"),
+    ):
+        p = tk_sub.add_parser(action, help=text)
+        p.add_argument("dir", help="repository directory")
+        p.add_argument("--keys", help="key directory (default: DIR.keys)")
+        p.add_argument("--tokens", help="token file (default: KEYDIR/tokens.json)")
+        if action != "list":
+            p.add_argument("--name", required=True, help="who the token is for, e.g. atlas-ci")
+        if action == "add":
+            p.add_argument("--path", required=True, help="may publish at and below, e.g. /sw/atlas")
+        console.add_debug(p, subcommand=True)
+        p.set_defaults(func=func)
     p = command("check", _check, "verify every reachable catalog, object and signature")
     p.add_argument("--all", action="store_true", help="check every revision in the history")
     command("info", _info, "show name, revision and sizes")

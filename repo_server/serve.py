@@ -1,6 +1,7 @@
 """`repo-server serve`: the repository's static files over HTTP on an ASGI stack.
 
-GET and HEAD only for now; Range and ETag come from Starlette's FileResponse, which
+Reads are GET and HEAD of static files; the publish API (repo_server/gateway.py) sits
+under /api/v1. Range and ETag come from Starlette's FileResponse, which
 does not answer conditional requests itself, so revalidation (304) is done here. Objects
 are immutable and cached for a year; the manifest and whitelist for a short time.
 """
@@ -20,6 +21,7 @@ from starlette.staticfiles import NotModifiedResponse
 
 from cvmfs_client.objects import is_hash
 from cvmfs_client.repository import MANIFEST_FILE, WHITELIST_FILE
+from repo_server.gateway import Gateway
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 
@@ -50,7 +52,8 @@ def not_modified(request: Request, response: Response) -> bool:
         return False
 
 
-def create_app(root: Path, ttl: int = 60) -> Starlette:
+def create_app(root: Path, ttl: int = 60, gateway: Gateway | None = None) -> Starlette:
+    """The read side (static files) and, given a gateway, the publish API."""
     root = root.resolve()
 
     async def serve_file(request: Request) -> Response:
@@ -80,13 +83,16 @@ def create_app(root: Path, ttl: int = 60) -> Starlette:
 
     return Starlette(
         routes=[
+            *(gateway.routes() if gateway is not None else []),
             Route("/", index, methods=["GET", "HEAD"]),
             Route("/{path:path}", serve_file, methods=["GET", "HEAD"]),
         ]
     )
 
 
-def serve(root: Path, host: str, port: int) -> None:
+def serve(root: Path, host: str, port: int, gateway: Gateway | None = None) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(root), host=host, port=port, log_level="warning", access_log=False)
+    # One process: leases live in its memory (docs/PUBLISHING.md).
+    app = create_app(root, gateway=gateway)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

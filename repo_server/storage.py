@@ -20,16 +20,25 @@ TMP_PREFIX = ".tmp-"
 DIRTY_MARKER = "dirty"
 
 
-class Storage(Protocol):
+class ObjectSink(Protocol):
+    """Where a publisher puts objects: a storage, or uploads to a repo-server."""
+
     def has(self, digest: str) -> bool: ...
     def missing(self, digests: Iterable[str]) -> set[str]: ...
     def put_object(self, digest: str, stored: bytes) -> bool:
         """Store an object unless present; True if it was written now."""
         ...
 
+
+class Storage(ObjectSink, Protocol):
+
     def get_object(self, digest: str) -> bytes: ...
     def iter_objects(self) -> Iterator[tuple[str, int]]: ...
     def delete_object(self, digest: str) -> None: ...
+    def object_mtime(self, digest: str) -> float:
+        """When the object was last written (Unix time): gc spares recent ones."""
+        ...
+
     def read_file(self, name: str) -> bytes | None: ...
     def write_file(self, name: str, data: bytes) -> None:
         """Atomically replace a top-level file (manifest, whitelist), durably."""
@@ -119,6 +128,9 @@ class LocalStorage:
 
     def delete_object(self, digest: str) -> None:
         os.unlink(self._path(digest))
+
+    def object_mtime(self, digest: str) -> float:
+        return os.stat(self._path(digest)).st_mtime
 
     def read_file(self, name: str) -> bytes | None:
         try:

@@ -165,13 +165,15 @@ def wait_until_serving(
 
 
 @contextlib.contextmanager
-def serving_process(repo_dir: Path, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def serving_process(
+    repo_dir: Path, log: Path, *options: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`repo-server serve` on a free loopback port for the duration of the block, with
     its process, for tests that kill it on purpose."""
     url = f"http://127.0.0.1:{free_port()}"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(BIN / "repo-server"), "serve", str(repo_dir), "--listen", url[7:]],
+            [str(BIN / "repo-server"), "serve", str(repo_dir), "--listen", url[7:], *options],
             stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
