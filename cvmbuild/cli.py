@@ -39,6 +39,7 @@ def _publish(args: argparse.Namespace) -> int:
         chunking=ChunkPolicy(threshold=args.chunk_threshold),
         progress=True,
         token=_token(args),
+        dry_run=args.dry_run,
     )
     summary = publish(args.src, args.repo, args.path, options)
     print(summary.line())
@@ -61,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--path", required=True, help="where SRC appears in the repository, e.g. /sw/1.2"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show what would be uploaded and stored; change nothing",
     )
     p.add_argument("--tag", help="name the new revision")
     p.add_argument("--message", help="a note stored with the revision")

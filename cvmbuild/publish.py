@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class PublishOptions:
     workers: int | None = None
     progress: bool = False
     token: str | None = None  # for an http(s) repository
+    dry_run: bool = False  # show what would be uploaded; change nothing
 
 
 @dataclass(frozen=True)
@@ -49,9 +51,18 @@ class PublishSummary:
     objects_written: int
     catalogs_written: int
     seconds: float
+    dry_run: bool = False
 
     def line(self) -> str:
         dedup = 100.0 * (1 - self.new_raw_bytes / self.bytes) if self.bytes else 100.0
+        if self.dry_run:
+            return (
+                f"dry run, nothing changed: publishing {self.files} files, "
+                f"{human(self.bytes)} at {self.path} would store "
+                f"{human(self.new_stored_bytes)} ({self.objects_written} objects, "
+                f"{self.catalogs_written} catalogs); dedup {dedup:.1f}% already stored; "
+                f"{self.seconds:.1f} s"
+            )
         return (
             f"published revision {self.revision} at {self.path}: {self.files} files, "
             f"{human(self.bytes)}; new {human(self.new_stored_bytes)} stored "
@@ -95,14 +106,51 @@ class _RemoteSession:
         return remote.commit(self.gateway, self.lease, subtree, options.message, options.tag)
 
 
+class DryRunSink:
+    """Answers "which are missing" from the real repository; stores nothing."""
+
+    def __init__(self, lookup: Callable[[Iterable[str]], set[str]]):
+        self.lookup = lookup
+        self._taken: set[str] = set()
+        self._lock = threading.Lock()
+
+    def has(self, digest: str) -> bool:
+        return not self.missing([digest])
+
+    def missing(self, digests: Iterable[str]) -> set[str]:
+        wanted = set(digests)
+        with self._lock:
+            wanted -= self._taken
+        return self.lookup(wanted) if wanted else set()
+
+    def put_object(self, digest: str, stored: bytes) -> bool:
+        if not self.missing([digest]):  # catalogs are put without asking first
+            return False
+        with self._lock:
+            new = digest not in self._taken
+            self._taken.add(digest)
+        return new
+
+
+class _DryRunSession:
+    def __init__(self, lookup: Callable[[Iterable[str]], set[str]]):
+        self.storage = DryRunSink(lookup)
+
+    def commit(
+        self, subtree: Subtree, options: PublishOptions, compressor: zstandard.ZstdCompressor
+    ) -> tuple[int, int]:
+        return 0, 0
+
+
+Session = _LocalSession | _RemoteSession | _DryRunSession
+
+
 def is_url(location: str) -> bool:
     return location.startswith(("http://", "https://"))
 
 
 @contextlib.contextmanager
-def _session(
-    location: str, prefix: str, options: PublishOptions
-) -> Iterator[_LocalSession | _RemoteSession]:
+def _session(location: str, prefix: str, options: PublishOptions) -> Iterator[Session]:
     if is_url(location):
         if not options.token:
             raise BuildError(
@@ -111,6 +159,9 @@ def _session(
                 "`repo-server token add`)"
             )
         gateway = remote.Gateway(location, options.token)
+        if options.dry_run:
+            yield _DryRunSession(gateway.missing)
+            return
         with gateway.lease(prefix) as lease:
             session = _RemoteSession(gateway, lease)
             try:
@@ -119,6 +170,10 @@ def _session(
                 session.storage.close()
         return
     repo = open_repository(location, options.keydir)
+    if options.dry_run:
+        repo.head()
+        yield _DryRunSession(repo.storage.missing)
+        return
     with repo.lock():
         repo.head()  # fail before any work if keys or signatures are wrong
         yield _LocalSession(repo)
@@ -156,7 +211,8 @@ def publish(
             warn=_warn,
         )
         revision, commit_bytes = session.commit(layout.subtree, options, compressor)
-        cache.save(entries, contents, layout.catalogs)
+        if not options.dry_run:
+            cache.save(entries, contents, layout.catalogs)
     files = [e for e in entries if e.is_file]
     return PublishSummary(
         revision=revision,
@@ -168,6 +224,7 @@ def publish(
         objects_written=ingestor.stats.objects_written,
         catalogs_written=layout.catalogs_written,
         seconds=time.monotonic() - start,
+        dry_run=options.dry_run,
     )
 
 

@@ -341,3 +341,24 @@ def test_a_lease_nobody_renews_expires() -> None:
         leases.acquire(alice, "/sw")
     now[0] = 501.0
     leases.acquire(alice, "/sw/a")  # the holder went silent: the lease is free again
+
+
+def test_a_dry_run_shows_what_would_be_uploaded_and_changes_nothing(
+    tmp_path: Path, repo: Repo, server: str
+) -> None:
+    write_build_tree(tmp_path / "src", seed=8, small_files=120, big_files=1)
+    token = token_file(tmp_path, make_token(repo, "ci", "/sw"))
+    objects = object_count(repo)
+
+    for location in (server, str(repo.dir)):
+        out = publish_http(tmp_path / "src", location, "/sw/1.0", token, "--dry-run").stdout
+        assert out.startswith(b"dry run, nothing changed: publishing "), out
+        assert re.search(rb"\(\d{3} objects, [1-9] catalogs\)", out), out
+    assert head_revision(repo) == 0
+    assert object_count(repo) == objects
+
+    real = publish_http(tmp_path / "src", server, "/sw/1.0", token).stdout.decode()
+    counts = re.search(r"\(\d+ objects, \d+ catalogs\)", real)
+    assert counts and counts[0] in out.decode()  # the dry run predicted the upload
+    again = publish_http(tmp_path / "src", server, "/sw/1.0", token, "--dry-run").stdout
+    assert b"(0 objects, 0 catalogs)" in again
