@@ -9,7 +9,7 @@ cd "$here"
 SYSTEM_PACKAGES=(
   python3 python3-venv python3-dev build-essential pkg-config
   libcurl4-openssl-dev libssl-dev curl ca-certificates
-  fuse libfuse2 nginx squid borgbackup restic
+  fuse libfuse2 nginx squid borgbackup restic cmake
 )
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

@@ -11,17 +11,18 @@ from cvmbuild.errors import BuildError
 from cvmbuild.ingest import DEFAULT_LEVEL, ChunkPolicy
 from cvmbuild.layout import DEFAULT_MAX_ENTRIES
 from cvmbuild.publish import PublishOptions, publish
+from cvmbuild.settings import PublishSettings, resolve
 from cvmfs_client import console
 
 
-def _token(args: argparse.Namespace) -> str | None:
-    if args.token_file:
+def _token(token_file: str | None) -> str | None:
+    if token_file:
         try:
-            token = Path(args.token_file).read_text().strip()
+            token = Path(token_file).expanduser().read_text().strip()
         except OSError as exc:
-            raise BuildError(f"--token-file {args.token_file}: {exc.strerror}") from exc
+            raise BuildError(f"token file {token_file}: {exc.strerror}") from exc
         if not token:
-            raise BuildError(f"--token-file {args.token_file}: the file is empty")
+            raise BuildError(f"token file {token_file}: the file is empty")
         return token
     return os.environ.get("CVMBUILD_TOKEN") or None
 
@@ -29,19 +30,33 @@ def _token(args: argparse.Namespace) -> str | None:
 def _publish(args: argparse.Namespace) -> int:
     if not 1 <= args.compression_level <= 19:
         raise BuildError("--compression-level must be between 1 and 19")
-    options = PublishOptions(
+    given = PublishSettings(
+        repo=args.repo,
+        path=args.path,
+        token_file=args.token_file,
         tag=args.tag,
-        message=args.message or "",
+        message=args.message,
+        version=args.version,
+    )
+    config = Path(args.config) if args.config else None
+    settings, _ = resolve(given, os.environ, Path.cwd(), config)
+    if settings.repo is None:
+        raise BuildError("no repository: give --repo, set CVMBUILD_REPO or add it to cvmbuild.toml")
+    if settings.path is None:
+        raise BuildError("no path: give --path, set CVMBUILD_PATH or add it to cvmbuild.toml")
+    options = PublishOptions(
+        tag=settings.tag,
+        message=settings.message or "",
         keydir=Path(args.keys) if args.keys else None,
         level=args.compression_level,
         skip_special=args.skip_special,
         max_entries=args.catalog_entries,
         chunking=ChunkPolicy(threshold=args.chunk_threshold),
         progress=True,
-        token=_token(args),
+        token=_token(settings.token_file),
         dry_run=args.dry_run,
     )
-    summary = publish(args.src, args.repo, args.path, options)
+    summary = publish(args.src, settings.repo, settings.path, options)
     print(summary.line())
     return 0
 
@@ -55,21 +70,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("publish", help="publish SRC at /PREFIX as a new signed revision")
     p.add_argument("src", help="the build tree to publish")
     p.add_argument(
-        "--repo", required=True, help="repository directory, or http(s):// URL of a repo-server"
+        "--repo", help="repository directory, or http(s):// URL of a repo-server (CVMBUILD_REPO)"
     )
     p.add_argument(
-        "--token-file", help="publish token for an http(s) repository (or set CVMBUILD_TOKEN)"
+        "--token-file",
+        help="publish token for an http(s) repository (CVMBUILD_TOKEN_FILE, or the token "
+        "itself in CVMBUILD_TOKEN)",
     )
     p.add_argument(
-        "--path", required=True, help="where SRC appears in the repository, e.g. /sw/1.2"
+        "--path",
+        help="where SRC appears in the repository, e.g. /sw/1.2; may use {version} "
+        "(CVMBUILD_PATH)",
+    )
+    p.add_argument("--version", help="fills {version} in path, tag and message (CVMBUILD_VERSION)")
+    p.add_argument(
+        "--config",
+        help="settings file (default: the nearest cvmbuild.toml here or above)",
     )
     p.add_argument(
         "--dry-run",
         action="store_true",
         help="show what would be uploaded and stored; change nothing",
     )
-    p.add_argument("--tag", help="name the new revision")
-    p.add_argument("--message", help="a note stored with the revision")
+    p.add_argument("--tag", help="name the new revision (CVMBUILD_TAG)")
+    p.add_argument("--message", help="a note stored with the revision (CVMBUILD_MESSAGE)")
     p.add_argument("--keys", help="key directory (default: REPO.keys)")
     p.add_argument(
         "--compression-level",

@@ -1,0 +1,6 @@
+#include <stdio.h>
+
+int main(void) {
+    printf("hello from a make build, version %s\n", VERSION);
+    return 0;
+}
