@@ -74,8 +74,11 @@ def load_config(path: Path) -> PublishSettings:
         if not isinstance(value, str):
             raise BuildError(f"{where}: expected a string, got {type(value).__name__}")
         values[key] = value
-    if "token_file" in values:  # relative to the file that names it
+    # Files and directories it names are relative to the file that names them.
+    if "token_file" in values:
         values["token_file"] = str(path.parent / os.path.expanduser(values["token_file"]))
+    if "repo" in values and not values["repo"].startswith(("http://", "https://", "s3://")):
+        values["repo"] = str(path.parent / os.path.expanduser(values["repo"]))
     return PublishSettings(**values)
 
 

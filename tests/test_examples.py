@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmbuild.settings import PublishSettings, resolve
 from tests.conftest import BIN, Repo, mounted, run_cli, serving
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -142,3 +143,23 @@ def test_settings_errors_name_the_file_line_and_key(
     )
     assert result.returncode == 1
     assert "publish.path uses {version}: give --version or set CVMBUILD_VERSION" in result.stderr
+
+
+def test_settings_come_from_the_command_line_then_environment_then_file(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    config = tmp_path / "cvmbuild.toml"
+    config.write_text(
+        '[publish]\nrepo = "repo"\npath = "/sw/{version}"\ntoken_file = "tok"\ntag = "t"\n'
+    )
+    settings, found = resolve(
+        PublishSettings(tag="cli-tag"), {"CVMBUILD_VERSION": "9"}, tmp_path / "sub"
+    )
+    assert found == config
+    assert settings.repo == str(tmp_path / "repo")  # relative to the file
+    assert settings.token_file == str(tmp_path / "tok")
+    assert settings.path == "/sw/9"
+    assert settings.tag == "cli-tag"
+    settings, _ = resolve(
+        PublishSettings(), {"CVMBUILD_REPO": "http://h:1", "CVMBUILD_VERSION": "2"}, tmp_path
+    )
+    assert settings.repo == "http://h:1"
