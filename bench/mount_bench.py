@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import datetime
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -29,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_release_tree import DEFAULT_WORK, tree_stats  # noqa: E402
-from publish_bench import BenchError, _first_line, output_of, run  # noqa: E402
+from publish_bench import BenchError, _first_line, machine_header, output_of, run  # noqa: E402
 
 BIN = Path(sys.executable).parent  # cvmbuild, repo-server and cvmfs-client of our interpreter
 # One interpreter for every variant: the release venv's bin/python3 is an absolute symlink
@@ -326,25 +325,8 @@ def trial(setup: Setup, results: dict[str, dict[str, list[float]]], number: int)
 
 
 def machine(tree: Path) -> list[str]:
-    model = "unknown"
-    for line in output_of(["lscpu"]).splitlines():
-        if line.startswith("Model name:"):
-            model = line.split(":", 1)[1].strip()
-    with open("/proc/meminfo") as f:
-        mem_kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
-    repo_root = Path(__file__).resolve().parent.parent
-    commit = _first_line(["git", "-C", str(repo_root), "rev-parse", "--short", "HEAD"])
-    dirty = output_of(
-        ["git", "-C", str(repo_root), "status", "--porcelain", "--",
-         "cvmbuild", "cvmfs_client", "repo_server"]
-    )  # fmt: skip
     return [
-        f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- CPU: {model}, {os.cpu_count()} cores; RAM {mem_kb / 1024 / 1024:.1f} GiB; "
-        f"kernel {platform.release()}; file system "
-        f"{_first_line(['findmnt', '-no', 'FSTYPE', '-T', str(tree)])}",
-        f"- Python {platform.python_version()}; cvmfs-client at commit {commit}"
-        f"{' (product code modified)' if dirty else ''}",
+        *machine_header(tree),
         f"- {_first_line('nginx -v 2>&1')}; {_first_line(['rclone', 'version'])}; "
         f"{_first_line('squashfuse --version 2>&1; true')}; "
         f"{_first_line(['mksquashfs', '-version'])}",

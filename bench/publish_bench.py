@@ -257,7 +257,9 @@ def _first_line(cmd: list[str] | str) -> str:
         return "unknown"
 
 
-def machine(trees: Trees) -> list[str]:
+def machine_header(tree: Path) -> list[str]:
+    """Date, CPU, memory, kernel, the file system holding tree, Python and our commit:
+    the lines every benchmark report starts with."""
     model = "unknown"
     for line in output_of(["lscpu"]).splitlines():
         if line.startswith("Model name:"):
@@ -269,25 +271,22 @@ def machine(trees: Trees) -> list[str]:
     repo_root = Path(__file__).resolve().parent.parent
     commit = _first_line(["git", "-C", str(repo_root), "rev-parse", "--short", "HEAD"])
     dirty = output_of(
-        [
-            "git",
-            "-C",
-            str(repo_root),
-            "status",
-            "--porcelain",
-            "--",
-            "cvmbuild",
-            "cvmfs_client",
-            "repo_server",
-        ]
-    )
+        ["git", "-C", str(repo_root), "status", "--porcelain", "--",
+         "cvmbuild", "cvmfs_client", "repo_server"]
+    )  # fmt: skip
     return [
         f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- CPU: {model}, {os.cpu_count()} cores; RAM {mem_kb / 1024 / 1024:.1f} GiB; "
         f"kernel {platform.release()}; file system "
-        f"{_first_line(['findmnt', '-no', 'FSTYPE', '-T', str(trees.release1)])}",
+        f"{_first_line(['findmnt', '-no', 'FSTYPE', '-T', str(tree)])}",
         f"- Python {platform.python_version()}, zstandard {zstandard.__version__}; "
-        f"cvmbuild at commit {commit}{' (product code modified)' if dirty else ''}",
+        f"product at commit {commit}{' (product code modified)' if dirty else ''}",
+    ]
+
+
+def machine(trees: Trees) -> list[str]:
+    return [
+        *machine_header(trees.release1),
         f"- {_first_line(['borg', '--version'])}; {_first_line(['restic', 'version'])}; "
         f"{_first_line(['tar', '--version'])}; {_first_line(['zstd', '--version']).strip('* ')}",
     ]
