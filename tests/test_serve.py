@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from cvmfs_client.fetcher import LOW_SPEED_TIME_S, RETRIES
 from cvmfs_client.objects import object_path
 from cvmfs_client.signed import MAX_DOCUMENT_SIZE
 from repo_server.repository import LocalRepository
@@ -280,6 +281,34 @@ def test_client_cuts_off_a_server_that_sends_an_endless_manifest(
     assert time.monotonic() - start < 30
     assert server.bytes_sent < 64 * MiB  # cut off early, not after reading everything
     assert cat.stdout == b""
+
+
+def never_answer(state: HostileServer, handler: BaseHTTPRequestHandler) -> None:
+    """Accept the request, then say nothing (until the test is long over)."""
+    time.sleep(300)
+
+
+def test_a_mirror_that_never_answers_costs_one_timeout_then_the_next_serves(
+    served: Served, hostile_server: Callable[[str, Lie], HostileServer]
+) -> None:
+    file_digest = served.digest_of("/sw/1.0/share/readme.txt")
+    silent = hostile_server(object_path(file_digest), never_answer)
+    start = time.monotonic()
+    cat = run_cli(
+        "cvmfs-client", "cat", f"{silent.url};{served.url}", "/sw/1.0/share/readme.txt",
+        "--key", served.repo.pub, timeout=60,
+    )  # fmt: skip
+    assert cat.stdout == served.files["/sw/1.0/share/readme.txt"]
+    assert time.monotonic() - start < LOW_SPEED_TIME_S + 10
+
+    start = time.monotonic()
+    alone = run_cli(
+        "cvmfs-client", "cat", silent.url, "/sw/1.0/share/readme.txt", "--key", served.repo.pub,
+        check=False, timeout=120,
+    )  # fmt: skip
+    assert alone.returncode == 1 and alone.stderr.startswith(b"error: ")
+    # bounded: every attempt is cut off by the low-speed limit
+    assert time.monotonic() - start < (RETRIES + 1) * (LOW_SPEED_TIME_S + 2) + 5
 
 
 def flip_a_byte(path: Path) -> Lie:
