@@ -6,9 +6,11 @@ files ever replaced, by an atomic rename after everything they name is durable.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import secrets
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -18,6 +20,7 @@ from cvmfs_client.objects import object_path
 TXN_DIR = "txn"
 TMP_PREFIX = ".tmp-"
 DIRTY_MARKER = "dirty"
+STALE_TMP_S = 600  # an object's temporary file older than this was left by a crash
 
 
 class ObjectSink(Protocol):
@@ -73,11 +76,16 @@ class LocalStorage:
         for entry in os.scandir(self.txn):
             os.unlink(entry.path)
         if dirty:
+            # Only old ones: the publish API writes objects without this lock, and its
+            # temporary files live for milliseconds before their rename.
+            stale = time.time() - STALE_TMP_S
             for sub in os.scandir(self.root / "data"):
                 if sub.is_dir():
                     for entry in os.scandir(sub.path):
                         if entry.name.startswith(TMP_PREFIX):
-                            os.unlink(entry.path)
+                            with contextlib.suppress(FileNotFoundError):
+                                if entry.stat().st_mtime < stale:
+                                    os.unlink(entry.path)
         (self.txn / DIRTY_MARKER).touch()
 
     def end_writes(self) -> None:
@@ -135,7 +143,7 @@ class LocalStorage:
     def read_file(self, name: str) -> bytes | None:
         try:
             return (self.root / name).read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
     def write_file(self, name: str, data: bytes) -> None:

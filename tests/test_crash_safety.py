@@ -93,3 +93,22 @@ def test_publish_killed_at_any_moment_leaves_the_previous_revision_intact(
     assert read_tree(reader, "/sw/1.0") == previous_tree, moment
     leftovers = os.listdir(repo.dir / "txn")
     assert leftovers == [], f"{moment}: the re-run left temporary files {leftovers}"
+
+
+def test_after_a_crash_old_temporary_objects_go_and_uploads_in_flight_stay(
+    tmp_path: Path, repo: Repo
+) -> None:
+    (repo.dir / "txn" / "dirty").touch()  # as a killed publish leaves it
+    old = repo.dir / "data" / "00" / ".tmp-left-by-a-crash"
+    old.write_bytes(b"half an object")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    fresh = repo.dir / "data" / "01" / ".tmp-an-upload-in-flight"
+    fresh.write_bytes(b"being written by the publish API right now")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_text("x")
+
+    run_cli("cvmbuild", "publish", tmp_path / "src", "--repo", repo.dir, "--path", "/sw")
+
+    assert not old.exists()
+    assert fresh.exists()
+    assert not (repo.dir / "txn" / "dirty").exists()
