@@ -7,12 +7,14 @@ import os
 import sys
 from pathlib import Path
 
+from cvmbuild.appliance.cli import add_subcommands as add_appliance_subcommands
 from cvmbuild.errors import BuildError
 from cvmbuild.ingest import DEFAULT_LEVEL, ChunkPolicy
 from cvmbuild.layout import DEFAULT_MAX_ENTRIES
 from cvmbuild.publish import PublishOptions, publish
 from cvmbuild.settings import PublishSettings, resolve
 from cvmfs_client import console
+from cvmfs_client.console import parse_size
 
 
 def _token(token_file: str | None) -> str | None:
@@ -51,9 +53,10 @@ def _publish(args: argparse.Namespace) -> int:
         level=args.compression_level,
         skip_special=args.skip_special,
         max_entries=args.catalog_entries,
-        chunking=ChunkPolicy(threshold=args.chunk_threshold),
+        chunking=ChunkPolicy(threshold=parse_size(args.chunk_threshold)),
         progress=True,
         token=_token(settings.token_file),
+        endpoint_url=args.endpoint_url,
         dry_run=args.dry_run,
     )
     summary = publish(args.src, settings.repo, settings.path, options)
@@ -70,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("publish", help="publish SRC at /PREFIX as a new signed revision")
     p.add_argument("src", help="the build tree to publish")
     p.add_argument(
-        "--repo", help="repository directory, or http(s):// URL of a repo-server (CVMBUILD_REPO)"
+        "--repo",
+        help="repository directory, http(s):// URL of a repo-server, or s3://BUCKET[/PREFIX] "
+        "(CVMBUILD_REPO)",
+    )
+    p.add_argument(
+        "--endpoint-url", help="S3 endpoint for an s3:// repository (default: AWS_ENDPOINT_URL)"
     )
     p.add_argument(
         "--token-file",
@@ -114,12 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--chunk-threshold",
-        type=int,
-        default=ChunkPolicy().threshold,
-        help="cut files larger than this many bytes into chunks (default 4 MiB)",
+        default=str(ChunkPolicy().threshold),
+        help="cut files larger than this into chunks: bytes, or with K, M, G (default 4M)",
     )
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_publish)
+    add_appliance_subcommands(sub)
     return parser
 
 

@@ -82,6 +82,10 @@ class ObjectCache:
     def __len__(self) -> int:
         return len(self._lru)
 
+    def __contains__(self, digest: object) -> bool:
+        """Whether an entry for digest is on disk (verified or not yet)."""
+        return digest in self._lru
+
     def path(self, digest: str) -> str:
         return os.path.join(self.directory, digest[:2], digest[2:])
 

@@ -56,7 +56,8 @@ def _cat(args: argparse.Namespace) -> int:
 
 def _mount(args: argparse.Namespace) -> int:
     from cvmfs_client.config import ClientConfig, load_config
-    from cvmfs_client.mount import MountOptions, default_cache_dir, mount, parse_size
+    from cvmfs_client.console import parse_size
+    from cvmfs_client.mount import MountOptions, default_cache_dir, mount
 
     config = load_config(args.config) if args.config else ClientConfig()
     url = args.url or config.server_url
@@ -77,6 +78,7 @@ def _mount(args: argparse.Namespace) -> int:
         tag=args.tag if pinned else config.tag,
         revision=args.revision if pinned else config.revision,
         max_ttl=args.max_ttl,
+        prefetch=not args.no_prefetch,
     )
     return mount(options)
 
@@ -179,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
         "('|' load-balances, ';' fails over; default DIRECT)",
     )
     p.add_argument("--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="fetch only what is read (default: opening a file also fetches the other "
+        "small files of its directory in the background)",
+    )
     group = p.add_mutually_exclusive_group()
     group.add_argument("--tag", help="mount the revision with this tag")
     group.add_argument("--revision", type=int, help="mount this revision")

@@ -50,3 +50,14 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def parse_size(text: str) -> int:
+    """'4G', '500M', '1024' (bytes; K, M, G, T are powers of 1024)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    factor = units.get(value[-1:], 1)
+    number = value[:-1] if value[-1:] in units else value
+    if not number.isdigit():
+        raise ClientError(f"size {text!r}: expected a number with an optional K, M, G or T")
+    return int(number) * factor

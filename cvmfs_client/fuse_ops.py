@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 ROOT_XATTRS = ["user.revision", "user.host", "user.proxy", "user.root_hash", "user.stats"]
 PREFETCH_CHUNKS = 4  # chunks fetched ahead of a sequential reader
 PREFETCH_WORKERS = 4
+SIBLING_MAX = 256 * 1024  # small files of a directory are fetched together, see open()
+SIBLING_WORKERS = 3
+SIBLING_CACHE_SHARE = 0.8  # never prefetch into the last fifth of the cache quota
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
@@ -68,7 +71,9 @@ class OpenFile:
 class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
     use_ns = True
 
-    def __init__(self, reader: RepositoryReader, on_ready: Any = None):
+    def __init__(
+        self, reader: RepositoryReader, on_ready: Any = None, *, prefetch_siblings: bool = True
+    ):
         self.reader = reader
         self.on_ready = on_ready
         self._handles: dict[int, OpenFile] = {}
@@ -76,6 +81,9 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
         self._lock = threading.Lock()
         self.io_errors = 0
         self._prefetcher = ThreadPoolExecutor(PREFETCH_WORKERS, thread_name_prefix="prefetch")
+        self.prefetch_siblings = prefetch_siblings
+        self._siblings = ThreadPoolExecutor(SIBLING_WORKERS, thread_name_prefix="siblings")
+        self._warmed_dirs: set[tuple[str, str]] = set()  # (root catalog, directory)
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -203,7 +211,42 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
         with self._lock:
             number = next(self._next)
             self._handles[number] = handle
+        self._prefetch_siblings(entry)
         return number
+
+    def _prefetch_siblings(self, entry: Entry) -> None:
+        """Programs open many small files of one directory in a row (an import reads a
+        package's modules, a setup script sources its neighbours): when the first one is
+        opened, fetch the directory's other small files in the background, so the next
+        opens find them in the cache instead of waiting for the network one by one."""
+        if not self.prefetch_siblings or self.reader.cache is None:
+            return
+        parent = entry.path.rpartition("/")[0] or "/"
+        key = (self.reader.root_hash, parent)
+        with self._lock:
+            if key in self._warmed_dirs:
+                return
+            self._warmed_dirs.add(key)
+        self._siblings.submit(self._warm_directory, parent)
+
+    def _warm_directory(self, dirpath: str) -> None:
+        cache = self.reader.cache
+        assert cache is not None
+        try:
+            children = self.reader.listdir(dirpath)
+        except ClientError as exc:
+            log.info("prefetch of %s failed: %s", dirpath, exc)
+            return
+        for child in children:
+            if not child.is_file or child.chunked or child.size > SIBLING_MAX:
+                continue
+            if (
+                cache.quota is not None
+                and cache.used + child.size > cache.quota * SIBLING_CACHE_SHARE
+            ):
+                return
+            if child.hash is not None and child.hash not in cache:
+                self._siblings.submit(self._warm, Chunk(0, child.size, child.hash))
 
     @on_fuse_thread
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:

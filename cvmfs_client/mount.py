@@ -36,17 +36,7 @@ class MountOptions:
     max_ttl: float | None = None
     tag: str | None = None
     revision: int | None = None
-
-
-def parse_size(text: str) -> int:
-    """'4G', '500M', '1024' (bytes; K, M, G, T are powers of 1024)."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    value = text.strip().upper().removesuffix("B").removesuffix("I")
-    factor = units.get(value[-1:], 1)
-    number = value[:-1] if value[-1:] in units else value
-    if not number.isdigit():
-        raise ClientError(f"size {text!r}: expected a number with an optional K, M, G or T")
-    return int(number) * factor
+    prefetch: bool = True  # fetch a directory's small files when one of them is opened
 
 
 def default_cache_dir() -> str:
@@ -130,7 +120,8 @@ def mount(options: MountOptions) -> int:
     log_file = os.path.join(options.cache_dir, "client.log")
     if options.foreground:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
-        mfusepy.FUSE(RepositoryFS(reader), options.mountpoint, foreground=True, **fuse_options)
+        fs = RepositoryFS(reader, prefetch_siblings=options.prefetch)
+        mfusepy.FUSE(fs, options.mountpoint, foreground=True, **fuse_options)
         return 0
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -145,7 +136,11 @@ def mount(options: MountOptions) -> int:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
         status = 1
         try:
-            fs = RepositoryFS(reader, on_ready=lambda: os.write(write_end, b"1"))
+            fs = RepositoryFS(
+                reader,
+                on_ready=lambda: os.write(write_end, b"1"),
+                prefetch_siblings=options.prefetch,
+            )
             mfusepy.FUSE(fs, options.mountpoint, foreground=True, **fuse_options)
             status = 0
         except BaseException:  # the parent reports failure; the details go to the log

@@ -254,3 +254,38 @@ def test_reading_a_large_file_sequentially_fetches_the_next_chunks_ahead(
         while not all(p.exists() for p in wanted):
             assert time.monotonic() < deadline, "the next chunks were not fetched ahead"
             time.sleep(0.05)
+
+
+def _stat(mountpoint: Path) -> dict[str, str]:
+    out = run_cli("cvmfs-client", "stat", mountpoint).stdout.decode()
+    return {k.strip(): v.split()[0] for k, v in (ln.split(":", 1) for ln in out.splitlines())}
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_opening_a_file_fetches_its_small_neighbours_unless_told_not_to(
+    repo: Repo, tmp_path: Path, prefetch: bool
+) -> None:
+    src = tmp_path / "src"
+    (src / "pkg").mkdir(parents=True)
+    modules = {f"mod{i}.py": f"VALUE = {i}\n".encode() * (i + 1) for i in range(12)}
+    for name, text in modules.items():
+        (src / "pkg" / name).write_bytes(text)
+    (src / "pkg" / "big.so").write_bytes(os.urandom(300 * 1024))  # over the 256 KiB limit
+    (src / "other").mkdir()
+    (src / "other" / "far.py").write_text("never opened\n")
+    run_cli("cvmbuild", "publish", src, "--repo", repo.dir, "--path", "/sw")
+    options = () if prefetch else ("--no-prefetch",)
+    with Mount(repo, tmp_path / "mnt", tmp_path / "cache", *options) as m:
+        assert len(os.listdir(m.path / "sw/pkg")) == len(modules) + 1  # loads the catalogs
+        before = int(_stat(m.path)["misses"])
+        assert (m.path / "sw/pkg/mod0.py").read_bytes() == modules["mod0.py"]
+        expected = before + (len(modules) if prefetch else 1)
+        deadline = time.monotonic() + 10
+        while int(_stat(m.path)["misses"]) < expected:
+            assert time.monotonic() < deadline, _stat(m.path)
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert int(_stat(m.path)["misses"]) == expected  # not big.so, not other/
+        for name, text in modules.items():
+            assert (m.path / "sw/pkg" / name).read_bytes() == text
+        assert int(_stat(m.path)["misses"]) == before + len(modules)

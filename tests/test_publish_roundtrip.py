@@ -137,6 +137,22 @@ def test_every_kind_of_entry_reads_back_exactly(build_tree: Path, repo: Repo) ->
     assert stat.S_IMODE(reader.lookup("/sw/1.0/secret.conf").mode) == 0o600
 
 
+def test_the_chunking_threshold_takes_sizes_with_units(tmp_path: Path, repo: Repo) -> None:
+    (tmp_path / "src").mkdir()
+    data = random.Random(5).randbytes(3 * MiB)
+    (tmp_path / "src" / "lib.so").write_bytes(data)
+    publish(tmp_path / "src", repo, "/sw", "--chunk-threshold", "1M")
+    reader = open_reader(repo)
+    entry = reader.lookup("/sw/lib.so")
+    assert entry.chunked and len(reader.chunks(entry)) >= 2
+    assert read_back(reader, "/sw/lib.so") == data
+    bad = run_cli(
+        "cvmbuild", "publish", tmp_path / "src", "--repo", repo.dir, "--path", "/sw",
+        "--chunk-threshold", "1X", check=False,
+    )  # fmt: skip
+    assert bad.returncode == 1 and b"size '1X'" in bad.stderr
+
+
 def test_large_files_are_chunked_and_reassembled(build_tree: Path, repo: Repo) -> None:
     publish(build_tree, repo, "/sw")
     reader = open_reader(repo)
