@@ -52,7 +52,7 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
     objects: dict[str, int] = {}
     for revision, root in roots:
         report.revisions.append(revision)
-        _walk(repo, root, seen_catalogs, objects, report.problems)
+        walk_catalogs(repo, root, seen_catalogs, objects, report.problems)
     report.catalogs = len(seen_catalogs)
     report.objects = len(objects)
     with ThreadPoolExecutor() as pool:
@@ -62,9 +62,11 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
     return report
 
 
-def _walk(
+def walk_catalogs(
     repo: LocalRepository, digest: str, seen: set[str], objects: dict[str, int], problems: list[str]
 ) -> None:
+    """Add the catalogs below root catalog `digest` to seen and the objects their entries
+    and chunks name to objects (hash -> content size); unreadable catalogs to problems."""
     stack = [digest]
     while stack:
         digest = stack.pop()

@@ -9,21 +9,28 @@ from pathlib import Path
 from cvmfs_client import console
 from cvmfs_client.console import human
 from repo_server import check as check_mod
+from repo_server import diff as diff_mod
+from repo_server import gc as gc_mod
+from repo_server import operations
+from repo_server.catalog_writer import CatalogLoader
 from repo_server.errors import RepoError
-from repo_server.repository import LocalRepository, open_repository
+from repo_server.repository import LocalRepository, init_repository, open_repository
 from repo_server.tokens import TOKENS_FILE, TokenStore
 
 
 def _init(args: argparse.Namespace) -> int:
-    repo = LocalRepository.init(Path(args.dir), args.name, Path(args.keys) if args.keys else None)
+    repo = init_repository(
+        args.dir, args.name, Path(args.keys) if args.keys else None, args.endpoint_url
+    )
     files = repo.key_files()
-    print(f"created repository {args.name!r} in {repo.root} (revision 0)")
+    print(f"created repository {args.name!r} in {repo.location} (revision 0)")
     print(f"keys in {repo.keydir}; clients pin {files.public}")
     return 0
 
 
 def _repo(args: argparse.Namespace) -> LocalRepository:
-    return open_repository(args.dir, Path(args.keys) if getattr(args, "keys", None) else None)
+    keydir = Path(args.keys) if getattr(args, "keys", None) else None
+    return open_repository(args.dir, keydir, getattr(args, "endpoint_url", None))
 
 
 def _tokens(args: argparse.Namespace, repo: LocalRepository) -> TokenStore:
@@ -126,6 +133,75 @@ def _resign(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tag(args: argparse.Namespace) -> int:
+    repo = _repo(args)
+    if args.delete is not None:
+        if args.revision is not None:
+            raise RepoError("--revision does not go with --delete; give one of them")
+        change = operations.delete_tag(repo, args.delete)
+        done = f"tag {change.name!r} (revision {change.revision}) deleted"
+    else:
+        change = operations.set_tag(repo, args.name, args.revision)
+        if not change.changed:
+            print(f"tag {change.name!r} already names revision {change.revision}; nothing changed")
+            return 0
+        done = f"tag {change.name!r} names revision {change.revision}"
+    print(f"{done}; manifest revision {change.manifest.revision} re-signed")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    result = operations.rollback(_repo(args), args.to, args.message)
+    print(
+        f"published revision {result.manifest.revision} with the content of revision "
+        f"{result.target.revision}"
+    )
+    return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    repo = _repo(args)
+    history = repo.history(repo.head())
+    old, new = (operations.resolve_revision(history, spec) for spec in (args.a, args.b))
+    changes = diff_mod.diff_trees(CatalogLoader(repo.storage), old.root_hash, new.root_hash)
+    sys.stdout.writelines(f"{change.kind} {change.path}\n" for change in changes)
+    return 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    r = gc_mod.collect_garbage(
+        _repo(args),
+        keep_revisions=args.keep_revisions,
+        grace=args.grace,
+        dry_run=args.dry_run,
+        progress=sys.stderr.isatty(),
+    )
+    verbs = ("kept", "dropped", "removed")
+    if r.dry_run:
+        verbs = ("would keep", "would drop", "would remove")
+    print(
+        f"gc: {verbs[0]} {len(r.kept)} revisions ({operations.format_revisions(r.kept)}), "
+        f"{verbs[1]} {len(r.dropped)} ({operations.format_revisions(r.dropped)})"
+    )
+    print(
+        f"gc: {verbs[2]} {r.removed_objects} objects, {r.removed_bytes} bytes "
+        f"({human(r.removed_bytes)}); spared {r.spared_objects} unreferenced objects "
+        f"younger than {args.grace:g} s"
+    )
+    if r.dry_run:
+        print("gc: dry run, nothing changed")
+    return 0
+
+
+def _key_rotate(args: argparse.Namespace) -> int:
+    repo = _repo(args)
+    with repo.lock():
+        manifest, archived = repo.rotate_signing_key()
+    print(f"new signing key {repo.key_files().signing}; the old one is kept as {archived}")
+    print(f"whitelist lists both; manifest revision {manifest.revision} re-signed with the new key")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="repo-server", description="Create, serve and operate repositories."
@@ -135,9 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, func, help_text: str, keys: bool = True) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("dir", help="repository directory")
+        p.add_argument("dir", help="repository directory, or s3://BUCKET[/PREFIX]")
         if keys:
             p.add_argument("--keys", help="key directory (default: DIR.keys)")
+        p.add_argument(
+            "--endpoint-url", help="S3 endpoint for s3:// (default: AWS_ENDPOINT_URL, else AWS)"
+        )
         console.add_debug(p, subcommand=True)
         p.set_defaults(func=func)
         return p
@@ -176,6 +255,34 @@ def build_parser() -> argparse.ArgumentParser:
     command("info", _info, "show name, revision and sizes")
     command("tags", _tags, "list tags")
     command("resign", _resign, "re-sign the current manifest with a fresh expiry")
+    p = command("tag", _tag, "name a revision (default: the head), or --delete a tag")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("name", nargs="?", help="tag name: letters, digits and '-_.+@'")
+    what.add_argument("--delete", metavar="NAME", help="remove this tag")
+    p.add_argument("--revision", type=int, help="the revision to name (default: the head)")
+    p = command("rollback", _rollback, "publish an old revision's content as a new revision")
+    p.add_argument("--to", required=True, metavar="TAG|REV", help="the revision to go back to")
+    p.add_argument("--message", help="history message (default: rollback to revision N)")
+    p = command("diff", _diff, "list paths added (+), removed (-), modified (M) from A to B")
+    p.add_argument("a", metavar="A", help="revision number or tag")
+    p.add_argument("b", metavar="B", help="revision number or tag")
+    p = command("gc", _gc, "delete the objects that no kept revision reaches")
+    p.add_argument(
+        "--keep-revisions", type=int, metavar="N",
+        help="keep the newest N revisions and the tagged ones (default: all)",
+    )  # fmt: skip
+    p.add_argument(
+        "--grace", type=float, default=gc_mod.DEFAULT_GRACE_S, metavar="SECONDS",
+        help="never delete objects written this recently (default 3600)",
+    )  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="only report what would be removed")
+    key = sub.add_parser("key", help="manage the signing key")
+    key_sub = key.add_subparsers(dest="action", required=True)
+    p = key_sub.add_parser("rotate", help="new signing key, whitelisted with the old one")
+    p.add_argument("dir", help="repository directory")
+    p.add_argument("--keys", help="key directory (default: DIR.keys)")
+    console.add_debug(p, subcommand=True)
+    p.set_defaults(func=_key_rotate)
     wl = sub.add_parser("whitelist", help="manage the signing-key whitelist")
     wl_sub = wl.add_subparsers(dest="action", required=True)
     p = wl_sub.add_parser("renew", help="re-sign the whitelist with a new expiry")

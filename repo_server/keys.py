@@ -6,6 +6,7 @@ They live in KEYDIR (default DIR.keys), never inside the served directory.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,32 @@ def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+
+
+def archive_private_key(path: Path, now: int) -> Path:
+    """Keep the key at path also as path.<UTC time>, before it is replaced; returns that."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    archived = path.with_name(f"{path.name}.{stamp}")
+    try:
+        os.link(path, archived)
+    except FileExistsError as exc:
+        raise KeyError_(f"{archived}: already exists; wait a second and try again") from exc
+    except FileNotFoundError as exc:
+        raise KeyError_(f"{path}: key file not found (use --keys KEYDIR)") from exc
+    return archived
+
+
+def install_private_key(path: Path, key: Ed25519PrivateKey) -> None:
+    """Replace the key at path by an atomic rename, so path always holds a whole key."""
+    fresh = path.with_name(f"{path.name}.new")
+    fresh.unlink(missing_ok=True)  # left by a replacement that was killed
+    write_private_key(fresh, key)
+    fd = os.open(fresh, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(fresh, path)
 
 
 def write_public_key(path: Path, key: Ed25519PrivateKey) -> None:

@@ -12,7 +12,7 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,8 @@ from cvmfs_client.whitelist import Whitelist
 from repo_server import keys
 from repo_server.catalog_writer import CatalogBuilder, CatalogLoader, Subtree, graft
 from repo_server.errors import RepoError
-from repo_server.storage import LocalStorage
+from repo_server.s3_storage import S3Storage, is_s3_location
+from repo_server.storage import LocalStorage, Storage
 
 DAY = 86400
 WHITELIST_DAYS = 30
@@ -48,15 +49,46 @@ class CommitResult:
 
 
 class LocalRepository:
-    def __init__(self, root: Path, keydir: Path | None = None):
-        self.root = Path(root).resolve()
-        if not (self.root / MANIFEST_FILE).is_file():
+    """A repository in a local directory, or (open_repository) on another Storage."""
+
+    def __init__(
+        self,
+        root: Path | str,
+        keydir: Path | None = None,
+        *,
+        storage: Storage | None = None,
+        lock_file: Path | None = None,
+    ):
+        """The repository in directory root; or, given storage, the one on it that root
+        names (e.g. s3://bucket/prefix), its keys in keydir, publishes locked by an
+        flock on lock_file."""
+        self._root: Path | None = None
+        if storage is None:
+            self._root = Path(root).resolve()
+            storage = LocalStorage(self._root)
+            keydir = keydir or keys.default_keydir(self._root)
+            lock_file = self._root / LOCK_FILE
+        if keydir is None or lock_file is None:
+            raise RepoError(f"{root}: give the key directory (--keys KEYDIR)")
+        self.location = str(self._root or root)
+        self.keydir = Path(keydir)
+        self.storage: Storage = storage
+        self.lock_file = lock_file
+        if storage.read_file(MANIFEST_FILE) is None:
             raise RepoError(
                 f"{root}: not a repository (no manifest; create one with `repo-server init`)"
             )
-        self.keydir = Path(keydir) if keydir else keys.default_keydir(self.root)
-        self.storage = LocalStorage(self.root)
         self._head: Manifest | None = None
+
+    @property
+    def root(self) -> Path:
+        """The repository's directory, for what needs one (serving it, mirroring it)."""
+        if self._root is None:
+            raise RepoError(
+                f"{self.location}: not a local directory; clients read a repository on S3 "
+                "from the bucket's HTTP endpoint"
+            )
+        return self._root
 
     # -- creation -------------------------------------------------------------------
 
@@ -64,60 +96,29 @@ class LocalRepository:
     def init(cls, root: Path, name: str, keydir: Path | None = None) -> LocalRepository:
         root = Path(root).resolve()
         keydir = (Path(keydir) if keydir else keys.default_keydir(root)).resolve()
-        if not name or not all(c.isalnum() or c in "-_." for c in name):
-            raise RepoError(f"repository name {name!r}: use letters, digits, '-', '_' and '.'")
+        _validate_name(name)
         if keydir == root or root in keydir.parents:
             raise RepoError(f"{keydir}: the key directory may not be inside the served directory")
         if root.exists() and any(root.iterdir()):
             raise RepoError(f"{root}: exists and is not empty")
-        files = keys.KeyFiles(keydir, name)
-        for path in (files.master, files.signing, files.public):
-            if path.exists():
-                raise RepoError(f"{path}: already exists; refusing to overwrite a key")
-        keydir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        master = Ed25519PrivateKey.generate()
-        signing = Ed25519PrivateKey.generate()
-        keys.write_private_key(files.master, master)
-        keys.write_private_key(files.signing, signing)
-        keys.write_public_key(files.public, master)
         storage = LocalStorage(root)
-        storage.create_layout()
-        now = int(time.time())
-        _write_whitelist(storage, name, master, [signing], now)
-        compressor = zstandard.ZstdCompressor(level=3)
-        empty = CatalogBuilder("/")
-        empty.add_entries([("", "", 0o040755, 0, now * 10**9, None, None, 0, 0)])
-        catalog = empty.finish(storage, compressor)
-        history = _new_history()
-        history.execute(
-            "INSERT INTO revisions VALUES (0, ?, ?, ?, '/', 'repository created')",
-            (catalog.hash, catalog.size, now),
-        )
-        hist_hash, hist_size = _store_history(storage, history, compressor)
-        manifest = Manifest(
-            name,
-            0,
-            catalog.hash,
-            catalog.size,
-            hist_hash,
-            hist_size,
-            now,
-            now + MANIFEST_DAYS * DAY,
-            manifest_mod.DEFAULT_TTL,
-            key_fingerprint(signing.public_key()),
-        )
-        storage.sync()
-        storage.write_file(
-            MANIFEST_FILE, attach_signature(manifest.body(), signing.sign(manifest.body()))
-        )
+        _create(storage, name, keydir, storage.create_layout)
         return cls(root, keydir)
+
+    @classmethod
+    def on_s3(cls, storage: S3Storage, keydir: Path) -> LocalRepository:
+        """The repository under an S3 prefix. Its publish lock is a local file beside
+        the keys: one host publishes (docs/OPERATING.md, "Repositories on S3")."""
+        parts = ["s3", storage.bucket, *storage.prefix.split("/")]
+        lock_file = keydir / ("-".join(p for p in parts if p) + ".lock")
+        return cls(storage.location, keydir, storage=storage, lock_file=lock_file)
 
     # -- reading --------------------------------------------------------------------
 
     def whitelist(self) -> Whitelist:
         data = self.storage.read_file(WHITELIST_FILE)
         if data is None:
-            raise RepoError(f"{self.root}: whitelist missing")
+            raise RepoError(f"{self.location}: whitelist missing")
         return whitelist_mod.parse(data)[0]
 
     def key_files(self) -> keys.KeyFiles:
@@ -143,14 +144,14 @@ class LocalRepository:
     @contextlib.contextmanager
     def lock(self, wait_message: bool = True) -> Iterator[None]:
         """Serialise publishes; says so once on stderr while it waits."""
-        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 if wait_message:
                     print(
-                        f"waiting for another publish to {self.root} to finish...",
+                        f"waiting for another publish to {self.location} to finish...",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -181,22 +182,73 @@ class LocalRepository:
             compressor,
             int(now * 1e9),
         )
-        revision = head.revision + 1
-        history_db = _load_history(self.history(head))
-        history_db.execute(
-            "INSERT INTO revisions VALUES (?, ?, ?, ?, ?, ?)",
-            (revision, root.hash, root.size, int(now), subtree.path, message),
-        )
-        if tag is not None:
-            validate_tag(tag)
-            history_db.execute(
-                "INSERT OR REPLACE INTO tags VALUES (?, ?, ?)", (tag, revision, int(now))
-            )
-        hist_hash, hist_size = _store_history(self.storage, history_db, compressor)
-        manifest = self._sign_manifest(
-            head, revision, root.hash, root.size, hist_hash, hist_size, now
+        manifest = self._publish_revision(
+            head, root.hash, root.size, subtree.path, message, tag, compressor, now
         )
         return CommitResult(manifest, root.stats, root.new_bytes)
+
+    def commit_root(
+        self, root_hash: str, root_size: int, *, path: str = "/", message: str = ""
+    ) -> Manifest:
+        """Publish an existing root catalog as the next revision (hold the lock): how a
+        rollback moves forward to old content, so clients never go back."""
+        compressor = zstandard.ZstdCompressor(level=3)
+        return self._publish_revision(
+            self.head(), root_hash, root_size, path, message, None, compressor, time.time()
+        )
+
+    def _publish_revision(
+        self,
+        head: Manifest,
+        root_hash: str,
+        root_size: int,
+        path: str,
+        message: str,
+        tag: str | None,
+        compressor: zstandard.ZstdCompressor,
+        now: float,
+    ) -> Manifest:
+        revision = head.revision + 1
+        if tag is not None:
+            validate_tag(tag)
+
+        def add_revision(history_db: sqlite3.Connection) -> None:
+            history_db.execute(
+                "INSERT INTO revisions VALUES (?, ?, ?, ?, ?, ?)",
+                (revision, root_hash, root_size, int(now), path, message),
+            )
+            if tag is not None:
+                history_db.execute(
+                    "INSERT OR REPLACE INTO tags VALUES (?, ?, ?)", (tag, revision, int(now))
+                )
+
+        return self._sign_with_history(
+            head, revision, root_hash, root_size, add_revision, compressor, now
+        )
+
+    def rewrite_history(self, edit: Callable[[sqlite3.Connection], None]) -> Manifest:
+        """Store the head's history as `edit` changes it and re-sign the head with it:
+        same revision, same root (hold the lock). Tags and gc change the history so."""
+        head = self.head()
+        compressor = zstandard.ZstdCompressor(level=3)
+        return self._sign_with_history(
+            head, head.revision, head.root_hash, head.root_size, edit, compressor, time.time()
+        )
+
+    def _sign_with_history(
+        self,
+        head: Manifest,
+        revision: int,
+        root_hash: str,
+        root_size: int,
+        edit: Callable[[sqlite3.Connection], None],
+        compressor: zstandard.ZstdCompressor,
+        now: float,
+    ) -> Manifest:
+        history_db = _load_history(self.history(head))
+        edit(history_db)
+        hist_hash, hist_size = _store_history(self.storage, history_db, compressor)
+        return self._sign_manifest(head, revision, root_hash, root_size, hist_hash, hist_size, now)
 
     def _sign_manifest(
         self,
@@ -245,10 +297,106 @@ class LocalRepository:
         signing = keys.load_private_key(files.signing)
         return _write_whitelist(self.storage, files.name, master, [signing], int(time.time()), days)
 
+    def rotate_signing_key(self) -> tuple[Manifest, Path]:
+        """Replace the signing key and re-sign the head with the new one (hold the lock).
 
-def open_repository(location: str, keydir: Path | None = None) -> LocalRepository:
-    """The repository a command names: a local directory (the S3 backend plugs in here)."""
-    return LocalRepository(Path(location), keydir)
+        The whitelist lists the new key and the old one, so a manifest the old key
+        signed (in a proxy or a mirror not yet updated) still verifies. Returns the new
+        manifest and where the old private key was kept. A crash at any step leaves a
+        manifest that its whitelist accepts.
+        """
+        files = self.key_files()
+        master = keys.load_private_key(files.master)
+        old = keys.load_private_key(files.signing)
+        new = Ed25519PrivateKey.generate()
+        now = int(time.time())
+        archived = keys.archive_private_key(files.signing, now)
+        _write_whitelist(self.storage, files.name, master, [new, old], now)
+        keys.install_private_key(files.signing, new)
+        return self.resign(), archived
+
+
+def open_repository(
+    location: str, keydir: Path | None = None, endpoint_url: str | None = None
+) -> LocalRepository:
+    """The repository a command names: a local directory, or s3://BUCKET[/PREFIX] at
+    endpoint_url (default: AWS_ENDPOINT_URL, else AWS)."""
+    if not is_s3_location(location):
+        return LocalRepository(Path(location), keydir)
+    storage = S3Storage.from_location(location, endpoint_url)
+    return LocalRepository.on_s3(storage, _s3_keydir(location, keydir))
+
+
+def init_repository(
+    location: str, name: str, keydir: Path | None = None, endpoint_url: str | None = None
+) -> LocalRepository:
+    """Create the repository a command names (see open_repository) with new keys."""
+    if not is_s3_location(location):
+        return LocalRepository.init(Path(location), name, keydir)
+    storage = S3Storage.from_location(location, endpoint_url)
+    keydir = _s3_keydir(location, keydir).resolve()
+    _validate_name(name)
+    if not storage.is_empty():
+        raise RepoError(f"{location}: holds files already; choose an empty bucket or prefix")
+    _create(storage, name, keydir, lambda: None)
+    return LocalRepository.on_s3(storage, keydir)
+
+
+def _s3_keydir(location: str, keydir: Path | None) -> Path:
+    if keydir is None:
+        raise RepoError(
+            f"{location}: give the key directory with --keys KEYDIR (a repository on S3 "
+            "keeps its keys and publish lock on the publishing host)"
+        )
+    return Path(keydir)
+
+
+def _validate_name(name: str) -> None:
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise RepoError(f"repository name {name!r}: use letters, digits, '-', '_' and '.'")
+
+
+def _create(storage: Storage, name: str, keydir: Path, make_layout: Callable[[], None]) -> None:
+    """New keys in keydir and revision 0 (an empty root) on storage."""
+    files = keys.KeyFiles(keydir, name)
+    for path in (files.master, files.signing, files.public):
+        if path.exists():
+            raise RepoError(f"{path}: already exists; refusing to overwrite a key")
+    keydir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    master = Ed25519PrivateKey.generate()
+    signing = Ed25519PrivateKey.generate()
+    keys.write_private_key(files.master, master)
+    keys.write_private_key(files.signing, signing)
+    keys.write_public_key(files.public, master)
+    make_layout()
+    now = int(time.time())
+    _write_whitelist(storage, name, master, [signing], now)
+    compressor = zstandard.ZstdCompressor(level=3)
+    empty = CatalogBuilder("/")
+    empty.add_entries([("", "", 0o040755, 0, now * 10**9, None, None, 0, 0)])
+    catalog = empty.finish(storage, compressor)
+    history = _new_history()
+    history.execute(
+        "INSERT INTO revisions VALUES (0, ?, ?, ?, '/', 'repository created')",
+        (catalog.hash, catalog.size, now),
+    )
+    hist_hash, hist_size = _store_history(storage, history, compressor)
+    manifest = Manifest(
+        name,
+        0,
+        catalog.hash,
+        catalog.size,
+        hist_hash,
+        hist_size,
+        now,
+        now + MANIFEST_DAYS * DAY,
+        manifest_mod.DEFAULT_TTL,
+        key_fingerprint(signing.public_key()),
+    )
+    storage.sync()
+    storage.write_file(
+        MANIFEST_FILE, attach_signature(manifest.body(), signing.sign(manifest.body()))
+    )
 
 
 def validate_tag(name: str) -> None:
@@ -257,7 +405,7 @@ def validate_tag(name: str) -> None:
 
 
 def _write_whitelist(
-    storage: LocalStorage,
+    storage: Storage,
     name: str,
     master: Ed25519PrivateKey,
     signing_keys: list[Ed25519PrivateKey],
@@ -288,7 +436,7 @@ def _load_history(history: History) -> sqlite3.Connection:
 
 
 def _store_history(
-    storage: LocalStorage, db: sqlite3.Connection, compressor: zstandard.ZstdCompressor
+    storage: Storage, db: sqlite3.Connection, compressor: zstandard.ZstdCompressor
 ) -> tuple[str, int]:
     db.commit()
     content = db.serialize()
