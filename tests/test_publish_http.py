@@ -30,6 +30,7 @@ from tests.conftest import (
     write_build_tree,
 )
 
+BLOBS = 40
 LEASE_TTL = "3"  # seconds: a killed publisher's lease runs out within a test
 
 
@@ -264,7 +265,9 @@ def test_a_publisher_killed_mid_upload_leaves_no_revision_and_resumes(
 ) -> None:
     src = tmp_path / "src"
     src.mkdir()
-    for i in range(12):  # incompressible, so uploads take a while
+    # Incompressible, and more than the publisher may have in flight (8 packs of about
+    # 8 MiB), so a kill right after the first object lands is always mid-upload.
+    for i in range(BLOBS):
         (src / f"blob{i}").write_bytes(os.urandom(3 * MiB))
     token = token_file(tmp_path, make_token(repo, "ci", "/sw"))
     before = object_count(repo)
@@ -282,12 +285,12 @@ def test_a_publisher_killed_mid_upload_leaves_no_revision_and_resumes(
     time.sleep(1)  # packs the server had already received are still being stored
     assert head_revision(repo) == 0
     arrived = object_count(repo) - before
-    assert 0 < arrived < 12, "the kill should land mid-upload"
+    assert 0 < arrived < BLOBS, "the kill should land mid-upload"
     run_cli("repo-server", "check", repo.dir)
 
     # The dead publisher's lease runs out (--lease-ttl), then only the rest is sent.
     result = publish_http(src, server, "/sw/big", token)
-    assert f"({12 - arrived} objects," in result.stdout.decode()
+    assert f"({BLOBS - arrived} objects," in result.stdout.decode()
     assert read_tree(open_reader(repo), "/sw/big") == {
         p.name: p.read_bytes() for p in src.iterdir()
     }
