@@ -79,13 +79,16 @@ def walk_catalogs(
         except (ClientError, OSError) as exc:
             problems.append(f"catalog {digest}: {exc}")
             continue
-        for entry in catalog.all_entries():
-            if entry.is_file and entry.hash is not None:
-                objects[entry.hash] = entry.size
-        for chunk_hash, size in catalog.all_chunk_hashes():
-            objects[chunk_hash] = size
+        objects.update(catalog_objects(catalog))
         stack.extend(ref.hash for ref in catalog.nested.values())
         catalog.close()
+
+
+def catalog_objects(catalog: Catalog) -> dict[str, int]:
+    """The file and chunk objects a catalog names (hash -> content size)."""
+    objects = {e.hash: e.size for e in catalog.all_entries() if e.is_file and e.hash is not None}
+    objects.update(catalog.all_chunk_hashes())
+    return objects
 
 
 def _verify_object(repo: LocalRepository, digest: str, size: int) -> str | None:

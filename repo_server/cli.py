@@ -202,6 +202,36 @@ def _key_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replicate(args: argparse.Namespace) -> int:
+    from repo_server import keys
+    from repo_server import replicate as replicate_mod
+
+    r = replicate_mod.replicate(
+        args.url,
+        Path(args.dir),
+        keys.load_public_key(Path(args.key)),
+        workers=args.workers,
+        progress=sys.stderr.isatty(),
+    )
+    for number in r.skipped:
+        print(
+            f"warning: revision {number} skipped: the source no longer has its objects "
+            "(garbage-collected); untagged, so clients do not need it",
+            file=sys.stderr,
+        )
+    before = "a new mirror" if r.previous is None else f"was revision {r.previous}"
+    print(
+        f"replicated {r.name!r} revision {r.revision} ({before}): fetched {r.objects} "
+        f"objects, {r.bytes} bytes ({human(r.bytes)}) in {r.seconds:.1f} s; "
+        + (
+            f"mirror holds revisions {operations.format_revisions(r.mirrored)}"
+            if r.mirrored
+            else "it was up to date"
+        )
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="repo-server", description="Create, serve and operate repositories."
@@ -283,6 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", help="key directory (default: DIR.keys)")
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_key_rotate)
+    p = sub.add_parser("replicate", help="make or update a verified mirror (Stratum 1) of URL")
+    p.add_argument("url", help="the repository's base URL, e.g. http://stratum0.example.org/sw")
+    p.add_argument("dir", help="the mirror directory (made if missing); serve it like a repository")
+    p.add_argument("--key", required=True, help="the repository's master public key (NAME.pub)")
+    p.add_argument("--workers", type=int, default=8, help="parallel downloads (default 8)")
+    console.add_debug(p, subcommand=True)
+    p.set_defaults(func=_replicate)
     wl = sub.add_parser("whitelist", help="manage the signing-key whitelist")
     wl_sub = wl.add_subparsers(dest="action", required=True)
     p = wl_sub.add_parser("renew", help="re-sign the whitelist with a new expiry")

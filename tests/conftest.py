@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -237,3 +239,118 @@ def mounted(url: str, mountpoint: Path, cache: Path, key: Path, *options: str) -
             subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
         if daemon is not None:
             wait_gone(daemon)
+
+
+# -- real web servers -------------------------------------------------------------------
+
+
+def system_binary(name: str) -> str:
+    """nginx and squid live in sbin, which a non-login PATH may lack."""
+    found = shutil.which(name, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
+    if found is None:
+        pytest.skip(f"needs {name} (apt-get install {name})")
+    return found
+
+
+def read_files(root: Path) -> Tree:
+    """Every regular file below root (symlinks not followed), by relative path."""
+    tree: Tree = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = Path(dirpath) / name
+            if not path.is_symlink():
+                tree[str(path.relative_to(root))] = path.read_bytes()
+    return tree
+
+
+def wait_accepting(
+    what: str, port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20
+) -> None:
+    """Until the server just started accepts connections on its loopback port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited {proc.returncode}: {log.read_text()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} did not accept connections within {timeout} s")
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@dataclass
+class Nginx:
+    url: str
+    proc: subprocess.Popen[bytes]
+    access_log: Path
+
+    def stop(self) -> None:
+        stop(self.proc)  # the master stops its workers on SIGTERM
+
+
+NGINX_CONF = """\
+daemon off;
+master_process on;
+worker_processes 1;
+{user}
+pid {work}/nginx.pid;
+error_log {work}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log {work}/access.log;
+    client_body_temp_path {work}/client_body;
+    proxy_temp_path {work}/proxy;
+    fastcgi_temp_path {work}/fastcgi;
+    uwsgi_temp_path {work}/uwsgi;
+    scgi_temp_path {work}/scgi;
+    # As in docs/OPERATING.md:
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        default_type application/octet-stream;
+        location = /manifest  {{ add_header Cache-Control "public, max-age=60"; }}
+        location = /whitelist {{ add_header Cache-Control "public, max-age=60"; }}
+        location /data/       {{ add_header Cache-Control "public, max-age=31536000, immutable"; }}
+        location /            {{ return 404; }}
+    }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def serving_nginx(root: Path, work: Path) -> Iterator[Nginx]:
+    """nginx serving directory root (a repository or a mirror) as plain static files, as
+    docs/OPERATING.md configures it, for the duration of the block; work is its own."""
+    binary = system_binary("nginx")
+    work.mkdir()
+    port = free_port()
+    conf = work / "nginx.conf"
+    conf.write_text(
+        NGINX_CONF.format(
+            # Workers must read the pytest tree, which is private to root.
+            user="user root;" if os.geteuid() == 0 else "",
+            work=work,
+            port=port,
+            root=root.resolve(),
+        )
+    )
+    log = work / "stderr"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [binary, "-c", conf, "-p", work, "-e", work / "error.log"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_accepting("nginx", port, proc, log)
+        yield Nginx(f"http://127.0.0.1:{port}", proc, work / "access.log")
+    finally:
+        stop(proc)

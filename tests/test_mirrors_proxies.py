@@ -12,7 +12,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,14 +27,20 @@ import requests
 from repo_server.repository import LocalRepository
 from tests.conftest import (
     MiB,
+    Nginx,
     Repo,
     Tree,
     client_daemon,
     free_port,
     mounted,
+    read_files,
     run_cli,
     serving,
+    serving_nginx,
     serving_process,
+    stop,
+    system_binary,
+    wait_accepting,
     write_build_tree,
 )
 
@@ -46,14 +51,6 @@ pytestmark = pytest.mark.skipif(
 
 SW = "sw/1.0"  # where the generated release is published
 BIG = "big/events.bin"  # 40 MiB of random bytes: about 30 chunks
-
-
-def system_binary(name: str) -> str:
-    """nginx and squid live in sbin, which a non-login PATH may lack."""
-    found = shutil.which(name, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
-    if found is None:
-        pytest.skip(f"needs {name} (apt-get install {name})")
-    return found
 
 
 # -- the release every test reads ------------------------------------------------------------
@@ -99,17 +96,6 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
     return Release(repo, src, read_files(src), big)
 
 
-def read_files(root: Path) -> Tree:
-    """Every regular file below root (symlinks not followed), by relative path."""
-    tree: Tree = {}
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            path = Path(dirpath) / name
-            if not path.is_symlink():
-                tree[str(path.relative_to(root))] = path.read_bytes()
-    return tree
-
-
 def differences(src: Path, mounted: Path) -> list[str]:
     """What differs between a build tree and its mounted copy: names, modes, mtimes,
     symlink targets, contents."""
@@ -142,97 +128,11 @@ def client_stat(mountpoint: Path) -> dict[str, str]:
 # -- servers ---------------------------------------------------------------------------------
 
 
-def wait_accepting(
-    what: str, port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20
-) -> None:
-    """Until the server just started accepts connections on its loopback port."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{what} exited {proc.returncode}: {log.read_text()}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} did not accept connections within {timeout} s")
-
-
-def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-@dataclass
-class Nginx:
-    url: str
-    proc: subprocess.Popen[bytes]
-    access_log: Path
-
-    def stop(self) -> None:
-        stop(self.proc)  # the master stops its workers on SIGTERM
-
-
-NGINX_CONF = """\
-daemon off;
-master_process on;
-worker_processes 1;
-{user}
-pid {work}/nginx.pid;
-error_log {work}/error.log;
-events {{ worker_connections 256; }}
-http {{
-    access_log {work}/access.log;
-    client_body_temp_path {work}/client_body;
-    proxy_temp_path {work}/proxy;
-    fastcgi_temp_path {work}/fastcgi;
-    uwsgi_temp_path {work}/uwsgi;
-    scgi_temp_path {work}/scgi;
-    # As in docs/OPERATING.md:
-    server {{
-        listen 127.0.0.1:{port};
-        root {root};
-        default_type application/octet-stream;
-        location = /manifest  {{ add_header Cache-Control "public, max-age=60"; }}
-        location = /whitelist {{ add_header Cache-Control "public, max-age=60"; }}
-        location /data/       {{ add_header Cache-Control "public, max-age=31536000, immutable"; }}
-        location /            {{ return 404; }}
-    }}
-}}
-"""
-
-
 @pytest.fixture
 def nginx(release: Release, tmp_path: Path) -> Iterator[Nginx]:
     """nginx serving the repository directory as plain static files."""
-    binary = system_binary("nginx")
-    work = tmp_path / "nginx"
-    work.mkdir()
-    port = free_port()
-    conf = work / "nginx.conf"
-    conf.write_text(
-        NGINX_CONF.format(
-            # Workers must read the pytest tree, which is private to root.
-            user="user root;" if os.geteuid() == 0 else "",
-            work=work,
-            port=port,
-            root=release.repo.dir.resolve(),
-        )
-    )
-    log = work / "stderr"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [binary, "-c", conf, "-p", work, "-e", work / "error.log"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    try:
-        wait_accepting("nginx", port, proc, log)
-        yield Nginx(f"http://127.0.0.1:{port}", proc, work / "access.log")
-    finally:
-        stop(proc)
+    with serving_nginx(release.repo.dir, tmp_path / "nginx") as server:
+        yield server
 
 
 @dataclass

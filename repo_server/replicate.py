@@ -1,0 +1,389 @@
+"""`repo-server replicate`: make or update a verified mirror (a CernVM-FS "Stratum 1") of
+a repository served over HTTP; objects first, whitelist and manifest last.
+
+Every fetched byte is verified against the hash chain that ends in the manifest signed
+under the pinned master key (docs/FORMAT.md, "Verification"), so a mirror is as
+trustworthy as its source, and a mirror stopped at any moment still serves its previous
+revision (docs/OPERATING.md, "Mirrors (Stratum 1)").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from cvmfs_client import manifest as manifest_mod
+from cvmfs_client import whitelist as whitelist_mod
+from cvmfs_client.catalog import Catalog
+from cvmfs_client.errors import ClientError, VerificationError
+from cvmfs_client.history import History
+from cvmfs_client.manifest import Manifest
+from cvmfs_client.objects import decode_object, max_stored_size, object_path
+from cvmfs_client.repository import MANIFEST_FILE, WHITELIST_FILE
+from cvmfs_client.signed import MAX_DOCUMENT_SIZE
+from repo_server.check import catalog_objects
+from repo_server.errors import RepoError
+from repo_server.http_source import HttpSource, Source, SourceMissing
+from repo_server.repository import LOCK_FILE
+from repo_server.storage import LocalStorage
+
+DEFAULT_WORKERS = 8
+BATCH = 64  # objects per task of a worker process
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _fetch_batch(source: Source, root: str, refs: list[_Ref]) -> tuple[int, int]:
+    """Fetch, verify and store objects (on a worker process): (objects, bytes) stored."""
+    storage = LocalStorage(Path(root))
+    objects = size = 0
+    for ref in refs:
+        stored = source.get(object_path(ref.digest), ref.max_bytes)
+        ref.verify(stored)
+        if storage.put_object(ref.digest, stored):
+            objects += 1
+            size += len(stored)
+    return objects, size
+
+
+@dataclass(frozen=True)
+class ReplicaReport:
+    name: str
+    revision: int
+    previous: int | None  # the mirror's revision before this run (None: a new mirror)
+    mirrored: list[int]  # revisions whose objects the mirror now holds
+    skipped: list[int]  # untagged revisions whose objects the source no longer has
+    objects: int  # objects fetched (and verified, and stored)
+    bytes: int  # their stored bytes
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """An object to fetch: a catalog or the history (size: exact stored size) or a file
+    or chunk (size: content size)."""
+
+    digest: str
+    size: int
+    stored: bool
+
+    def verify(self, data: bytes) -> bytes:
+        """The verified content of the object's stored bytes `data`."""
+        if self.stored and len(data) != self.size:
+            raise VerificationError(
+                f"object {self.digest}: expected {self.size} stored bytes, got {len(data)}"
+            )
+        return decode_object(data, self.digest, None if self.stored else self.size)
+
+    @property
+    def max_bytes(self) -> int:
+        return self.size if self.stored else max_stored_size(self.size)
+
+
+@dataclass
+class _Counters:
+    objects: int = 0
+    bytes: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, objects: int, stored: int) -> None:
+        with self.lock:
+            self.objects += objects
+            self.bytes += stored
+
+
+def replicate(
+    url: str,
+    mirror_dir: Path,
+    master_key: Ed25519PublicKey,
+    *,
+    workers: int = DEFAULT_WORKERS,
+    progress: bool = False,
+    source: Source | None = None,
+    clock: Callable[[], float] = time.time,
+) -> ReplicaReport:
+    """Bring mirror_dir up to the source's verified head revision and tagged revisions."""
+    if workers < 1:
+        raise RepoError("--workers must be at least 1")
+    start = time.monotonic()
+    source = source or HttpSource(url)
+    mirror_dir = _prepare_directory(Path(mirror_dir))
+    storage = LocalStorage(mirror_dir)
+    with _mirror_lock(mirror_dir):
+        storage.create_layout()
+        storage.begin_writes()
+        old_data = storage.read_file(MANIFEST_FILE)
+        current = manifest_mod.parse(old_data)[0] if old_data is not None else None
+        try:
+            job = _Replication(source, storage, workers, progress)
+            report = job.run(master_key, current, old_data, clock())
+        except ClientError as exc:
+            still = f"still revision {current.revision}" if current else "no revision yet"
+            raise RepoError(f"{exc}; the mirror {mirror_dir} is unchanged ({still})") from exc
+        storage.end_writes()
+    return ReplicaReport(
+        report.name,
+        report.revision,
+        current.revision if current else None,
+        report.mirrored,
+        report.skipped,
+        job.counters.objects,
+        job.counters.bytes,
+        time.monotonic() - start,
+    )
+
+
+def _prepare_directory(mirror_dir: Path) -> Path:
+    mirror_dir = mirror_dir.resolve()
+    if mirror_dir.exists():
+        if not mirror_dir.is_dir():
+            raise RepoError(f"{mirror_dir}: not a directory; give a new or empty directory")
+        names = set(os.listdir(mirror_dir))
+        if MANIFEST_FILE not in names and names - {LOCK_FILE, "data", "txn"}:
+            raise RepoError(
+                f"{mirror_dir}: holds other files and is not a mirror; "
+                "give a new or empty directory"
+            )
+    mirror_dir.mkdir(parents=True, exist_ok=True)
+    return mirror_dir
+
+
+@contextlib.contextmanager
+def _mirror_lock(mirror_dir: Path) -> Iterator[None]:
+    """One replicate per mirror at a time. It fails rather than waits: replicate runs
+    from cron, and the next run picks up whatever the running one does not."""
+    fd = os.open(mirror_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RepoError(
+                f"{mirror_dir}: another replicate or publish is writing to it; "
+                "try again when it has finished"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    name: str
+    revision: int
+    mirrored: list[int]
+    skipped: list[int]
+
+
+class _Replication:
+    """One run: fetch what the mirror lacks, verified, then the whitelist and manifest."""
+
+    def __init__(self, source: Source, storage: LocalStorage, workers: int, progress: bool):
+        self.source = source
+        self.storage = storage
+        self.workers = workers
+        self.progress = progress
+        self.counters = _Counters()
+        self.seen_catalogs: set[str] = set()
+        self.have: set[str] = set()  # objects known to be in the mirror
+
+    def run(
+        self, master_key: Ed25519PublicKey, current: Manifest | None, old: bytes | None, now: float
+    ) -> _Outcome:
+        url = self.source.url
+        wl_data = self.source.get(WHITELIST_FILE, MAX_DOCUMENT_SIZE)
+        whitelist = whitelist_mod.verify(wl_data, master_key, now)
+        data = self.source.get(MANIFEST_FILE, MAX_DOCUMENT_SIZE)
+        manifest = manifest_mod.verify(data, whitelist, now)
+        if current is not None:
+            if manifest.name != current.name:
+                raise RepoError(
+                    f"{url} serves repository {manifest.name!r}, but the mirror holds "
+                    f"{current.name!r}; mirror it into another directory"
+                )
+            if manifest.revision < current.revision:
+                raise RepoError(
+                    f"{url} serves revision {manifest.revision}, older than the mirror's "
+                    f"revision {current.revision}: a replayed or stale manifest, refused; "
+                    "replicate from an up-to-date source"
+                )
+        mirrored: list[int] = []
+        skipped: list[int] = []
+        if data != old:  # an unchanged manifest names only what the mirror already has
+            mirrored, skipped = self._mirror_revisions(manifest)
+        if wl_data != self.storage.read_file(WHITELIST_FILE) or data != old:
+            self.storage.sync()  # everything the manifest names is durable before it appears
+            # Whitelist first: during a key rotation it lists the old and the new key,
+            # so both the mirror's old manifest and the new one verify against it.
+            self.storage.write_file(WHITELIST_FILE, wl_data)
+            self.storage.write_file(MANIFEST_FILE, data)
+        return _Outcome(manifest.name, manifest.revision, mirrored, skipped)
+
+    def _mirror_revisions(self, manifest: Manifest) -> tuple[list[int], list[int]]:
+        history_ref = _Ref(manifest.history_hash, manifest.history_size, stored=True)
+        history_stored, history_content = self._load(history_ref)
+        history = History(history_content, manifest.history_hash)
+        tagged = {t.revision for t in history.tags()}
+        roots = {r.revision: _Ref(r.root_hash, r.root_size, True) for r in history.revisions()}
+        roots[manifest.revision] = _Ref(manifest.root_hash, manifest.root_size, True)
+        required = tagged | {manifest.revision}
+        missing_tags = sorted(tagged - roots.keys())
+        if missing_tags:
+            raise RepoError(
+                f"the source's history tags revisions {missing_tags} that it does not list; "
+                "run `repo-server check` on the source"
+            )
+        # The revisions a client must find first, newest first; then the rest, which
+        # the source may have garbage-collected.
+        order = sorted(required, reverse=True) + sorted(roots.keys() - required, reverse=True)
+        mirrored: list[int] = []
+        skipped: list[int] = []
+        for number in order:
+            try:
+                self._mirror_tree(roots[number], f"revision {number}")
+            except SourceMissing as exc:
+                if number in required:
+                    what = "head" if number == manifest.revision else "tagged"
+                    raise RepoError(
+                        f"{what} revision {number}: {exc}; the source is incomplete "
+                        "(run `repo-server check` on it)"
+                    ) from exc
+                skipped.append(number)
+            else:
+                mirrored.append(number)
+        if history_stored is not None:
+            self._store(history_ref, history_stored)
+        return sorted(mirrored), sorted(skipped)
+
+    def _mirror_tree(self, root: _Ref, label: str) -> None:
+        """Every catalog below root and every object they name, in the mirror. Catalogs
+        are stored after the objects they name, so a catalog in the mirror is never
+        ahead of its files (the walk reads stored catalogs again on every run anyway)."""
+        objects: dict[str, int] = {}
+        fetched_catalogs: list[tuple[_Ref, bytes]] = []
+        frontier = [root] if root.digest not in self.seen_catalogs else []
+        while frontier:
+            self.seen_catalogs.update(ref.digest for ref in frontier)
+            following: dict[str, _Ref] = {}
+            for ref, (stored, content) in zip(
+                frontier, self._parallel(self._load, frontier), strict=True
+            ):
+                if stored is not None:
+                    fetched_catalogs.append((ref, stored))
+                catalog = Catalog.from_bytes(content, ref.digest)
+                try:
+                    objects.update(catalog_objects(catalog))
+                    for nested in catalog.nested.values():
+                        if nested.hash not in self.seen_catalogs:
+                            following[nested.hash] = _Ref(nested.hash, nested.size, True)
+                finally:
+                    catalog.close()
+            frontier = list(following.values())
+        wanted = objects.keys() - self.have
+        missing = self.storage.missing(wanted)
+        self.have.update(wanted - missing)
+        refs = [_Ref(d, objects[d], stored=False) for d in sorted(missing)]
+        self._fetch_objects(refs, label)
+        for ref, stored in fetched_catalogs:
+            self._store(ref, stored)
+
+    def _load(self, ref: _Ref) -> tuple[bytes | None, bytes]:
+        """(stored bytes if fetched now, content) of a catalog or the history, read from
+        the mirror when it has it (it was verified when it was stored)."""
+        if self.storage.has(ref.digest):
+            return None, decode_object(self.storage.get_object(ref.digest), ref.digest)
+        stored = self.source.get(object_path(ref.digest), ref.max_bytes)
+        return stored, ref.verify(stored)
+
+    def _fetch_objects(self, refs: list[_Ref], label: str) -> None:
+        """Fetch, verify and store the files and chunks, in batches on worker processes.
+
+        Processes, not threads: per object the work is a GET, a decompression, a hash
+        and a file, in many small steps that hold the GIL; on two cores two processes
+        mirrored a release in 4.6 s where one process with four threads took 7.8 s.
+        """
+        from tqdm import tqdm
+
+        batches = [refs[i : i + BATCH] for i in range(0, len(refs), BATCH)]
+        root = str(self.storage.root)
+        bar = tqdm(total=len(refs), unit="obj", desc=label, leave=False, disable=not self.progress)
+        try:
+            if self.workers == 1 or len(batches) <= 1:
+                for batch in batches:
+                    self._fetched(batch, _fetch_batch(self.source, root, batch), bar)
+                return
+            # fork: the workers start at once, with every module already imported; the
+            # parent runs no other thread at this point.
+            context = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(self.workers, mp_context=context) as pool:
+                futures = {pool.submit(_fetch_batch, self.source, root, b): b for b in batches}
+                try:
+                    for future in as_completed(futures):
+                        self._fetched(futures[future], future.result(), bar)
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+        finally:
+            bar.close()
+
+    def _fetched(self, batch: list[_Ref], counts: tuple[int, int], bar: Any) -> None:
+        self.counters.add(*counts)
+        self.have.update(ref.digest for ref in batch)
+        bar.update(len(batch))
+
+    def _store(self, ref: _Ref, stored: bytes) -> None:
+        if self.storage.put_object(ref.digest, stored):
+            self.counters.add(1, len(stored))
+        self.have.add(ref.digest)
+
+    def _parallel(self, work: Callable[[T], R], items: list[T]) -> list[R]:
+        """work(item) for every item on worker threads, results in order; the first
+        failure stops the workers and is raised. For catalogs: few, and parsed here."""
+        if len(items) <= 1 or self.workers == 1:
+            return [work(item) for item in items]
+        results: list[R | None] = [None] * len(items)
+        indices = iter(range(len(items)))
+        taking = threading.Lock()
+        failures: list[BaseException] = []
+        stop = threading.Event()
+
+        def worker() -> None:
+            while not stop.is_set():
+                with taking:
+                    index = next(indices, None)
+                if index is None:
+                    return
+                try:
+                    results[index] = work(items[index])
+                except BaseException as exc:
+                    failures.append(exc)
+                    stop.set()
+                    return
+
+        threads = [
+            threading.Thread(target=worker, name=f"replicate-{n}")
+            for n in range(min(self.workers, len(items)))
+        ]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            stop.set()  # e.g. on Ctrl-C: the workers finish their current object only
+            for thread in threads:
+                thread.join()
+        if failures:
+            raise failures[0]
+        return results  # type: ignore[return-value]
