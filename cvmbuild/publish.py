@@ -255,6 +255,9 @@ def _reuse_from_cache(
     needed = {
         h for c in known.values() for h in ([c.hash] if c.hash else [x.hash for x in c.chunks])
     }
+    # The catalogs the layout may reuse go in the same question: over HTTP one request
+    # instead of one per catalog (the upload storage remembers the answers).
+    needed.update(ref.hash for ref in cache.catalogs.values())
     missing = storage.missing(needed)
     if missing:
         for entry in entries:
