@@ -10,6 +10,8 @@ SYSTEM_PACKAGES=(
   python3 python3-venv python3-dev build-essential pkg-config
   libcurl4-openssl-dev libssl-dev curl ca-certificates
   fuse libfuse2 nginx squid borgbackup restic cmake
+  mmdebstrap squashfs-tools dosfstools mtools syslinux syslinux-common
+  syslinux-efi qemu-utils qemu-system-x86 ovmf
 )
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

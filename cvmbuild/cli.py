@@ -1,4 +1,4 @@
-"""`cvmbuild`: publish a build tree (and, later, export appliances)."""
+"""`cvmbuild`: publish a build tree; export and boot thin appliances."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from cvmbuild.appliance.cli import add_subcommands as add_appliance_subcommands
 from cvmbuild.errors import BuildError
 from cvmbuild.ingest import DEFAULT_LEVEL, ChunkPolicy
 from cvmbuild.layout import DEFAULT_MAX_ENTRIES
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_publish)
+    add_appliance_subcommands(sub)
     return parser
 
 

@@ -1,0 +1,5 @@
+"""The thin appliance: recipes, rootfs, kernel and initramfs, disk image, exporters, boot.
+
+`build.build_disk` turns a recipe into a bootable raw disk; `exporters` turn that disk
+into the formats hypervisors and clouds import; `boot` tries an image under QEMU.
+"""

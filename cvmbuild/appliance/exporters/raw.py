@@ -1,0 +1,12 @@
+"""raw: the disk byte for byte (sparse), for QEMU, `dd` to a USB stick, or clouds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cvmbuild.appliance.exporters import ExportContext
+from cvmbuild.appliance.exporters.qemu_img import convert
+
+
+def export(context: ExportContext) -> list[Path]:
+    return [convert(context.disk, context.output / f"{context.name}.raw", "raw")]

@@ -1,0 +1,340 @@
+"""The appliance's PID 1 (copied into the image; standard library only, imports nothing
+from cvmbuild): contextualise, mount the repositories with cvmfs-client, run the job.
+
+Settings: /etc/cvmappliance/appliance.json (from the recipe), overridden by user data
+(a config drive labelled CIDATA with a `user-data` file, or EC2 instance metadata),
+overridden in turn by the kernel command line (cvm.repo_url=, cvm.proxy=, cvm.job64=).
+Progress goes to the console as `CVMAPPLIANCE: ...` lines that `cvmbuild boot` reads.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ctypes
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from dataclasses import dataclass, field, replace
+
+SETTINGS_FILE = "/etc/cvmappliance/appliance.json"
+MARK = "CVMAPPLIANCE:"
+USER_DATA_KEYS = {
+    "repository": {"url", "proxy", "public_key", "name", "mount_point"},
+    "job": {"command", "then"},
+}
+
+
+class ContextError(Exception):
+    """User data or settings the appliance cannot use."""
+
+
+@dataclass(frozen=True)
+class RepoSettings:
+    name: str
+    url: str
+    mount_point: str
+    public_key: str = ""  # PEM text
+    proxy: str = "DIRECT"
+    cache_quota: str = "1G"
+
+
+@dataclass(frozen=True)
+class Settings:
+    hostname: str = "cvm-appliance"
+    repositories: list[RepoSettings] = field(default_factory=list)
+    job: str = ""
+    then: str = "poweroff"
+
+
+def settings_from_json(text: str) -> Settings:
+    data = json.loads(text)
+    repos = [RepoSettings(**r) for r in data.get("repositories", [])]
+    return Settings(
+        hostname=data.get("hostname", "cvm-appliance"),
+        repositories=repos,
+        job=data.get("job", ""),
+        then=data.get("then", "poweroff"),
+    )
+
+
+def settings_to_json(settings: Settings) -> str:
+    return json.dumps(
+        {
+            "hostname": settings.hostname,
+            "repositories": [r.__dict__ for r in settings.repositories],
+            "job": settings.job,
+            "then": settings.then,
+        },
+        indent=2,
+        sort_keys=True,
+    )
+
+
+def parse_user_data(text: str, source: str) -> dict[str, dict[str, str]]:
+    """User data is TOML: [repository] url/proxy/public_key/name/mount_point, [job]
+    command/then. Anything else is refused, naming the key."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ContextError(f"{source}: not valid TOML: {exc}") from exc
+    out: dict[str, dict[str, str]] = {}
+    for table, values in data.items():
+        if table not in USER_DATA_KEYS or not isinstance(values, dict):
+            raise ContextError(f"{source}: unknown table [{table}] (known: repository, job)")
+        for key, value in values.items():
+            if key not in USER_DATA_KEYS[table]:
+                known = ", ".join(sorted(USER_DATA_KEYS[table]))
+                raise ContextError(f"{source}: [{table}] unknown key {key!r} (known: {known})")
+            if not isinstance(value, str):
+                raise ContextError(f"{source}: [{table}] {key} must be a string")
+        out[table] = dict(values)
+    return out
+
+
+def parse_cmdline(cmdline: str) -> dict[str, dict[str, str]]:
+    """cvm.repo_url=URL cvm.proxy=P cvm.job64=BASE64 on the kernel command line."""
+    out: dict[str, dict[str, str]] = {}
+    for word in cmdline.split():
+        key, sep, value = word.partition("=")
+        if not sep or not key.startswith("cvm."):
+            continue
+        if key == "cvm.repo_url":
+            out.setdefault("repository", {})["url"] = value
+        elif key == "cvm.proxy":
+            out.setdefault("repository", {})["proxy"] = value
+        elif key == "cvm.job64":
+            try:
+                command = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
+            except (binascii.Error, UnicodeDecodeError) as exc:
+                raise ContextError(f"kernel command line: cvm.job64 is not base64: {exc}") from exc
+            out.setdefault("job", {})["command"] = command
+    return out
+
+
+def apply_overrides(settings: Settings, overrides: dict[str, dict[str, str]]) -> Settings:
+    """User data changes the first repository (or adds one) and the job."""
+    repo = overrides.get("repository", {})
+    repos = list(settings.repositories)
+    if repo:
+        if repos:
+            first = replace(repos[0], **repo)
+            if "name" in repo and "mount_point" not in repo:
+                first = replace(first, mount_point=f"/cvmfs/{repo['name']}")
+            repos[0] = first
+        else:
+            if "url" not in repo:
+                raise ContextError("user data adds a repository without a url")
+            name = repo.get("name", "repository")
+            fields = {"name": name, "mount_point": f"/cvmfs/{name}", **repo}
+            repos.append(RepoSettings(**fields))
+    job = overrides.get("job", {})
+    return replace(
+        settings,
+        repositories=repos,
+        job=job.get("command", settings.job),
+        then=job.get("then", settings.then),
+    )
+
+
+def fat_label(boot_sector: bytes) -> str | None:
+    """The volume label of a FAT12/16/32 boot sector, or None if it is not FAT."""
+    if len(boot_sector) < 512 or boot_sector[510:512] != b"\x55\xaa":
+        return None
+    if boot_sector[82:90].startswith(b"FAT32"):
+        return boot_sector[71:82].decode("ascii", "replace").strip()
+    if boot_sector[54:62].startswith(b"FAT"):
+        return boot_sector[43:54].decode("ascii", "replace").strip()
+    return None
+
+
+def parse_stats(raw: bytes) -> tuple[str, int]:
+    stats = json.loads(raw)
+    return str(stats.get("repository", "")), int(stats.get("revision", 0))
+
+
+# -- the edges: console, devices, network, processes ---------------------------------
+
+
+def say(message: str) -> None:
+    print(f"{MARK} {message}", flush=True)
+
+
+def _run(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ContextError(f"{' '.join(command)}: {result.stderr.strip() or result.returncode}")
+
+
+def early_mounts() -> None:
+    for fstype, target, options in (
+        ("tmpfs", "/run", "mode=0755"),
+        ("tmpfs", "/tmp", "mode=1777"),
+        ("devpts", "/dev/pts", "gid=5,mode=620"),
+        ("tmpfs", "/dev/shm", "mode=1777"),
+    ):
+        os.makedirs(target, exist_ok=True)
+        subprocess.run(["mount", "-t", fstype, "-o", options, fstype, target], check=False)
+
+
+def config_drive_user_data() -> tuple[str, str] | None:
+    for name in sorted(os.listdir("/sys/class/block")):
+        try:
+            with open(f"/dev/{name}", "rb") as device:
+                label = fat_label(device.read(512))
+        except OSError:
+            continue
+        if label is None or label.upper() != "CIDATA":
+            continue
+        os.makedirs("/run/cidata", exist_ok=True)
+        _run(["mount", "-t", "vfat", "-o", "ro", f"/dev/{name}", "/run/cidata"])
+        try:
+            with open("/run/cidata/user-data", encoding="utf-8") as f:
+                return f.read(), f"config drive /dev/{name}"
+        except FileNotFoundError:
+            return None
+        finally:
+            subprocess.run(["umount", "/run/cidata"], check=False)
+    return None
+
+
+def on_ec2() -> bool:
+    for path, prefix in (
+        ("/sys/class/dmi/id/sys_vendor", "Amazon EC2"),
+        ("/sys/hypervisor/uuid", "ec2"),
+    ):
+        try:
+            with open(path) as f:
+                if f.read().strip().startswith(prefix):
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+IMDS = "http://169.254.169.254/latest"
+
+
+def imds_user_data(base: str = IMDS) -> tuple[str, str] | None:
+    """User data from EC2's instance metadata service, IMDSv2 (token first)."""
+    token_request = urllib.request.Request(
+        f"{base}/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"}
+    )
+    with urllib.request.urlopen(token_request, timeout=5) as response:
+        token = response.read().decode()
+    request = urllib.request.Request(
+        f"{base}/user-data", headers={"X-aws-ec2-metadata-token": token}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.read().decode(), "EC2 instance metadata"
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+
+
+def contextualise() -> Settings:
+    with open(SETTINGS_FILE, encoding="utf-8") as f:
+        settings = settings_from_json(f.read())
+    found = config_drive_user_data() or (imds_user_data() if on_ec2() else None)
+    if found is not None:
+        text, source = found
+        settings = apply_overrides(settings, parse_user_data(text, source))
+        say(f"user data from {source}")
+    with open("/proc/cmdline") as f:
+        settings = apply_overrides(settings, parse_cmdline(f.read()))
+    return settings
+
+
+def mount_repository(repo: RepoSettings) -> None:
+    os.makedirs(repo.mount_point, exist_ok=True)
+    key_file = f"/etc/cvmfs-keys/{repo.name}.pub"
+    if repo.public_key.strip().startswith("-----BEGIN"):
+        os.makedirs("/etc/cvmfs-keys", exist_ok=True)
+        with open(key_file, "w") as f:
+            f.write(repo.public_key)
+    if not os.path.exists(key_file):
+        raise ContextError(
+            f"no public key for {repo.name}: put one in the recipe or give "
+            "[repository] public_key in user data"
+        )
+    cache = f"/var/lib/cvmfs-client/{repo.name}"
+    command = ["cvmfs-client", "mount", repo.url, repo.mount_point, "--key", key_file,
+               "--cache-dir", cache, "--quota", repo.cache_quota,
+               "--proxy", repo.proxy]  # fmt: skip
+    say(f"mounting {repo.url} at {repo.mount_point}")
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        detail = result.stderr.strip() or f"exit {result.returncode}"
+        try:
+            with open(f"{cache}/client.log") as f:
+                detail += " | " + " ".join(f.read().splitlines()[-3:])
+        except OSError:
+            pass
+        raise ContextError(f"mounting {repo.name} failed: {detail}")
+    name, revision = parse_stats(os.getxattr(repo.mount_point, "user.stats"))
+    say(f"mounted {name} revision {revision} at {repo.mount_point}")
+
+
+def run_job(command: str) -> int:
+    say(f"job start: {command}")
+    started = time.monotonic()
+    status = subprocess.run(["/bin/sh", "-c", command]).returncode
+    sys.stdout.flush()
+    say(f"job exit {status} after {time.monotonic() - started:.1f} s")
+    return status
+
+
+def power_off() -> None:
+    os.sync()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.reboot(0x4321FEDC)  # LINUX_REBOOT_CMD_POWER_OFF
+    with open("/proc/sysrq-trigger", "w") as f:  # if the reboot call was refused
+        f.write("o")
+
+
+def stay() -> None:
+    say("staying up")
+    while True:
+        try:
+            os.wait()  # PID 1 reaps orphans
+        except ChildProcessError:
+            time.sleep(60)
+
+
+def main() -> int:
+    os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    os.environ.setdefault("HOME", "/root")
+    os.environ.setdefault("LANG", "C.UTF-8")
+    then = "poweroff"
+    try:
+        early_mounts()
+        say(f"agent started, uptime {open('/proc/uptime').read().split()[0]} s")
+        settings = contextualise()
+        then = settings.then
+        socket.sethostname(settings.hostname)
+        for repo in settings.repositories:
+            mount_repository(repo)
+        if settings.job:
+            run_job(settings.job)
+        else:
+            say("no job to run")
+    except Exception as exc:  # PID 1 must report, never die with a traceback
+        say(f"error: {exc}")
+    if then == "stay" or os.getpid() != 1:
+        if os.getpid() == 1:
+            stay()
+        return 0
+    say("powering off")
+    power_off()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
