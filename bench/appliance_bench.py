@@ -25,6 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from publish_bench import emit  # noqa: E402
+
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "thin.toml"
@@ -130,7 +133,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--boots", type=int, default=3, help="boots to time (default 3)")
     parser.add_argument("--no-warmup", action="store_true", help="the package cache is warm")
-    parser.add_argument("--output", help="also write the markdown here")
+    parser.add_argument("--output", type=Path, help="append the markdown to this file")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("the appliance build needs root (mmdebstrap --mode=root)")
@@ -191,9 +194,7 @@ def main() -> int:
         same = "the same" if first == digest else f"DIFFERENT ({first[:12]} vs {digest[:12]})"
         lines += ["", f"Rootfs content hash of the two builds: {same} (`{digest[:16]}…`)."]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text)
+    emit(text, args.output)  # appends: --output docs/PERFORMANCE.md must not clobber it
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

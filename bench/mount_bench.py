@@ -28,7 +28,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_release_tree import DEFAULT_WORK, tree_stats  # noqa: E402
-from publish_bench import BenchError, _first_line, machine_header, output_of, run  # noqa: E402
+from publish_bench import (  # noqa: E402
+    BenchError,
+    _first_line,
+    emit,
+    machine_header,
+    output_of,
+    run,
+)
 
 BIN = Path(sys.executable).parent  # cvmbuild, repo-server and cvmfs-client of our interpreter
 # One interpreter for every variant: the release venv's bin/python3 is an absolute symlink
@@ -450,10 +457,7 @@ def main() -> int:
         setup.close()
         prune(setup.run_dir)
     text = report(results, setup, args.repeat, tree_stats(tree)[1])
-    print(text)
-    if args.output:
-        with open(args.output, "a") as f:
-            f.write(text)
+    emit(text, args.output)
     return 0
 
 

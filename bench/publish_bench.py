@@ -257,6 +257,14 @@ def _first_line(cmd: list[str] | str) -> str:
         return "unknown"
 
 
+def emit(text: str, output: Path | None) -> None:
+    """Print a report, and append it to output (e.g. docs/PERFORMANCE.md) if given."""
+    print(text)
+    if output:
+        with open(output, "a") as f:
+            f.write(text)
+
+
 def machine_header(tree: Path) -> list[str]:
     """Date, CPU, memory, kernel, the file system holding tree, Python and our commit:
     the lines every benchmark report starts with."""
@@ -406,10 +414,7 @@ def main() -> int:
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     text = report(results, trees, args.repeat)
-    print(text)
-    if args.output:
-        with open(args.output, "a") as f:
-            f.write(text)
+    emit(text, args.output)
     return 0
 
 

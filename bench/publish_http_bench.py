@@ -25,7 +25,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_release_tree import DEFAULT_WORK, ensure_trees, tree_stats  # noqa: E402
 from mount_bench import free_port  # noqa: E402
-from publish_bench import BIN, BenchError, machine_header, run, warm  # noqa: E402
+from publish_bench import BIN, BenchError, emit, machine_header, run, warm  # noqa: E402
 
 NAME = "bench.example.org"
 RATIO_TARGET = 1.3  # http cold / local cold
@@ -127,10 +127,7 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     text = report(results, trees.release1, args.repeat)
-    print(text)
-    if args.output:
-        with open(args.output, "a") as f:
-            f.write(text)
+    emit(text, args.output)
     return 0
 
 

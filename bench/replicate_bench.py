@@ -28,6 +28,7 @@ from publish_bench import (  # noqa: E402
     BenchError,
     Timing,
     _first_line,
+    emit,
     file_bytes,
     machine_header,
     run,
@@ -216,10 +217,7 @@ def main() -> int:
         setup.close()
         shutil.rmtree(runs, ignore_errors=True)
     text = report(results, setup, args.repeat, summary)
-    print(text)
-    if args.output:
-        with open(args.output, "a") as f:
-            f.write(text)
+    emit(text, args.output)
     return 0
 
 
