@@ -20,6 +20,7 @@ from cvmfs_client.objects import object_path
 TXN_DIR = "txn"
 TMP_PREFIX = ".tmp-"
 DIRTY_MARKER = "dirty"
+LIST_DIR_AT = 16  # asked about this many objects of one data/xx/, list it instead of stat
 STALE_TMP_S = 600  # an object's temporary file older than this was left by a crash
 
 
@@ -101,7 +102,24 @@ class LocalStorage:
         return os.path.exists(self._path(digest))
 
     def missing(self, digests: Iterable[str]) -> set[str]:
-        return {d for d in set(digests) if not os.path.exists(self._path(d))}
+        by_dir: dict[str, list[str]] = {}
+        for digest in set(digests):
+            object_path(digest)  # refuses anything that is not an object name
+            by_dir.setdefault(digest[:2], []).append(digest)
+        missing: set[str] = set()
+        for sub, wanted in by_dir.items():
+            directory = os.path.join(self.root, "data", sub)
+            if len(wanted) < LIST_DIR_AT:
+                missing.update(d for d in wanted if not os.path.exists(f"{directory}/{d[2:]}"))
+                continue
+            # Many in one directory (a re-publish asks about every object): one listing
+            # is cheaper than a stat each (15k objects: 0.35 s of stats).
+            try:
+                present = set(os.listdir(directory))
+            except FileNotFoundError:
+                present = set()
+            missing.update(d for d in wanted if d[2:] not in present)
+        return missing
 
     def _write_temp(self, data: bytes, directory: str | None = None) -> str:
         tmp = os.path.join(directory or self.txn, TMP_PREFIX + secrets.token_hex(12))
