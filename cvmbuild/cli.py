@@ -87,8 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--path",
-        help="where SRC appears in the repository, e.g. /sw/1.2; may use {version} "
-        "(CVMBUILD_PATH)",
+        help="where SRC appears in the repository, e.g. /sw/1.2; may use {version} (CVMBUILD_PATH)",
     )
     p.add_argument("--version", help="fills {version} in path, tag and message (CVMBUILD_VERSION)")
     p.add_argument(

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cvmbuild.appliance.recipe import FORMATS
+from cvmbuild.appliance import FORMATS
 from cvmfs_client import console
 from cvmfs_client.console import human
 

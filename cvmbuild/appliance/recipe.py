@@ -15,9 +15,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from cvmbuild.appliance import FORMATS
 from cvmbuild.appliance.errors import RecipeError
-
-FORMATS = ("raw", "qcow2", "vdi", "vmdk", "ova", "hdd", "vhd", "ami")
 
 # Drivers for every target: QEMU/KVM (virtio), VirtualBox and Parallels (ahci, e1000),
 # VMware (ahci, pvscsi, LSI Logic, vmxnet3, e1000e), Hyper-V/Azure (hv_*), EC2 (nvme,

@@ -10,7 +10,8 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from cvmbuild.appliance.recipe import FORMATS, Recipe
+from cvmbuild.appliance import FORMATS
+from cvmbuild.appliance.recipe import Recipe
 
 
 @dataclass(frozen=True)
