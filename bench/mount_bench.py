@@ -13,7 +13,6 @@ Needs root (drop_caches, mounts), nginx, squashfs-tools, squashfuse and rclone.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import os
@@ -27,10 +26,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_release_tree import DEFAULT_WORK, tree_stats  # noqa: E402
+from make_release_tree import tree_stats  # noqa: E402
 from publish_bench import (  # noqa: E402
     BenchError,
     _first_line,
+    bench_arguments,
     emit,
     machine_header,
     output_of,
@@ -428,16 +428,7 @@ def prune(run_dir: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--tree", type=Path, default=DEFAULT_WORK / "release1", help="the tree to publish"
-    )
-    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement")
-    parser.add_argument(
-        "--runs", type=Path, default=DEFAULT_WORK / "mount-runs", help="where everything goes"
-    )
-    parser.add_argument("--output", type=Path, help="append the markdown to this file")
-    args = parser.parse_args()
+    args = bench_arguments("mount-runs")
     if os.geteuid() != 0:
         print("error: needs root (drop_caches, mounts)", file=sys.stderr)
         return 1

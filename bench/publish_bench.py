@@ -257,6 +257,22 @@ def _first_line(cmd: list[str] | str) -> str:
         return "unknown"
 
 
+def bench_arguments(runs: str) -> argparse.Namespace:
+    """--tree, --repeat, --runs and --output, as the mount and replication benches take them."""
+    parser = argparse.ArgumentParser(
+        description=(sys.modules["__main__"].__doc__ or "").split("\n")[0]
+    )
+    parser.add_argument(
+        "--tree", type=Path, default=DEFAULT_WORK / "release1", help="the tree to publish"
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement")
+    parser.add_argument(
+        "--runs", type=Path, default=DEFAULT_WORK / runs, help="where everything goes"
+    )
+    parser.add_argument("--output", type=Path, help="append the markdown to this file")
+    return parser.parse_args()
+
+
 def emit(text: str, output: Path | None) -> None:
     """Print a report, and append it to output (e.g. docs/PERFORMANCE.md) if given."""
     print(text)

@@ -12,7 +12,6 @@ Needs nginx and wget.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import shutil
@@ -22,12 +21,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_release_tree import DEFAULT_WORK, tree_stats  # noqa: E402
+from make_release_tree import tree_stats  # noqa: E402
 from mount_bench import accepting, free_port, stop, wait_for  # noqa: E402
 from publish_bench import (  # noqa: E402
     BenchError,
     Timing,
     _first_line,
+    bench_arguments,
     emit,
     file_bytes,
     machine_header,
@@ -191,16 +191,7 @@ def report(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--tree", type=Path, default=DEFAULT_WORK / "release1", help="the tree to publish"
-    )
-    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement")
-    parser.add_argument(
-        "--runs", type=Path, default=DEFAULT_WORK / "replicate-runs", help="where everything goes"
-    )
-    parser.add_argument("--output", type=Path, help="append the markdown to this file")
-    args = parser.parse_args()
+    args = bench_arguments("replicate-runs")
     runs = args.runs.resolve()
     shutil.rmtree(runs, ignore_errors=True)  # left by an earlier run
     setup = Setup(args.tree.resolve(), runs / datetime.datetime.now().strftime("run-%Y%m%d-%H%M%S"))

@@ -122,27 +122,27 @@ def test_settings_errors_name_the_file_line_and_key(
     tmp_path: Path, publishing_env: dict[str, str]
 ) -> None:
     work = example("make", tmp_path)
-    (work / "cvmbuild.toml").write_text('[publish]\npath = "/sw/x"\nrepository = "typo"\n')
-    result = subprocess.run(
-        [BIN / "cvmbuild", "publish", work],
-        cwd=work,
-        env=publishing_env,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 1
-    assert f"error: {work}/cvmbuild.toml:3: publish.repository: unknown key" in result.stderr
-
-    (work / "cvmbuild.toml").write_text('[publish]\npath = "/sw/x/{version}"\n')
-    result = subprocess.run(
-        [BIN / "cvmbuild", "publish", work],
-        cwd=work,
-        env=publishing_env,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 1
-    assert "publish.path uses {version}: give --version or set CVMBUILD_VERSION" in result.stderr
+    for config, complaint in (
+        (
+            '[publish]\npath = "/sw/x"\nrepository = "typo"\n',
+            f"error: {work}/cvmbuild.toml:3: publish.repository: unknown key",
+        ),
+        (
+            '[publish]\npath = "/sw/x/{version}"\n',
+            "publish.path uses {version}: give --version or set CVMBUILD_VERSION",
+        ),
+        ("[publish]\npath = 3\n", f"{work}/cvmbuild.toml:2: publish.path: expected a string"),
+    ):
+        (work / "cvmbuild.toml").write_text(config)
+        result = subprocess.run(
+            [BIN / "cvmbuild", "publish", work],
+            cwd=work,
+            env=publishing_env,
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 1
+        assert complaint in result.stderr
 
 
 def test_settings_come_from_the_command_line_then_environment_then_file(tmp_path: Path) -> None:
