@@ -18,7 +18,7 @@ import zstandard
 from repo_server.catalog_writer import CatalogBuilder
 from repo_server.gateway import Leases
 from repo_server.tokens import Token
-from repo_server.upload_pack import API, encode_pack
+from repo_server.upload_pack import API, PACK_LIMIT, encode_pack
 from tests.conftest import (
     BIN,
     MiB,
@@ -365,3 +365,45 @@ def test_a_dry_run_shows_what_would_be_uploaded_and_changes_nothing(
     assert counts and counts[0] in out.decode()  # the dry run predicted the upload
     again = publish_http(tmp_path / "src", server, "/sw/1.0", token, "--dry-run").stdout
     assert b"(0 objects, 0 catalogs)" in again
+
+
+def test_token_mistakes_get_one_line_errors_and_change_nothing(tmp_path: Path, repo: Repo) -> None:
+    make_token(repo, "ci", "/sw")
+    tokens = repo.keys / "tokens.json"
+    before = tokens.read_bytes()
+    for args, complaint in (
+        (["add", "--name", "ci", "--path", "/sw"], b"token 'ci' exists"),
+        (["add", "--name", "bad name", "--path", "/sw"], b"token name 'bad name'"),
+        (["add", "--name", "x", "--path", "sw/relative"], b"must be absolute"),
+        (["add", "--name", "x", "--path", "/sw/../etc"], b"'.' or '..'"),
+        (["revoke", "--name", "nobody"], b"no token named 'nobody'"),
+    ):
+        result = run_cli("repo-server", "token", args[0], repo.dir, *args[1:], check=False)
+        assert result.returncode == 1 and result.stderr.startswith(b"error: "), result.stderr
+        assert complaint in result.stderr
+    assert tokens.read_bytes() == before
+
+    tokens.write_text("{not json")
+    broken = run_cli("repo-server", "token", "list", repo.dir, check=False)
+    assert broken.returncode == 1 and b"not a token file" in broken.stderr
+
+
+def test_an_empty_token_file_or_unknown_lease_or_huge_body_is_refused(
+    tmp_path: Path, repo: Repo, server: str
+) -> None:
+    (tmp_path / "src").mkdir()
+    empty = publish_http(tmp_path / "src", server, "/sw", token_file(tmp_path, ""), check=False)
+    assert empty.returncode == 1 and b"the file is empty" in empty.stderr
+
+    auth = {"Authorization": f"Bearer {make_token(repo, 'ci', '/sw')}"}
+    gone = requests.post(
+        f"{server}{API}/leases/{'0' * 32}/commit", json={}, headers=auth, timeout=5
+    )
+    assert gone.status_code == 410 and "start the publish again" in gone.json()["error"]
+    lease = _lease(server, auth["Authorization"].split()[1], "/sw")
+    huge = requests.post(
+        f"{server}{API}/leases/{lease}/objects", data=b"x" * (PACK_LIMIT + 2 * MiB),
+        headers=auth, timeout=30,
+    )  # fmt: skip
+    assert huge.status_code == 413
+    assert head_revision(repo) == 0
