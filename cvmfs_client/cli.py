@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-prefetch",
         action="store_true",
         help="fetch only what is read (default: opening a file also fetches the other "
-        "small files of its directory in the background)",
+        "unchunked files of its directory in the background, files like it first)",
     )
     group = p.add_mutually_exclusive_group()
     group.add_argument("--tag", help="mount the revision with this tag")

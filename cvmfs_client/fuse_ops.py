@@ -17,24 +17,19 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import mfusepy
-
 from cvmfs_client.catalog import Chunk, Entry
 from cvmfs_client.errors import ClientError, FormatError, NotFoundError
+from cvmfs_client.fuse_bridge import ENOATTR, FuseOSError, Operations, c_stat, packed_stat
+from cvmfs_client.prefetch import CACHE_SHARE, Prefetcher
 from cvmfs_client.repository import RepositoryReader
 
 log = logging.getLogger(__name__)
 
 ROOT_XATTRS = ["user.revision", "user.host", "user.proxy", "user.root_hash", "user.stats"]
 PREFETCH_CHUNKS = 4  # chunks fetched ahead of a sequential reader
-PREFETCH_WORKERS = 4
-SIBLING_MAX = 256 * 1024  # small files of a directory are fetched together, see open()
-SIBLING_WORKERS = 3
-SIBLING_CACHE_SHARE = 0.8  # never prefetch into the last fifth of the cache quota
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
@@ -68,7 +63,7 @@ class OpenFile:
     prefetched: int = 0  # chunks below this index were already handed to the prefetcher
 
 
-class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
+class RepositoryFS(Operations):  # type: ignore[misc]
     use_ns = True
 
     def __init__(
@@ -77,12 +72,14 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
         self.reader = reader
         self.on_ready = on_ready
         self._handles: dict[int, OpenFile] = {}
+        self._kinds = {
+            kind: packed_stat(kind, 0, 1, 0) for kind in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK)
+        }
         self._next = itertools.count(1)
         self._lock = threading.Lock()
         self.io_errors = 0
-        self._prefetcher = ThreadPoolExecutor(PREFETCH_WORKERS, thread_name_prefix="prefetch")
+        self._prefetcher = Prefetcher(self._warm, self._cache_has_room)
         self.prefetch_siblings = prefetch_siblings
-        self._siblings = ThreadPoolExecutor(SIBLING_WORKERS, thread_name_prefix="siblings")
         self._warmed_dirs: set[tuple[str, str]] = set()  # (root catalog, directory)
 
     # -- helpers ----------------------------------------------------------------------
@@ -92,18 +89,18 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
         try:
             return self.reader.lookup(path)
         except NotFoundError as exc:
-            raise mfusepy.FuseOSError(errno.ENOENT) from exc
+            raise FuseOSError(errno.ENOENT) from exc
         except FormatError as exc:
             if "path" in str(exc):
-                raise mfusepy.FuseOSError(errno.ENOENT) from exc
+                raise FuseOSError(errno.ENOENT) from exc
             raise self._eio(path, exc) from exc
         except ClientError as exc:
             raise self._eio(path, exc) from exc
 
-    def _eio(self, path: str, exc: Exception) -> mfusepy.FuseOSError:
+    def _eio(self, path: str, exc: Exception) -> FuseOSError:
         self.io_errors += 1
         log.error("I/O error on %s via %s: %s", path, self.reader.fetcher.describe(), exc)
-        return mfusepy.FuseOSError(errno.EIO)
+        return FuseOSError(errno.EIO)
 
     def _route(self) -> tuple[str, str]:
         fetcher = self.reader.fetcher
@@ -147,57 +144,53 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
         if self.on_ready is not None:
             self.on_ready()
 
-    @on_fuse_thread
-    def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
-        entry = self._entry(path)
+    def _stat(self, entry: Entry) -> c_stat:
         nlink = 2 if entry.is_dir else self.reader.link_count(entry)
-        return {
-            "st_mode": entry.mode,
-            "st_size": entry.size,
-            "st_nlink": nlink,
-            "st_uid": 0,
-            "st_gid": 0,
-            "st_mtime": entry.mtime_ns,
-            "st_ctime": entry.mtime_ns,
-            "st_atime": entry.mtime_ns,
-            "st_blocks": (entry.size + 511) // 512,
-        }
+        return packed_stat(entry.mode, entry.size, nlink, entry.mtime_ns)
 
     @on_fuse_thread
-    def readdir(self, path: str, fh: int) -> list[tuple[str, int, int]]:
+    def getattr(self, path: str, fh: int | None = None) -> c_stat:
+        return self._stat(self._entry(path))
+
+    @on_fuse_thread
+    def readdir(self, path: str, fh: int) -> list[tuple[bytes, c_stat]]:
         entry = self._entry(path)
         if not entry.is_dir:
-            raise mfusepy.FuseOSError(errno.ENOTDIR)
+            raise FuseOSError(errno.ENOTDIR)
         try:
             children = self.reader.listdir(entry.path)
         except ClientError as exc:
             raise self._eio(path, exc) from exc
-        # The mode gives the kernel each entry's type (d_type), so `find -type f` and
-        # Python's import scanning need no lookup per file.
-        dot = stat.S_IFDIR | 0o755
-        return [(".", dot, 0), ("..", dot, 0), *((c.name, c.mode, 0) for c in children)]
+        # The type of each entry (d_type), so `find -type f` and Python's import
+        # scanning need no lookup per file; libfuse sends the kernel nothing else.
+        kinds = self._kinds
+        return [
+            (b".", kinds[stat.S_IFDIR]),
+            (b"..", kinds[stat.S_IFDIR]),
+            *((c.name.encode(), kinds[stat.S_IFMT(c.mode)]) for c in children),
+        ]
 
     @on_fuse_thread
     def readlink(self, path: str) -> str:
         entry = self._entry(path)
         if not entry.is_symlink or entry.target is None:
-            raise mfusepy.FuseOSError(errno.EINVAL)
+            raise FuseOSError(errno.EINVAL)
         return entry.target
 
     @on_fuse_thread
     def access(self, path: str, amode: int) -> int:
         if amode & os.W_OK:
-            raise mfusepy.FuseOSError(errno.EROFS)
+            raise FuseOSError(errno.EROFS)
         self._entry(path)
         return 0
 
     @on_fuse_thread
     def open(self, path: str, flags: int) -> int:
         if flags & WRITE_FLAGS:
-            raise mfusepy.FuseOSError(errno.EROFS)
+            raise FuseOSError(errno.EROFS)
         entry = self._entry(path)
         if not entry.is_file:
-            raise mfusepy.FuseOSError(errno.EISDIR if entry.is_dir else errno.EINVAL)
+            raise FuseOSError(errno.EISDIR if entry.is_dir else errno.EINVAL)
         try:
             if entry.chunked:
                 chunks = self.reader.chunks(entry)
@@ -215,11 +208,12 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
         return number
 
     def _prefetch_siblings(self, entry: Entry) -> None:
-        """Programs open many small files of one directory in a row (an import reads a
+        """Programs open many files of one directory in a row (an import reads a
         package's modules, a setup script sources its neighbours): when the first one is
-        opened, fetch the directory's other small files in the background, so the next
-        opens find them in the cache instead of waiting for the network one by one."""
-        if not self.prefetch_siblings or self.reader.cache is None:
+        opened, fetch the directory's other files in the background, so the next opens
+        find them in the cache instead of waiting for the network one by one."""
+        cache = self.reader.cache
+        if not self.prefetch_siblings or cache is None:
             return
         parent = entry.path.rpartition("/")[0] or "/"
         key = (self.reader.root_hash, parent)
@@ -227,38 +221,31 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
             if key in self._warmed_dirs:
                 return
             self._warmed_dirs.add(key)
-        self._siblings.submit(self._warm_directory, parent)
-
-    def _warm_directory(self, dirpath: str) -> None:
-        cache = self.reader.cache
-        assert cache is not None
         try:
-            children = self.reader.listdir(dirpath)
+            children = self.reader.listdir(parent)
         except ClientError as exc:
-            log.info("prefetch of %s failed: %s", dirpath, exc)
+            log.info("prefetch of %s failed: %s", parent, exc)
             return
-        for child in children:
-            if not child.is_file or child.chunked or child.size > SIBLING_MAX:
-                continue
-            if (
-                cache.quota is not None
-                and cache.used + child.size > cache.quota * SIBLING_CACHE_SHARE
-            ):
-                return
-            if child.hash is not None and child.hash not in cache:
-                self._siblings.submit(self._warm, Chunk(0, child.size, child.hash))
+        self._prefetcher.siblings(entry, children, cache.__contains__)
+
+    def _cache_has_room(self, size: int) -> bool:
+        cache = self.reader.cache
+        return (
+            cache is None or cache.quota is None or cache.used + size <= cache.quota * CACHE_SHARE
+        )
 
     @on_fuse_thread
-    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+    def read(self, buffer: memoryview, offset: int, fh: int) -> int:
+        """Read up to len(buffer) bytes at offset into buffer; returns the count."""
         handle = self._handles[fh]
         if handle.fd is not None:
-            return os.pread(handle.fd, size, offset)
-        end = min(offset + size, handle.entry.size)
+            return os.preadv(handle.fd, [buffer], offset)
+        end = min(offset + len(buffer), handle.entry.size)
         first = max(bisect.bisect_right(handle.offsets, offset) - 1, 0)
         if offset == handle.next_offset:
             self._prefetch(handle, first + 1)
         handle.next_offset = end
-        pieces = []
+        done = 0
         try:
             for chunk in handle.chunks[first:]:
                 chunk_end = chunk.offset + chunk.size
@@ -269,26 +256,23 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
                 start = max(offset, chunk.offset)
                 fd = self.reader.open_object(chunk.hash, chunk.size)
                 try:
-                    pieces.append(os.pread(fd, min(end, chunk_end) - start, start - chunk.offset))
+                    part = buffer[done : done + min(end, chunk_end) - start]
+                    done += os.preadv(fd, [part], start - chunk.offset)
                 finally:
                     self.reader.close_object(chunk.hash, fd)
         except ClientError as exc:
-            raise self._eio(path, exc) from exc
-        return b"".join(pieces)
+            raise self._eio(handle.entry.path, exc) from exc
+        return done
 
     def _prefetch(self, handle: OpenFile, index: int) -> None:
         """A sequential reader will want the next chunks: fetch them in parallel now."""
         stop = min(index + PREFETCH_CHUNKS, len(handle.chunks))
         start = max(index, handle.prefetched)
         handle.prefetched = max(handle.prefetched, stop)
-        for chunk in handle.chunks[start:stop]:
-            self._prefetcher.submit(self._warm, chunk)
+        self._prefetcher.chunks(handle.chunks[start:stop])
 
     def _warm(self, chunk: Chunk) -> None:
-        try:
-            self.reader.close_object(chunk.hash, self.reader.open_object(chunk.hash, chunk.size))
-        except ClientError as exc:  # the read itself will report it as EIO
-            log.info("prefetch of chunk %s failed: %s", chunk.hash, exc)
+        self.reader.close_object(chunk.hash, self.reader.open_object(chunk.hash, chunk.size))
 
     @on_fuse_thread
     def release(self, path: str, fh: int) -> int:
@@ -326,5 +310,5 @@ class RepositoryFS(mfusepy.Operations):  # type: ignore[misc]
         if entry.chunked:
             values["user.chunks"] = str(len(self.reader.chunks(entry)))
         if name not in values:
-            raise mfusepy.FuseOSError(mfusepy.ENOATTR)
+            raise FuseOSError(ENOATTR)
         return values[name].encode()

@@ -12,11 +12,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-import mfusepy
-
 from cvmfs_client.cache import ObjectCache
 from cvmfs_client.errors import ClientError
 from cvmfs_client.fetcher import OfflineFallback, fetcher_for
+from cvmfs_client.fuse_bridge import Bridge
 from cvmfs_client.fuse_ops import RepositoryFS
 from cvmfs_client.repository import MANIFEST_FILE, WHITELIST_FILE, RepositoryReader
 from cvmfs_client.signed import key_fingerprint, load_public_key_pem
@@ -121,7 +120,7 @@ def mount(options: MountOptions) -> int:
     if options.foreground:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
         fs = RepositoryFS(reader, prefetch_siblings=options.prefetch)
-        mfusepy.FUSE(fs, options.mountpoint, foreground=True, **fuse_options)
+        Bridge(fs, options.mountpoint, foreground=True, **fuse_options)
         return 0
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -141,7 +140,7 @@ def mount(options: MountOptions) -> int:
                 on_ready=lambda: os.write(write_end, b"1"),
                 prefetch_siblings=options.prefetch,
             )
-            mfusepy.FUSE(fs, options.mountpoint, foreground=True, **fuse_options)
+            Bridge(fs, options.mountpoint, foreground=True, **fuse_options)
             status = 0
         except BaseException:  # the parent reports failure; the details go to the log
             logging.exception("mount failed")

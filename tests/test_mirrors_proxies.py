@@ -323,7 +323,8 @@ def test_an_offline_remount_reads_what_was_read_and_fails_fast_on_the_rest(
     read_before = {k: v for k, v in release.files.items() if k != never_read}
     with serving(release.repo.dir, tmp_path / "serve.log") as url:
         mirrors = f"{url};{nginx.url}"
-        with mounted(mirrors, mountpoint, cache, release.repo.pub) as mnt:
+        # --no-prefetch: the cache must hold exactly what was read, not never_read too.
+        with mounted(mirrors, mountpoint, cache, release.repo.pub, "--no-prefetch") as mnt:
             for relpath, content in read_before.items():
                 assert (mnt / SW / relpath).read_bytes() == content, relpath
             assert (mnt / SW / never_read).stat().st_size == len(release.files[never_read])

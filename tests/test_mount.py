@@ -96,6 +96,43 @@ def test_mounted_release_is_identical_to_the_build_tree(
         assert os.getxattr(m.path, "user.revision") == b"1"
 
 
+def test_listing_the_mount_shows_the_names_types_and_attributes_of_the_build_tree(
+    repo: Repo, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "one.txt").write_text("one\n")
+    (src / "a" / "b" / "big.bin").write_bytes(os.urandom(3 << 20))
+    os.link(src / "a" / "one.txt", src / "a" / "b" / "same.txt")
+    os.symlink("b/big.bin", src / "a" / "link")
+    (src / "a" / "run.sh").write_text("#!/bin/sh\n")
+    (src / "a" / "run.sh").chmod(0o755)
+    os.utime(src / "a" / "b", ns=(1_500_000_000_987_654_321,) * 2)
+    run_cli("cvmbuild", "publish", src, "--repo", repo.dir, "--path", "/sw")
+    with Mount(repo, tmp_path / "mnt", tmp_path / "cache") as m:
+        base = m.path / "sw"
+
+        def walk(directory: Path) -> None:
+            # Names and types as readdir gives them, then each entry's attributes.
+            with os.scandir(directory) as listing:
+                seen = {e.name: (e.is_dir(follow_symlinks=False), e.is_symlink()) for e in listing}
+            origin = src / directory.relative_to(base)
+            assert seen == {
+                p.name: (p.is_dir() and not p.is_symlink(), p.is_symlink())
+                for p in origin.iterdir()
+            }
+            for name, (is_dir, _) in seen.items():
+                st_src, st_mnt = (origin / name).lstat(), (directory / name).lstat()
+                assert st_mnt.st_mode == st_src.st_mode, name
+                assert st_mnt.st_mtime_ns == st_src.st_mtime_ns, name
+                if not is_dir:
+                    assert (st_mnt.st_size, st_mnt.st_nlink) == (st_src.st_size, st_src.st_nlink)
+                else:
+                    walk(directory / name)
+
+        walk(base)
+
+
 def test_a_python_program_runs_from_the_mount(published: tuple[Repo, Path], tmp_path: Path) -> None:
     repo, _ = published
     with Mount(repo, tmp_path / "mnt", tmp_path / "cache") as m:
@@ -262,18 +299,20 @@ def _stat(mountpoint: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("prefetch", [True, False])
-def test_opening_a_file_fetches_its_small_neighbours_unless_told_not_to(
+def test_opening_a_file_fetches_its_neighbours_unless_told_not_to(
     repo: Repo, tmp_path: Path, prefetch: bool
 ) -> None:
     src = tmp_path / "src"
     (src / "pkg").mkdir(parents=True)
     modules = {f"mod{i}.py": f"VALUE = {i}\n".encode() * (i + 1) for i in range(12)}
-    for name, text in modules.items():
-        (src / "pkg" / name).write_bytes(text)
-    (src / "pkg" / "big.so").write_bytes(os.urandom(300 * 1024))  # over the 256 KiB limit
+    modules["ext.so"] = os.urandom(300 * 1024)  # not like mod0.py: fetched after the .py
+    for name, data in modules.items():
+        (src / "pkg" / name).write_bytes(data)
+    (src / "pkg" / "big.bin").write_bytes(os.urandom(3 << 20))  # chunked: read as needed
     (src / "other").mkdir()
     (src / "other" / "far.py").write_text("never opened\n")
-    run_cli("cvmbuild", "publish", src, "--repo", repo.dir, "--path", "/sw")
+    publish = ("cvmbuild", "publish", src, "--repo", repo.dir, "--path", "/sw")
+    run_cli(*publish, "--chunk-threshold", "1M")
     options = () if prefetch else ("--no-prefetch",)
     with Mount(repo, tmp_path / "mnt", tmp_path / "cache", *options) as m:
         assert len(os.listdir(m.path / "sw/pkg")) == len(modules) + 1  # loads the catalogs
@@ -285,7 +324,7 @@ def test_opening_a_file_fetches_its_small_neighbours_unless_told_not_to(
             assert time.monotonic() < deadline, _stat(m.path)
             time.sleep(0.05)
         time.sleep(0.3)
-        assert int(_stat(m.path)["misses"]) == expected  # not big.so, not other/
+        assert int(_stat(m.path)["misses"]) == expected  # not big.bin, not other/
         for name, text in modules.items():
             assert (m.path / "sw/pkg" / name).read_bytes() == text
         assert int(_stat(m.path)["misses"]) == before + len(modules)
