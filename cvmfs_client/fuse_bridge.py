@@ -75,6 +75,10 @@ class ReadOnlyTree(Protocol):
 
     def readdir(self, path: str, fh: int) -> list[tuple[bytes, mfusepy.c_stat]]: ...
 
+    def open(self, path: str, flags: int) -> tuple[int, bool]:
+        """(file handle, whether the kernel may keep the file's cached pages)"""
+        ...
+
     def read(self, buffer: memoryview, offset: int, fh: int) -> int: ...
 
 
@@ -113,7 +117,7 @@ class Bridge(mfusepy.FUSE):  # type: ignore[misc]
 
     def open(self, path: bytes, fip: Any) -> int:
         fi = fip.contents
-        fi.fh = self.operations.open(path.decode(), fi.flags)
+        fi.fh, fi.keep_cache = self.operations.open(path.decode(), fi.flags)
         if hasattr(fi, "noflush"):
             fi.noflush = 1  # nothing to flush on close: spare the kernel a round trip
         return 0

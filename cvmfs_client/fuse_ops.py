@@ -18,7 +18,7 @@ import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from cvmfs_client.catalog import Chunk, Entry
 from cvmfs_client.errors import ClientError, FormatError, NotFoundError
@@ -63,6 +63,11 @@ class OpenFile:
     prefetched: int = 0  # chunks below this index were already handed to the prefetcher
 
 
+class Opened(NamedTuple):
+    fh: int
+    keep_cache: bool  # the kernel's cached pages of the file hold this content
+
+
 class RepositoryFS(Operations):  # type: ignore[misc]
     use_ns = True
 
@@ -72,6 +77,7 @@ class RepositoryFS(Operations):  # type: ignore[misc]
         self.reader = reader
         self.on_ready = on_ready
         self._handles: dict[int, OpenFile] = {}
+        self._contents: dict[str, str] = {}  # path -> content id at its last open
         self._kinds = {
             kind: packed_stat(kind, 0, 1, 0) for kind in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK)
         }
@@ -185,7 +191,7 @@ class RepositoryFS(Operations):  # type: ignore[misc]
         return 0
 
     @on_fuse_thread
-    def open(self, path: str, flags: int) -> int:
+    def open(self, path: str, flags: int) -> Opened:
         if flags & WRITE_FLAGS:
             raise FuseOSError(errno.EROFS)
         entry = self._entry(path)
@@ -201,11 +207,17 @@ class RepositoryFS(Operations):  # type: ignore[misc]
                 handle = OpenFile(entry, fd, [])
         except ClientError as exc:
             raise self._eio(path, exc) from exc
+        # The kernel's pages of a path may hold another revision's bytes, even at the
+        # same size and mtime: it keeps them only if this path had this content when it
+        # was last opened (libfuse's auto_cache compares size and mtime only).
+        content = entry.hash or "".join(c.hash for c in handle.chunks)
         with self._lock:
             number = next(self._next)
             self._handles[number] = handle
+            keep = self._contents.get(entry.path) == content
+            self._contents[entry.path] = content
         self._prefetch_siblings(entry)
-        return number
+        return Opened(number, keep)
 
     def _prefetch_siblings(self, entry: Entry) -> None:
         """Programs open many files of one directory in a row (an import reads a

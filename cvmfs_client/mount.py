@@ -106,9 +106,7 @@ def mount(options: MountOptions) -> int:
     fuse_options = {
         "ro": True,
         "fsname": f"cvmfs-py:{reader.manifest.name}",
-        # auto_cache keeps the kernel's pages of a file until its size or mtime changes,
-        # which is what a switch to a new revision does to a republished file.
-        "auto_cache": True,
+        # No auto_cache: RepositoryFS.open tells the kernel when to keep a file's pages.
         "entry_timeout": timeout,
         "attr_timeout": timeout,
         "negative_timeout": timeout,

@@ -272,6 +272,25 @@ def test_a_new_revision_appears_after_the_ttl_while_open_files_keep_their_conten
         assert other.read_text() == "second release, longer than the first\n"
 
 
+def test_a_file_republished_with_the_same_size_and_mtime_reads_its_new_bytes(
+    published: tuple[Repo, Path], tmp_path: Path
+) -> None:
+    repo, src = published
+    other = src / "bin" / "other.txt"
+    stamp = other.stat().st_mtime_ns
+    with Mount(repo, tmp_path / "mnt", tmp_path / "cache", "--max-ttl", "1") as m:
+        mounted_other = m.path / "sw/1.0/bin/other.txt"
+        assert mounted_other.read_bytes() == b"untouched\n"  # now in the kernel's page cache
+        other.write_bytes(b"UNTOUCHED\n")  # same size ...
+        os.utime(other, ns=(stamp, stamp))  # ... and the same mtime: only the bytes differ
+        run_cli("cvmbuild", "publish", src, "--repo", repo.dir, "--path", "/sw/1.0")
+        deadline = time.monotonic() + 15
+        while os.getxattr(m.path, "user.revision") != b"2":
+            assert time.monotonic() < deadline, "the mount never switched to revision 2"
+            time.sleep(0.3)
+        assert mounted_other.read_bytes() == b"UNTOUCHED\n"
+
+
 def test_reading_a_large_file_sequentially_fetches_the_next_chunks_ahead(
     published: tuple[Repo, Path], tmp_path: Path
 ) -> None:
