@@ -16,6 +16,7 @@ import logging
 import os
 import stat
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 ROOT_XATTRS = ["user.revision", "user.host", "user.proxy", "user.root_hash", "user.stats"]
 PREFETCH_CHUNKS = 4  # chunks fetched ahead of a sequential reader
+CONTENTS_KEPT = 65536  # paths whose last opened content is remembered, see open()
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
@@ -77,7 +79,9 @@ class RepositoryFS(Operations):  # type: ignore[misc]
         self.reader = reader
         self.on_ready = on_ready
         self._handles: dict[int, OpenFile] = {}
-        self._contents: dict[str, str] = {}  # path -> content id at its last open
+        # path -> content at its last open; a path dropped from here only costs the
+        # kernel's cached pages of that file at its next open
+        self._contents: OrderedDict[str, str] = OrderedDict()
         self._kinds = {
             kind: packed_stat(kind, 0, 1, 0) for kind in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK)
         }
@@ -214,8 +218,10 @@ class RepositoryFS(Operations):  # type: ignore[misc]
         with self._lock:
             number = next(self._next)
             self._handles[number] = handle
-            keep = self._contents.get(entry.path) == content
+            keep = self._contents.pop(entry.path, None) == content
             self._contents[entry.path] = content
+            if len(self._contents) > CONTENTS_KEPT:
+                self._contents.popitem(last=False)
         self._prefetch_siblings(entry)
         return Opened(number, keep)
 
