@@ -75,8 +75,9 @@ class ReadOnlyTree(Protocol):
 
     def readdir(self, path: str, fh: int) -> list[tuple[bytes, mfusepy.c_stat]]: ...
 
-    def open(self, path: str, flags: int) -> tuple[int, bool]:
-        """(file handle, whether the kernel may keep the file's cached pages)"""
+    def open(self, path: str, flags: int) -> tuple[int, bool, bool]:
+        """(file handle, whether the kernel may keep the file's cached pages, whether
+        reads must bypass the page cache)"""
         ...
 
     def read(self, buffer: memoryview, offset: int, fh: int) -> int: ...
@@ -117,7 +118,7 @@ class Bridge(mfusepy.FUSE):  # type: ignore[misc]
 
     def open(self, path: bytes, fip: Any) -> int:
         fi = fip.contents
-        fi.fh, fi.keep_cache = self.operations.open(path.decode(), fi.flags)
+        fi.fh, fi.keep_cache, fi.direct_io = self.operations.open(path.decode(), fi.flags)
         if hasattr(fi, "noflush"):
             fi.noflush = 1  # nothing to flush on close: spare the kernel a round trip
         return 0

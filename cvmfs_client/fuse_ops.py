@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 ROOT_XATTRS = ["user.revision", "user.host", "user.proxy", "user.root_hash", "user.stats"]
 PREFETCH_CHUNKS = 4  # chunks fetched ahead of a sequential reader
-CONTENTS_KEPT = 65536  # paths whose last opened content is remembered, see open()
+REMEMBERED = 65536  # paths whose last reported size and opened content are kept, see open()
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
@@ -68,6 +68,17 @@ class OpenFile:
 class Opened(NamedTuple):
     fh: int
     keep_cache: bool  # the kernel's cached pages of the file hold this content
+    direct_io: bool  # the kernel's idea of the file's size may be another revision's
+
+
+def _remember(memo: OrderedDict[str, Any], key: str, value: Any) -> Any:
+    """Store value under key, newest last, at most REMEMBERED keys; returns the old value.
+    A key dropped here costs only a cautious answer in open(), never a wrong one."""
+    old = memo.pop(key, None)
+    memo[key] = value
+    if len(memo) > REMEMBERED:
+        memo.popitem(last=False)
+    return old
 
 
 class RepositoryFS(Operations):  # type: ignore[misc]
@@ -79,9 +90,8 @@ class RepositoryFS(Operations):  # type: ignore[misc]
         self.reader = reader
         self.on_ready = on_ready
         self._handles: dict[int, OpenFile] = {}
-        # path -> content at its last open; a path dropped from here only costs the
-        # kernel's cached pages of that file at its next open
-        self._contents: OrderedDict[str, str] = OrderedDict()
+        self._contents: OrderedDict[str, str] = OrderedDict()  # path -> at its last open
+        self._sizes: OrderedDict[str, int] = OrderedDict()  # path -> last told the kernel
         self._kinds = {
             kind: packed_stat(kind, 0, 1, 0) for kind in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK)
         }
@@ -160,7 +170,11 @@ class RepositoryFS(Operations):  # type: ignore[misc]
 
     @on_fuse_thread
     def getattr(self, path: str, fh: int | None = None) -> c_stat:
-        return self._stat(self._entry(path))
+        entry = self._entry(path)
+        if entry.is_file:
+            with self._lock:
+                _remember(self._sizes, entry.path, entry.size)
+        return self._stat(entry)
 
     @on_fuse_thread
     def readdir(self, path: str, fh: int) -> list[tuple[bytes, c_stat]]:
@@ -211,19 +225,19 @@ class RepositoryFS(Operations):  # type: ignore[misc]
                 handle = OpenFile(entry, fd, [])
         except ClientError as exc:
             raise self._eio(path, exc) from exc
-        # The kernel's pages of a path may hold another revision's bytes, even at the
-        # same size and mtime: it keeps them only if this path had this content when it
-        # was last opened (libfuse's auto_cache compares size and mtime only).
+        # After a switch to a new revision the kernel may still hold the path's pages
+        # and attributes of another one, until its attribute timeout: keep its pages
+        # only if this path had this content when it was last opened (libfuse's
+        # auto_cache compares size and mtime only), and where the size it was last told
+        # is not this one, read past the page cache, which it would cut at that size.
         content = entry.hash or "".join(c.hash for c in handle.chunks)
         with self._lock:
             number = next(self._next)
             self._handles[number] = handle
-            keep = self._contents.pop(entry.path, None) == content
-            self._contents[entry.path] = content
-            if len(self._contents) > CONTENTS_KEPT:
-                self._contents.popitem(last=False)
+            keep = _remember(self._contents, entry.path, content) == content
+            told = self._sizes.get(entry.path, entry.size)
         self._prefetch_siblings(entry)
-        return Opened(number, keep)
+        return Opened(number, keep, told != entry.size)
 
     def _prefetch_siblings(self, entry: Entry) -> None:
         """Programs open many files of one directory in a row (an import reads a

@@ -291,6 +291,27 @@ def test_a_file_republished_with_the_same_size_and_mtime_reads_its_new_bytes(
         assert mounted_other.read_bytes() == b"UNTOUCHED\n"
 
 
+def test_a_file_read_right_after_a_switch_has_its_new_bytes_while_its_old_size_is_cached(
+    published: tuple[Repo, Path], tmp_path: Path
+) -> None:
+    repo, src = published
+    with Mount(repo, tmp_path / "mnt", tmp_path / "cache", "--max-ttl", "1") as m:
+        mounted_other = m.path / "sw/1.0/bin/other.txt"
+        assert mounted_other.read_bytes() == b"untouched\n"
+        (src / "bin" / "other.txt").write_bytes(b"a much longer second release\n")
+        run_cli("cvmbuild", "publish", src, "--repo", repo.dir, "--path", "/sw/1.0")
+        deadline = time.monotonic() + 15
+        while True:  # keep the kernel's attributes of other.txt fresh up to the switch
+            os.stat(mounted_other)
+            if os.getxattr(m.path, "user.revision") == b"2":  # the switch happens here
+                break
+            assert time.monotonic() < deadline, "the mount never switched to revision 2"
+            time.sleep(0.01)
+        # The kernel may still believe the old size (10 bytes) until its attribute
+        # timeout; the bytes read must be revision 2's all the same, not cut at 10.
+        assert mounted_other.read_bytes() == b"a much longer second release\n"
+
+
 def test_reading_a_large_file_sequentially_fetches_the_next_chunks_ahead(
     published: tuple[Repo, Path], tmp_path: Path
 ) -> None:
