@@ -37,6 +37,8 @@ from publish_bench import (  # noqa: E402
     run,
 )
 
+from repo_server.nginx import repository_server, standalone  # noqa: E402
+
 BIN = Path(sys.executable).parent  # cvmbuild, repo-server and cvmfs-client of our interpreter
 # One interpreter for every variant: the release venv's bin/python3 is an absolute symlink
 # to this file, which rclone's http backend cannot represent. The interpreter and its
@@ -54,42 +56,14 @@ TARGETS = {"cold": 1.3, "warm": 1.1}
 FIND_TARGET = 0.3  # seconds
 DOWNLOAD_TARGET = 0.25  # of the tree's bytes
 
-NGINX_CONF = """\
-daemon off;
-master_process on;
-worker_processes 2;
-user root;
-pid {work}/nginx.pid;
-error_log {work}/error.log;
-events {{ worker_connections 512; }}
-http {{
-    # Bytes sent per request, so the benchmark can count what each cold import downloaded.
-    log_format sent '$body_bytes_sent';
-    client_body_temp_path {work}/client_body;
-    proxy_temp_path {work}/proxy;
-    fastcgi_temp_path {work}/fastcgi;
-    uwsgi_temp_path {work}/uwsgi;
-    scgi_temp_path {work}/scgi;
-    sendfile on;
-    # The repository, as in docs/OPERATING.md:
-    server {{
-        listen 127.0.0.1:{port};
-        access_log {work}/repo-access.log sent;
-        root {repo};
-        default_type application/octet-stream;
-        location = /manifest  {{ add_header Cache-Control "public, max-age=60"; }}
-        location = /whitelist {{ add_header Cache-Control "public, max-age=60"; }}
-        location /data/       {{ add_header Cache-Control "public, max-age=31536000, immutable"; }}
-        location /            {{ return 404; }}
-    }}
-    # The release tree itself with directory listings, for rclone's http backend:
-    server {{
-        listen 127.0.0.1:{tree_port};
-        access_log {work}/tree-access.log sent;
-        root {tree};
-        default_type application/octet-stream;
-        location / {{ autoindex on; }}
-    }}
+# The release tree itself with directory listings, for rclone's http backend.
+TREE_SERVER = """\
+server {{
+    listen 127.0.0.1:{port};
+    access_log {work}/tree-access.log sent;
+    root {tree};
+    default_type application/octet-stream;
+    location / {{ autoindex on; }}
 }}
 """
 
@@ -203,9 +177,19 @@ class Setup:
         work.mkdir()
         self.port, self.tree_port = free_port(), free_port()
         conf = work / "nginx.conf"
+        # Bytes sent per request, so the benchmark can count what each cold import
+        # downloaded; the repository as docs/OPERATING.md configures it.
+        repo = repository_server(
+            str(self.repo), f"127.0.0.1:{self.port}", access_log=f"{work}/repo-access.log sent"
+        )
+        tree = TREE_SERVER.format(port=self.tree_port, work=work, tree=self.tree)
         conf.write_text(
-            NGINX_CONF.format(
-                work=work, port=self.port, tree_port=self.tree_port, repo=self.repo, tree=self.tree
+            standalone(
+                str(work),
+                [repo, tree],
+                workers=2,
+                as_root=True,
+                http="log_format sent '$body_bytes_sent';",
             )
         )
         with (work / "stderr").open("wb") as out:

@@ -34,40 +34,13 @@ from publish_bench import (  # noqa: E402
     run,
 )
 
+from repo_server.nginx import repository_server, standalone  # noqa: E402
+
 BIN = Path(sys.executable).parent  # cvmbuild and repo-server of the interpreter running us
 NAME = "bench.example.org"
 TOOLS = ("replicate", "wget")
 STEPS = {"cold": "new mirror (cold)", "update": "update, nothing new"}
 TARGET = 1.5  # replicate/wget, cold (issue 4)
-
-NGINX_CONF = """\
-daemon off;
-master_process on;
-worker_processes 2;
-user root;
-pid {work}/nginx.pid;
-error_log {work}/error.log;
-events {{ worker_connections 512; }}
-http {{
-    access_log {work}/access.log;
-    client_body_temp_path {work}/client_body;
-    proxy_temp_path {work}/proxy;
-    fastcgi_temp_path {work}/fastcgi;
-    uwsgi_temp_path {work}/uwsgi;
-    scgi_temp_path {work}/scgi;
-    sendfile on;
-    # docs/OPERATING.md's repository configuration, plus listings for wget to recurse.
-    server {{
-        listen 127.0.0.1:{port};
-        root {repo};
-        default_type application/octet-stream;
-        autoindex on;
-        location = /manifest  {{ add_header Cache-Control "public, max-age=60"; }}
-        location = /whitelist {{ add_header Cache-Control "public, max-age=60"; }}
-        location /data/       {{ add_header Cache-Control "public, max-age=31536000, immutable"; }}
-    }}
-}}
-"""
 
 
 class Setup:
@@ -96,7 +69,9 @@ class Setup:
         work.mkdir()
         self.port = free_port()
         conf = work / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(work=work, port=self.port, repo=self.repo))
+        # docs/OPERATING.md's repository configuration, plus listings for wget to recurse.
+        server = repository_server(str(self.repo), f"127.0.0.1:{self.port}", listings=True)
+        conf.write_text(standalone(str(work), [server], workers=2, as_root=True))
         with (work / "stderr").open("wb") as out:
             self.proc = subprocess.Popen(
                 ["nginx", "-c", str(conf), "-p", str(work), "-e", str(work / "error.log")],

@@ -21,6 +21,7 @@ import requests
 from cvmfs_client.fetcher import DirectoryFetcher
 from cvmfs_client.repository import RepositoryReader
 from cvmfs_client.signed import load_public_key_pem
+from repo_server.nginx import repository_server, standalone
 from repo_server.repository import LocalRepository
 
 BIN = Path(sys.executable).parent
@@ -297,35 +298,6 @@ class Nginx:
         stop(self.proc)  # the master stops its workers on SIGTERM
 
 
-NGINX_CONF = """\
-daemon off;
-master_process on;
-worker_processes 1;
-{user}
-pid {work}/nginx.pid;
-error_log {work}/error.log;
-events {{ worker_connections 256; }}
-http {{
-    access_log {work}/access.log;
-    client_body_temp_path {work}/client_body;
-    proxy_temp_path {work}/proxy;
-    fastcgi_temp_path {work}/fastcgi;
-    uwsgi_temp_path {work}/uwsgi;
-    scgi_temp_path {work}/scgi;
-    # As in docs/OPERATING.md:
-    server {{
-        listen 127.0.0.1:{port};
-        root {root};
-        default_type application/octet-stream;
-        location = /manifest  {{ add_header Cache-Control "public, max-age=60"; }}
-        location = /whitelist {{ add_header Cache-Control "public, max-age=60"; }}
-        location /data/       {{ add_header Cache-Control "public, max-age=31536000, immutable"; }}
-        location /            {{ return 404; }}
-    }}
-}}
-"""
-
-
 @contextlib.contextmanager
 def serving_nginx(root: Path, work: Path) -> Iterator[Nginx]:
     """nginx serving directory root (a repository or a mirror) as plain static files, as
@@ -334,15 +306,9 @@ def serving_nginx(root: Path, work: Path) -> Iterator[Nginx]:
     work.mkdir()
     port = free_port()
     conf = work / "nginx.conf"
-    conf.write_text(
-        NGINX_CONF.format(
-            # Workers must read the pytest tree, which is private to root.
-            user="user root;" if os.geteuid() == 0 else "",
-            work=work,
-            port=port,
-            root=root.resolve(),
-        )
-    )
+    server = repository_server(str(root.resolve()), f"127.0.0.1:{port}")
+    # Workers must read the pytest tree, which is private to root.
+    conf.write_text(standalone(str(work), [server], as_root=os.geteuid() == 0))
     log = work / "stderr"
     with log.open("wb") as out:
         proc = subprocess.Popen(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from repo_server.nginx import repository_server
 from repo_server.repository import LocalRepository
 from tests.conftest import (
     MiB,
@@ -341,3 +343,10 @@ def test_an_offline_remount_reads_what_was_read_and_fails_fast_on_the_rest(
         assert failure.value.errno == errno.EIO
         assert time.monotonic() - start < 30, "an unreachable object must fail, not hang"
         assert client_stat(mnt)["io_errors"] != "0"
+
+
+def test_the_documented_nginx_configuration_is_the_one_these_tests_run() -> None:
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "OPERATING.md").read_text()
+    documented = re.search(r"```nginx\n(.*?)```", docs, re.S)
+    assert documented is not None, "docs/OPERATING.md lost its nginx block"
+    assert documented.group(1) == repository_server("/srv/repo", "80")
