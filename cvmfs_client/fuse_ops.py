@@ -235,7 +235,7 @@ class RepositoryFS(Operations):  # type: ignore[misc]
             number = next(self._next)
             self._handles[number] = handle
             keep = _remember(self._contents, entry.path, content) == content
-            told = self._sizes.get(entry.path, entry.size)
+            told = self._sizes.get(entry.path)  # None: forgotten, so not known to be right
         self._prefetch_siblings(entry)
         return Opened(number, keep, told != entry.size)
 
