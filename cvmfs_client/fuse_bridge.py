@@ -89,8 +89,12 @@ class Bridge(mfusepy.FUSE):  # type: ignore[misc]
 
     operations: Any
 
+    def _decode(self, path: bytes | None) -> str:
+        # As mfusepy decodes: a name that is not UTF-8 is then simply not found.
+        return "/" if path is None else path.decode(self.encoding, self.errors)
+
     def fgetattr(self, path: bytes | None, buf: Any, fip: Any) -> int:
-        st = self.operations.getattr(path.decode() if path is not None else "/")
+        st = self.operations.getattr(self._decode(path))
         ctypes.memmove(buf, ctypes.addressof(st), STAT_SIZE)
         return 0
 
@@ -101,7 +105,7 @@ class Bridge(mfusepy.FUSE):  # type: ignore[misc]
     def _fill(self, path: bytes | None, buf: Any, filler: Any) -> int:
         # Offset 0 for every entry: libfuse keeps the whole listing and serves the
         # kernel's later pages of it without calling up into Python.
-        for name, st in self.operations.readdir(path.decode() if path is not None else "/", 0):
+        for name, st in self.operations.readdir(self._decode(path), 0):
             if filler(buf, name, st, 0) if LIBFUSE_MAJOR == 2 else filler(buf, name, st, 0, 0):
                 break
         return 0
@@ -118,7 +122,7 @@ class Bridge(mfusepy.FUSE):  # type: ignore[misc]
 
     def open(self, path: bytes, fip: Any) -> int:
         fi = fip.contents
-        fi.fh, fi.keep_cache, fi.direct_io = self.operations.open(path.decode(), fi.flags)
+        fi.fh, fi.keep_cache, fi.direct_io = self.operations.open(self._decode(path), fi.flags)
         if hasattr(fi, "noflush"):
             fi.noflush = 1  # nothing to flush on close: spare the kernel a round trip
         return 0

@@ -16,7 +16,8 @@ import logging
 import os
 import stat
 import threading
-from collections import OrderedDict
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
@@ -63,6 +64,8 @@ class OpenFile:
     offsets: list[int] = field(default_factory=list)  # chunk start offsets, for bisect
     next_offset: int = 0  # where a sequential reader reads next
     prefetched: int = 0  # chunks below this index were already handed to the prefetcher
+    content: str = ""  # what RepositoryFS._cache_policy compares, see open()
+    root: str = ""  # root catalog of the revision it was opened at
 
 
 class Opened(NamedTuple):
@@ -85,13 +88,23 @@ class RepositoryFS(Operations):  # type: ignore[misc]
     use_ns = True
 
     def __init__(
-        self, reader: RepositoryReader, on_ready: Any = None, *, prefetch_siblings: bool = True
+        self,
+        reader: RepositoryReader,
+        on_ready: Any = None,
+        *,
+        prefetch_siblings: bool = True,
+        attr_timeout: float = 60.0,
     ):
         self.reader = reader
         self.on_ready = on_ready
         self._handles: dict[int, OpenFile] = {}
         self._contents: OrderedDict[str, str] = OrderedDict()  # path -> at its last open
         self._sizes: OrderedDict[str, int] = OrderedDict()  # path -> last told the kernel
+        # path -> (content, size) of its open handles
+        self._open_contents: dict[str, Counter[tuple[str, int]]] = {}
+        self._unsure: dict[str, float] = {}  # path -> until when its kernel size is unsure
+        self.attr_timeout = attr_timeout
+        self._switched_at = -attr_timeout
         self._kinds = {
             kind: packed_stat(kind, 0, 1, 0) for kind in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK)
         }
@@ -105,7 +118,8 @@ class RepositoryFS(Operations):  # type: ignore[misc]
     # -- helpers ----------------------------------------------------------------------
 
     def _entry(self, path: str) -> Entry:
-        self.reader.refresh()
+        if self.reader.refresh():
+            self._switched_at = time.monotonic()
         try:
             return self.reader.lookup(path)
         except NotFoundError as exc:
@@ -173,6 +187,11 @@ class RepositoryFS(Operations):  # type: ignore[misc]
         entry = self._entry(path)
         if entry.is_file:
             with self._lock:
+                # While handles on other revisions of the file are open, the kernel's
+                # one size for them all must not cut any of them short: the largest.
+                open_sizes = [size for _, size in self._open_contents.get(entry.path, ())]
+                if open_sizes and max(open_sizes) > entry.size:
+                    entry = entry._replace(size=max(open_sizes))
                 _remember(self._sizes, entry.path, entry.size)
         return self._stat(entry)
 
@@ -225,19 +244,45 @@ class RepositoryFS(Operations):  # type: ignore[misc]
                 handle = OpenFile(entry, fd, [])
         except ClientError as exc:
             raise self._eio(path, exc) from exc
-        # After a switch to a new revision the kernel may still hold the path's pages
-        # and attributes of another one, until its attribute timeout: keep its pages
-        # only if this path had this content when it was last opened (libfuse's
-        # auto_cache compares size and mtime only), and where the size it was last told
-        # is not this one, read past the page cache, which it would cut at that size.
         content = entry.hash or "".join(c.hash for c in handle.chunks)
         with self._lock:
             number = next(self._next)
             self._handles[number] = handle
-            keep = _remember(self._contents, entry.path, content) == content
-            told = self._sizes.get(entry.path)  # None: forgotten, so not known to be right
+            handle.content, handle.root = content, self.reader.root_hash
+            keep, direct = self._cache_policy(entry, content)
+            self._open_contents.setdefault(entry.path, Counter())[content, entry.size] += 1
         self._prefetch_siblings(entry)
-        return Opened(number, keep, told != entry.size)
+        return Opened(number, keep, direct)
+
+    def _cache_policy(self, entry: Entry, content: str) -> tuple[bool, bool]:
+        """(keep_cache, direct_io) for a new open of entry (call with _lock held).
+
+        The kernel has one page cache and one size per path, shared by every revision
+        of it. After a switch it may hold another revision's pages, and until its
+        attribute timeout another revision's size, at which it would cut reads from
+        the page cache. Its pages are kept only if this path had this content when
+        last opened (libfuse's auto_cache compares size and mtime only); reads go past
+        the page cache (direct I/O) while a handle on another content of the path is
+        open, where the size last told differs from this one, and, for an attribute
+        timeout, where that size was forgotten after a switch or where a handle opened
+        before a switch was just closed (its short reads may have cut the kernel's
+        size to its content's).
+        """
+        open_contents = self._open_contents.get(entry.path) or Counter()
+        told = self._sizes.get(entry.path)
+        now = time.monotonic()
+        if self._unsure.get(entry.path, now) < now:
+            del self._unsure[entry.path]
+        direct = (
+            any(other != content for other, _ in open_contents)
+            or (told is not None and told != entry.size)
+            or (told is None and now < self._switched_at + self.attr_timeout)
+            or entry.path in self._unsure
+        )
+        if direct:
+            self._contents.pop(entry.path, None)
+            return False, True
+        return _remember(self._contents, entry.path, content) == content, False
 
     def _prefetch_siblings(self, entry: Entry) -> None:
         """Programs open many files of one directory in a row (an import reads a
@@ -310,6 +355,16 @@ class RepositoryFS(Operations):  # type: ignore[misc]
     def release(self, path: str, fh: int) -> int:
         with self._lock:
             handle = self._handles.pop(fh, None)
+            if handle is not None:
+                contents = self._open_contents[handle.entry.path]
+                if handle.root != self.reader.root_hash:  # opened before a switch
+                    self._unsure[handle.entry.path] = time.monotonic() + self.attr_timeout
+                key = (handle.content, handle.entry.size)
+                contents[key] -= 1
+                if contents[key] <= 0:
+                    del contents[key]
+                if not contents:
+                    del self._open_contents[handle.entry.path]
         if handle is not None and handle.fd is not None:
             assert handle.entry.hash is not None
             self.reader.close_object(handle.entry.hash, handle.fd)

@@ -117,7 +117,7 @@ def mount(options: MountOptions) -> int:
     log_file = os.path.join(options.cache_dir, "client.log")
     if options.foreground:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
-        fs = RepositoryFS(reader, prefetch_siblings=options.prefetch)
+        fs = RepositoryFS(reader, prefetch_siblings=options.prefetch, attr_timeout=timeout)
         Bridge(fs, options.mountpoint, foreground=True, **fuse_options)
         return 0
     read_end, write_end = os.pipe()
@@ -137,6 +137,7 @@ def mount(options: MountOptions) -> int:
                 reader,
                 on_ready=lambda: os.write(write_end, b"1"),
                 prefetch_siblings=options.prefetch,
+                attr_timeout=timeout,
             )
             Bridge(fs, options.mountpoint, foreground=True, **fuse_options)
             status = 0

@@ -120,6 +120,8 @@ class Prefetcher:
                 self._warm(chunk)
             except ClientError as exc:  # the read itself will report it as EIO
                 log.info("prefetch of %s failed: %s", chunk.hash, exc)
+            except Exception:  # a full disk, no fds left...: the worker must go on
+                log.exception("prefetch of %s failed", chunk.hash)
             finally:
                 with self._cond:
                     self._queued.discard(chunk.hash)

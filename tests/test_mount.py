@@ -133,6 +133,17 @@ def test_listing_the_mount_shows_the_names_types_and_attributes_of_the_build_tre
         walk(base)
 
 
+def test_a_name_that_is_not_utf8_is_simply_not_found(
+    published: tuple[Repo, Path], tmp_path: Path
+) -> None:
+    repo, _ = published
+    with Mount(repo, tmp_path / "mnt", tmp_path / "cache") as m:
+        with pytest.raises(FileNotFoundError):
+            os.stat(bytes(m.path) + b"/sw/1.0/\xff")
+        with pytest.raises(FileNotFoundError):
+            open(bytes(m.path) + b"/sw/1.0/bin/\xfe.txt", "rb")
+
+
 def test_a_python_program_runs_from_the_mount(published: tuple[Repo, Path], tmp_path: Path) -> None:
     repo, _ = published
     with Mount(repo, tmp_path / "mnt", tmp_path / "cache") as m:
@@ -272,44 +283,94 @@ def test_a_new_revision_appears_after_the_ttl_while_open_files_keep_their_conten
         assert other.read_text() == "second release, longer than the first\n"
 
 
-def test_a_file_republished_with_the_same_size_and_mtime_reads_its_new_bytes(
-    published: tuple[Repo, Path], tmp_path: Path
-) -> None:
-    repo, src = published
+def republish_other(m: Mount, repo: Repo, src: Path, content: bytes, *, keep_mtime: bool = False,
+                    stat_until_switch: bool = False) -> None:  # fmt: skip
+    """Publish bin/other.txt with new content and wait until the mount (--max-ttl 1)
+    serves revision 2; with stat_until_switch the kernel's attributes of other.txt are
+    kept fresh up to the switch, so it still holds revision 1's size afterwards."""
     other = src / "bin" / "other.txt"
     stamp = other.stat().st_mtime_ns
+    other.write_bytes(content)
+    if keep_mtime:
+        os.utime(other, ns=(stamp, stamp))
+    run_cli("cvmbuild", "publish", src, "--repo", repo.dir, "--path", "/sw/1.0")
+    deadline = time.monotonic() + 15
+    while True:
+        if stat_until_switch:
+            os.stat(m.path / "sw/1.0/bin/other.txt")
+        if os.getxattr(m.path, "user.revision") == b"2":  # the switch happens here
+            return
+        assert time.monotonic() < deadline, "the mount never switched to revision 2"
+        time.sleep(0.01 if stat_until_switch else 0.2)
+
+
+@pytest.fixture
+def switching(published: tuple[Repo, Path], tmp_path: Path) -> Iterator[tuple[Mount, Repo, Path]]:
+    repo, src = published
     with Mount(repo, tmp_path / "mnt", tmp_path / "cache", "--max-ttl", "1") as m:
-        mounted_other = m.path / "sw/1.0/bin/other.txt"
-        assert mounted_other.read_bytes() == b"untouched\n"  # now in the kernel's page cache
-        other.write_bytes(b"UNTOUCHED\n")  # same size ...
-        os.utime(other, ns=(stamp, stamp))  # ... and the same mtime: only the bytes differ
-        run_cli("cvmbuild", "publish", src, "--repo", repo.dir, "--path", "/sw/1.0")
-        deadline = time.monotonic() + 15
-        while os.getxattr(m.path, "user.revision") != b"2":
-            assert time.monotonic() < deadline, "the mount never switched to revision 2"
-            time.sleep(0.3)
-        assert mounted_other.read_bytes() == b"UNTOUCHED\n"
+        yield m, repo, src
+
+
+def test_a_file_republished_with_the_same_size_and_mtime_reads_its_new_bytes(
+    switching: tuple[Mount, Repo, Path],
+) -> None:
+    m, repo, src = switching
+    other = m.path / "sw/1.0/bin/other.txt"
+    assert other.read_bytes() == b"untouched\n"  # now in the kernel's page cache
+    republish_other(m, repo, src, b"UNTOUCHED\n", keep_mtime=True)  # only the bytes differ
+    assert other.read_bytes() == b"UNTOUCHED\n"
 
 
 def test_a_file_read_right_after_a_switch_has_its_new_bytes_while_its_old_size_is_cached(
-    published: tuple[Repo, Path], tmp_path: Path
+    switching: tuple[Mount, Repo, Path],
 ) -> None:
-    repo, src = published
-    with Mount(repo, tmp_path / "mnt", tmp_path / "cache", "--max-ttl", "1") as m:
-        mounted_other = m.path / "sw/1.0/bin/other.txt"
-        assert mounted_other.read_bytes() == b"untouched\n"
-        (src / "bin" / "other.txt").write_bytes(b"a much longer second release\n")
-        run_cli("cvmbuild", "publish", src, "--repo", repo.dir, "--path", "/sw/1.0")
-        deadline = time.monotonic() + 15
-        while True:  # keep the kernel's attributes of other.txt fresh up to the switch
-            os.stat(mounted_other)
-            if os.getxattr(m.path, "user.revision") == b"2":  # the switch happens here
-                break
-            assert time.monotonic() < deadline, "the mount never switched to revision 2"
-            time.sleep(0.01)
-        # The kernel may still believe the old size (10 bytes) until its attribute
-        # timeout; the bytes read must be revision 2's all the same, not cut at 10.
-        assert mounted_other.read_bytes() == b"a much longer second release\n"
+    m, repo, src = switching
+    other = m.path / "sw/1.0/bin/other.txt"
+    assert other.read_bytes() == b"untouched\n"
+    republish_other(m, repo, src, b"a much longer second release\n", stat_until_switch=True)
+    # The kernel may still believe the old size (10 bytes) until its attribute
+    # timeout; the bytes read must be revision 2's all the same, not cut at 10.
+    assert other.read_bytes() == b"a much longer second release\n"
+
+
+def test_handles_on_two_revisions_of_a_file_each_read_their_own_bytes(
+    switching: tuple[Mount, Repo, Path],
+) -> None:
+    m, repo, src = switching
+    other = m.path / "sw/1.0/bin/other.txt"
+    held = os.open(other, os.O_RDONLY)  # revision 1, not read yet
+    try:
+        republish_other(m, repo, src, b"UNTOUCHED\n", keep_mtime=True)
+        time.sleep(1.2)  # past the attribute timeout: the next stat asks the client
+        os.stat(other)
+        new = os.open(other, os.O_RDONLY)
+        try:
+            assert os.pread(held, 4096, 0) == b"untouched\n"  # fills the shared page cache
+            assert os.pread(new, 4096, 0) == b"UNTOUCHED\n"
+        finally:
+            os.close(new)
+    finally:
+        os.close(held)
+    assert other.read_bytes() == b"UNTOUCHED\n"  # not the pages the old handle left
+
+
+@pytest.mark.parametrize("content", [b"a much longer second release\n", b"short\n"])
+def test_an_old_handle_and_a_new_open_are_not_cut_at_each_others_size(
+    switching: tuple[Mount, Repo, Path], content: bytes
+) -> None:
+    m, repo, src = switching
+    other = m.path / "sw/1.0/bin/other.txt"
+    held = os.open(other, os.O_RDONLY)
+    try:
+        republish_other(m, repo, src, content)
+        time.sleep(1.2)  # past the attribute timeout: the next stat asks the client
+        os.stat(other)
+        # A short read through the old handle may cut the kernel's size to 10 bytes;
+        # a new size must not cut the old handle either.
+        assert os.pread(held, 4096, 0) == b"untouched\n"
+    finally:
+        os.close(held)
+    assert other.read_bytes() == content
 
 
 def test_reading_a_large_file_sequentially_fetches_the_next_chunks_ahead(

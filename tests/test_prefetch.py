@@ -93,3 +93,23 @@ def test_a_nearly_full_cache_gets_no_speculative_work_but_still_the_next_chunks(
     r.prefetcher.chunks([ahead])
     assert r.run(1) == [ahead.hash]
     assert r.fetched == [ahead.hash]
+
+
+def test_a_worker_goes_on_after_an_unexpected_error() -> None:
+    fetched: list[str] = []
+    done = threading.Semaphore(0)
+
+    def warm(chunk: Chunk) -> None:
+        try:
+            if chunk.hash == "a" * 64:
+                raise OSError(28, "No space left on device")
+            fetched.append(chunk.hash)
+        finally:
+            done.release()
+
+    prefetcher = Prefetcher(warm, lambda size: True, workers=1)
+    prefetcher.chunks([Chunk(0, 1, "a" * 64), Chunk(1, 1, "b" * 64)])
+    for _ in range(2):
+        assert done.acquire(timeout=10), fetched
+    prefetcher.close()
+    assert fetched == ["b" * 64]
