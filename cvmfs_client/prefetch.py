@@ -48,7 +48,8 @@ class Prefetcher:
         self._warm = warm
         self._room = room
         self._heap: list[tuple[tuple[int, ...], int, Chunk]] = []
-        self._queued: set[str] = set()
+        self._queued: dict[str, tuple[int, ...]] = {}  # hash -> best priority waiting
+        self._taken: set[str] = set()  # being fetched
         self._order = itertools.count()
         self._directories = itertools.count()
         self._cond = threading.Condition()
@@ -88,9 +89,12 @@ class Prefetcher:
     def _push(self, items: list[tuple[tuple[int, ...], Chunk]]) -> None:
         with self._cond:
             for priority, chunk in items:
-                if chunk.hash in self._queued:
+                queued = self._queued.get(chunk.hash)
+                if chunk.hash in self._taken or (queued is not None and queued <= priority):
                     continue
-                self._queued.add(chunk.hash)
+                # Queued at a lower priority (a sibling a reader now reaches): the
+                # better entry goes in beside it, and the other is skipped when popped.
+                self._queued[chunk.hash] = priority
                 heapq.heappush(self._heap, (priority, next(self._order), chunk))
             self._cond.notify(len(items))
 
@@ -103,16 +107,18 @@ class Prefetcher:
                 if self._closed:
                     return None
                 priority, _, chunk = heapq.heappop(self._heap)
+                if self._queued.get(chunk.hash) != priority:
+                    continue  # superseded by the same object at a better priority
                 if priority[0] != SIBLING or self._room(chunk.size):
+                    del self._queued[chunk.hash]
+                    self._taken.add(chunk.hash)
                     return chunk
                 # The cache is nearly full: drop the speculative work, keep urgent chunks.
-                kept = [item for item in self._heap if item[0][0] != SIBLING]
-                self._queued.difference_update(
-                    item[2].hash for item in self._heap if item[0][0] == SIBLING
-                )
-                self._queued.discard(chunk.hash)
-                self._heap = kept
+                self._heap = [item for item in self._heap if item[0][0] != SIBLING]
                 heapq.heapify(self._heap)
+                self._queued = {}
+                for kept, _, c in self._heap:
+                    self._queued[c.hash] = min(kept, self._queued.get(c.hash, kept))
 
     def _work(self) -> None:
         while (chunk := self._next()) is not None:
@@ -124,7 +130,7 @@ class Prefetcher:
                 log.exception("prefetch of %s failed", chunk.hash)
             finally:
                 with self._cond:
-                    self._queued.discard(chunk.hash)
+                    self._taken.discard(chunk.hash)
 
     def close(self) -> None:
         with self._cond:

@@ -113,3 +113,14 @@ def test_a_worker_goes_on_after_an_unexpected_error() -> None:
         assert done.acquire(timeout=10), fetched
     prefetcher.close()
     assert fetched == ["b" * 64]
+
+
+def test_a_queued_sibling_that_a_reader_now_needs_goes_first_and_once() -> None:
+    files = [_file("/pkg/a.py", 1), _file("/pkg/b.py", 2), _file("/pkg/c.py", 3)]
+    r = Recorder()
+    blocker = Chunk(0, 1, "f" * 64)
+    r.prefetcher.chunks([blocker])
+    r.prefetcher.siblings(files[0], files, lambda digest: False)
+    r.prefetcher.chunks([Chunk(0, 3, files[2].hash)])  # c.py, queued as a sibling
+    assert r.run(3) == [blocker.hash, files[2].hash, files[1].hash]
+    assert r.fetched.count(files[2].hash) == 1
