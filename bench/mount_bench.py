@@ -1,5 +1,7 @@
 """Start-up and read speed through `cvmfs-client mount` against native disk, squashfuse and rclone.
 
+squashfuse_ll (squashfuse on the low-level libfuse API) shows what FUSE itself costs.
+
 Publishes bench/work/release1 (a venv with numpy, scipy, pandas, matplotlib, sympy) and a
 1 GiB random file into a fresh repository, serves it with nginx on loopback, and times a
 Python import of the big packages cold (fresh mount, empty cache, kernel caches dropped)
@@ -50,7 +52,7 @@ NAME = "bench.example.org"
 RELEASE = "sw/release"
 BIG = "sw/big"
 BIG_SIZE = 1 << 30
-VARIANTS = ("native", "ours", "squashfuse", "rclone")
+VARIANTS = ("native", "ours", "squashfuse", "squashfuse_ll", "rclone")
 # ours/native at most this; find and downloaded are absolute.
 TARGETS = {"cold": 1.3, "warm": 1.1}
 FIND_TARGET = 0.3  # seconds
@@ -228,8 +230,8 @@ class Setup:
                  "--cache-dir", str(cache)])  # fmt: skip
             self.last_cache = cache
             root, big = mnt / RELEASE, mnt / BIG
-        elif variant == "squashfuse":
-            run(["squashfuse", str(self.image), str(mnt)])
+        elif variant in ("squashfuse", "squashfuse_ll"):
+            run([variant, str(self.image), str(mnt)])
             root, big = mnt, None
         else:
             conf = d / "rclone.conf"
@@ -344,7 +346,8 @@ def report(
         "cannot show). Cold = fresh mount, empty cache, `sync; echo 3 > drop_caches`; "
         "warm = the same command again on that mount. find = `find -type f | wc -l` on "
         "another fresh mount after dropping caches.",
-        "- ours: `cvmfs-client mount` over nginx (docs/OPERATING.md config); squashfuse: "
+        "- ours: `cvmfs-client mount` over nginx (docs/OPERATING.md config); squashfuse "
+        "(high-level libfuse) and squashfuse_ll (low-level): "
         "mksquashfs -comp zstd image of the tree; rclone: `rclone mount :http: "
         "--vfs-cache-mode full` of nginx serving the release tree itself with "
         "`autoindex on` (the repository layout has no listings); rclone shows symlinks as "
@@ -370,15 +373,16 @@ def report(
     )
     lines.append(f"| files found | {cells('files', '{:.0f}')} | | |")
     frac = med["ours"]["downloaded"] / tree_bytes
+    mb = {n: {k: v / 1e6 for k, v in med.get(n, {}).items()} for n in names}
     lines.append(
-        f"| downloaded by mount + cold import (MB, as nginx sent it) | – | "
-        f"{med['ours']['downloaded'] / 1e6:.1f} | – | {med['rclone']['downloaded'] / 1e6:.1f} "
-        f"| {frac:.1%} of tree | {_verdict(frac <= DOWNLOAD_TARGET, '≤ 25%')} |"
+        "| downloaded by mount + cold import (MB, as nginx sent it) | "
+        + " | ".join(f"{mb[n]['downloaded']:.1f}" if "downloaded" in mb[n] else "–" for n in names)
+        + f" | {frac:.1%} of tree | {_verdict(frac <= DOWNLOAD_TARGET, '≤ 25%')} |"
     )
     lines.append(
-        f"| content of the objects ours fetched (MB, uncompressed) | – | "
-        f"{med['ours']['content'] / 1e6:.1f} | – | – | "
-        f"{med['ours']['content'] / tree_bytes:.1%} of tree | |"
+        "| content of the objects ours fetched (MB, uncompressed) | "
+        + " | ".join(f"{mb[n]['content']:.1f}" if "content" in mb[n] else "–" for n in names)
+        + f" | {med['ours']['content'] / tree_bytes:.1%} of tree | |"
     )
     for key in ("read cold", "read warm"):
         r = med["ours"][key] / med["native"][key]
