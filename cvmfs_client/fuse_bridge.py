@@ -87,7 +87,7 @@ class Bridge(mfusepy.FUSE):  # type: ignore[misc]
     """mfusepy.FUSE with the calls of a read-only tree that dominate a cold start
     replaced by versions that skip mfusepy's conversions."""
 
-    operations: Any
+    operations: ReadOnlyTree
 
     def _decode(self, path: bytes | None) -> str:
         # As mfusepy decodes: a name that is not UTF-8 is then simply not found.
@@ -105,8 +105,9 @@ class Bridge(mfusepy.FUSE):  # type: ignore[misc]
     def _fill(self, path: bytes | None, buf: Any, filler: Any) -> int:
         # Offset 0 for every entry: libfuse keeps the whole listing and serves the
         # kernel's later pages of it without calling up into Python.
+        flags = () if LIBFUSE_MAJOR == 2 else (0,)  # libfuse 3's filler takes flags too
         for name, st in self.operations.readdir(self._decode(path), 0):
-            if filler(buf, name, st, 0) if LIBFUSE_MAJOR == 2 else filler(buf, name, st, 0, 0):
+            if filler(buf, name, st, 0, *flags):
                 break
         return 0
 

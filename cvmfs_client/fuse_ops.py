@@ -17,7 +17,6 @@ import os
 import stat
 import threading
 import time
-from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
@@ -25,6 +24,7 @@ from typing import Any, NamedTuple, TypeVar
 from cvmfs_client.catalog import Chunk, Entry
 from cvmfs_client.errors import ClientError, FormatError, NotFoundError
 from cvmfs_client.fuse_bridge import ENOATTR, FuseOSError, Operations, c_stat, packed_stat
+from cvmfs_client.page_cache import KernelView
 from cvmfs_client.prefetch import CACHE_SHARE, Prefetcher
 from cvmfs_client.repository import RepositoryReader
 
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 ROOT_XATTRS = ["user.revision", "user.host", "user.proxy", "user.root_hash", "user.stats"]
 PREFETCH_CHUNKS = 4  # chunks fetched ahead of a sequential reader
-REMEMBERED = 65536  # paths whose last reported size and opened content are kept, see open()
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
@@ -64,7 +63,7 @@ class OpenFile:
     offsets: list[int] = field(default_factory=list)  # chunk start offsets, for bisect
     next_offset: int = 0  # where a sequential reader reads next
     prefetched: int = 0  # chunks below this index were already handed to the prefetcher
-    content: str = ""  # what RepositoryFS._cache_policy compares, see open()
+    content: str = ""  # its content's identity, for KernelView
     root: str = ""  # root catalog of the revision it was opened at
 
 
@@ -72,16 +71,6 @@ class Opened(NamedTuple):
     fh: int
     keep_cache: bool  # the kernel's cached pages of the file hold this content
     direct_io: bool  # the kernel's idea of the file's size may be another revision's
-
-
-def _remember(memo: OrderedDict[str, Any], key: str, value: Any) -> Any:
-    """Store value under key, newest last, at most REMEMBERED keys; returns the old value.
-    A key dropped here costs only a cautious answer in open(), never a wrong one."""
-    old = memo.pop(key, None)
-    memo[key] = value
-    if len(memo) > REMEMBERED:
-        memo.popitem(last=False)
-    return old
 
 
 class RepositoryFS(Operations):  # type: ignore[misc]
@@ -98,13 +87,7 @@ class RepositoryFS(Operations):  # type: ignore[misc]
         self.reader = reader
         self.on_ready = on_ready
         self._handles: dict[int, OpenFile] = {}
-        self._contents: OrderedDict[str, str] = OrderedDict()  # path -> at its last open
-        self._sizes: OrderedDict[str, int] = OrderedDict()  # path -> last told the kernel
-        # path -> (content, size) of its open handles
-        self._open_contents: dict[str, Counter[tuple[str, int]]] = {}
-        self._unsure: dict[str, float] = {}  # path -> until when its kernel size is unsure
-        self.attr_timeout = attr_timeout
-        self._switched_at = -attr_timeout
+        self._kernel = KernelView(attr_timeout)
         self._kinds = {
             kind: packed_stat(kind, 0, 1, 0) for kind in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK)
         }
@@ -119,7 +102,7 @@ class RepositoryFS(Operations):  # type: ignore[misc]
 
     def _entry(self, path: str) -> Entry:
         if self.reader.refresh():
-            self._switched_at = time.monotonic()
+            self._kernel.switched(time.monotonic())
         try:
             return self.reader.lookup(path)
         except NotFoundError as exc:
@@ -186,13 +169,7 @@ class RepositoryFS(Operations):  # type: ignore[misc]
     def getattr(self, path: str, fh: int | None = None) -> c_stat:
         entry = self._entry(path)
         if entry.is_file:
-            with self._lock:
-                # While handles on other revisions of the file are open, the kernel's
-                # one size for them all must not cut any of them short: the largest.
-                open_sizes = [size for _, size in self._open_contents.get(entry.path, ())]
-                if open_sizes and max(open_sizes) > entry.size:
-                    entry = entry._replace(size=max(open_sizes))
-                _remember(self._sizes, entry.path, entry.size)
+            entry = entry._replace(size=self._kernel.size_to_tell(entry.path, entry.size))
         return self._stat(entry)
 
     @on_fuse_thread
@@ -245,44 +222,13 @@ class RepositoryFS(Operations):  # type: ignore[misc]
         except ClientError as exc:
             raise self._eio(path, exc) from exc
         content = entry.hash or "".join(c.hash for c in handle.chunks)
+        handle.content, handle.root = content, self.reader.root_hash
+        keep, direct = self._kernel.opening(entry.path, content, entry.size, time.monotonic())
         with self._lock:
             number = next(self._next)
             self._handles[number] = handle
-            handle.content, handle.root = content, self.reader.root_hash
-            keep, direct = self._cache_policy(entry, content)
-            self._open_contents.setdefault(entry.path, Counter())[content, entry.size] += 1
         self._prefetch_siblings(entry)
         return Opened(number, keep, direct)
-
-    def _cache_policy(self, entry: Entry, content: str) -> tuple[bool, bool]:
-        """(keep_cache, direct_io) for a new open of entry (call with _lock held).
-
-        The kernel has one page cache and one size per path, shared by every revision
-        of it. After a switch it may hold another revision's pages, and until its
-        attribute timeout another revision's size, at which it would cut reads from
-        the page cache. Its pages are kept only if this path had this content when
-        last opened (libfuse's auto_cache compares size and mtime only); reads go past
-        the page cache (direct I/O) while a handle on another content of the path is
-        open, where the size last told differs from this one, and, for an attribute
-        timeout, where that size was forgotten after a switch or where a handle opened
-        before a switch was just closed (its short reads may have cut the kernel's
-        size to its content's).
-        """
-        open_contents = self._open_contents.get(entry.path) or Counter()
-        told = self._sizes.get(entry.path)
-        now = time.monotonic()
-        if self._unsure.get(entry.path, now) < now:
-            del self._unsure[entry.path]
-        direct = (
-            any(other != content for other, _ in open_contents)
-            or (told is not None and told != entry.size)
-            or (told is None and now < self._switched_at + self.attr_timeout)
-            or entry.path in self._unsure
-        )
-        if direct:
-            self._contents.pop(entry.path, None)
-            return False, True
-        return _remember(self._contents, entry.path, content) == content, False
 
     def _prefetch_siblings(self, entry: Entry) -> None:
         """Programs open many files of one directory in a row (an import reads a
@@ -355,17 +301,13 @@ class RepositoryFS(Operations):  # type: ignore[misc]
     def release(self, path: str, fh: int) -> int:
         with self._lock:
             handle = self._handles.pop(fh, None)
-            if handle is not None:
-                contents = self._open_contents[handle.entry.path]
-                if handle.root != self.reader.root_hash:  # opened before a switch
-                    self._unsure[handle.entry.path] = time.monotonic() + self.attr_timeout
-                key = (handle.content, handle.entry.size)
-                contents[key] -= 1
-                if contents[key] <= 0:
-                    del contents[key]
-                if not contents:
-                    del self._open_contents[handle.entry.path]
-        if handle is not None and handle.fd is not None:
+        if handle is None:
+            return 0
+        before_switch = handle.root != self.reader.root_hash
+        self._kernel.closed(
+            handle.entry.path, handle.content, handle.entry.size, before_switch, time.monotonic()
+        )
+        if handle.fd is not None:
             assert handle.entry.hash is not None
             self.reader.close_object(handle.entry.hash, handle.fd)
         return 0
