@@ -296,7 +296,7 @@ def machine_header(tree: Path) -> list[str]:
     commit = _first_line(["git", "-C", str(repo_root), "rev-parse", "--short", "HEAD"])
     dirty = output_of(
         ["git", "-C", str(repo_root), "status", "--porcelain", "--",
-         "cvmbuild", "cvmfs_client", "repo_server"]
+         "cvmbuild", "cvmfs_client", "cvmfs_format", "repo_server"]
     )  # fmt: skip
     return [
         f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",

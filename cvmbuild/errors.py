@@ -1,9 +1,9 @@
-"""The publisher's exception hierarchy."""
+"""The publisher's exception hierarchy (a sibling of the client's and the server's)."""
 
-from repo_server.errors import RepoError
+from cvmfs_format.errors import CvmfsError
 
 
-class BuildError(RepoError):
+class BuildError(CvmfsError):
     """Base of cvmbuild's own errors."""
 
 

@@ -18,9 +18,9 @@ import zstandard
 
 from cvmbuild.errors import SourceError
 from cvmbuild.scan import SourceEntry
-from cvmfs_client.catalog import Chunk
-from cvmfs_client.objects import encode_object
-from repo_server.storage import ObjectSink
+from cvmfs_format.catalog import Chunk
+from cvmfs_format.objects import encode_object
+from cvmfs_format.store import ObjectSink
 
 # zstd level 4 stores 1.4% less than 3 on a scientific Python tree for ~20% more
 # compression CPU (bench/publish_bench.py); publishing stays well inside its time budget.

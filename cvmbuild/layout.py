@@ -17,10 +17,10 @@ import zstandard
 
 from cvmbuild.ingest import FileContent
 from cvmbuild.scan import SourceEntry
-from cvmfs_client import paths
-from cvmfs_client.catalog import FLAG_CHUNKED, FLAG_NESTED_ROOT, SCHEMA_VERSION, NestedRef
-from repo_server.catalog_writer import CatalogBuilder, EntryRow, StoredCatalog, Subtree
-from repo_server.storage import ObjectSink
+from cvmfs_format import paths
+from cvmfs_format.catalog import FLAG_CHUNKED, FLAG_NESTED_ROOT, SCHEMA_VERSION, NestedRef
+from cvmfs_format.catalog_writer import CatalogBuilder, EntryRow, StoredCatalog, Subtree
+from cvmfs_format.store import ObjectSink
 
 MARKER = ".cvmfscatalog"
 DEFAULT_MAX_ENTRIES = 4096

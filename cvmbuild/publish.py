@@ -19,10 +19,10 @@ from cvmbuild.layout import DEFAULT_MAX_ENTRIES, build_catalogs
 from cvmbuild.scan import SourceEntry, scan
 from cvmbuild.statcache import StatCache
 from cvmfs_client.console import human
-from cvmfs_client.paths import normalize
-from repo_server.catalog_writer import Subtree
+from cvmfs_format.catalog_writer import Subtree
+from cvmfs_format.paths import normalize
+from cvmfs_format.store import ObjectSink
 from repo_server.repository import LocalRepository, open_repository
-from repo_server.storage import ObjectSink
 
 if TYPE_CHECKING:
     from cvmbuild import remote

@@ -19,8 +19,8 @@ from typing import Any
 import requests
 
 from cvmbuild.errors import BuildError
-from repo_server.catalog_writer import Subtree
-from repo_server.upload_pack import API, MISSING_LIMIT, encode_pack, pack_overhead
+from cvmfs_format.catalog_writer import Subtree
+from cvmfs_format.pack import API, MISSING_LIMIT, encode_pack, pack_overhead
 
 PACK_TARGET = 8 << 20  # bytes per upload request
 UPLOAD_WORKERS = 4

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from cvmbuild.ingest import FileContent
 from cvmbuild.scan import SourceEntry
-from cvmfs_client.catalog import Chunk, NestedRef, TreeStats
+from cvmfs_format.catalog import Chunk, NestedRef, TreeStats
+from cvmfs_format.durable import write_atomic
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -107,9 +108,7 @@ class StatCache:
                 else None
             )
             rows.append((entry.relpath, *_stat_key(entry), content.hash, chunks))
-        tmp = self.path.with_suffix(".tmp")
-        tmp.unlink(missing_ok=True)
-        db = sqlite3.connect(tmp)
+        db = sqlite3.connect(":memory:")
         db.executescript(SCHEMA)
         with db:
             db.executemany("INSERT INTO files VALUES (?,?,?,?,?,?,?)", rows)
@@ -120,5 +119,6 @@ class StatCache:
                     for d, r in catalogs.items()
                 ],
             )
+        data = db.serialize()
         db.close()
-        os.replace(tmp, self.path)
+        write_atomic(self.path, data)

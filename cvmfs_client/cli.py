@@ -15,7 +15,7 @@ from cvmfs_client.console import human
 from cvmfs_client.errors import ClientError
 from cvmfs_client.fetcher import fetcher_for
 from cvmfs_client.repository import RepositoryReader
-from cvmfs_client.signed import load_public_key_pem
+from cvmfs_format.signed import load_public_key_pem
 
 
 def _open(args: argparse.Namespace) -> RepositoryReader:

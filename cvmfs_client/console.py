@@ -9,6 +9,7 @@ import traceback
 from collections.abc import Callable
 
 from cvmfs_client.errors import ClientError
+from cvmfs_format.errors import CvmfsError
 
 
 def run(
@@ -28,7 +29,7 @@ def run(
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except (ClientError, OSError) as exc:
+    except (CvmfsError, OSError) as exc:
         if getattr(args, "debug", False):
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)

@@ -1,21 +1,12 @@
-"""The client's exception hierarchy: every failure a reader can meet has a type here."""
+"""The client's own errors; the format's (FormatError, VerificationError, NotFoundError)
+are their siblings under cvmfs_format.errors.CvmfsError."""
+
+from cvmfs_format.errors import CvmfsError
 
 
-class ClientError(Exception):
-    """Base of every error the client raises on purpose; the CLI prints it in one line."""
-
-
-class FormatError(ClientError):
-    """Bytes that do not follow docs/FORMAT.md (malformed manifest, whitelist, catalog)."""
-
-
-class VerificationError(ClientError):
-    """A signature, hash, expiry or revision check failed: the data must not be used."""
+class ClientError(CvmfsError):
+    """Base of the errors the client raises on purpose."""
 
 
 class FetchError(ClientError):
     """An object or file could not be downloaded from any mirror."""
-
-
-class NotFoundError(ClientError):
-    """A path does not exist in the repository revision."""

@@ -13,7 +13,9 @@ from typing import Protocol, TypeVar
 
 import pycurl
 
-from cvmfs_client.errors import FetchError, FormatError, NotFoundError, VerificationError
+from cvmfs_client.errors import FetchError
+from cvmfs_format.durable import write_atomic
+from cvmfs_format.errors import FormatError, NotFoundError, VerificationError
 
 CONNECT_TIMEOUT_S = 5
 LOW_SPEED_TIME_S = 10  # a server that sends < 1 KiB/s for this long is cut off
@@ -242,9 +244,6 @@ class OfflineFallback:
             log.warning("%s: no source answers (%s); using the copy saved offline", relpath, exc)
             self.offline = True
             return decode(data)
-        tmp = saved + ".tmp"
-        with open(tmp, "wb") as out:
-            out.write(accepted[-1])
-        os.replace(tmp, saved)
+        write_atomic(saved, accepted[-1])
         self.offline = False
         return value

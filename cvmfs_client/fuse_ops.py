@@ -21,12 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
-from cvmfs_client.catalog import Chunk, Entry
-from cvmfs_client.errors import ClientError, FormatError, NotFoundError
 from cvmfs_client.fuse_bridge import ENOATTR, FuseOSError, Operations, c_stat, packed_stat
 from cvmfs_client.page_cache import KernelView
 from cvmfs_client.prefetch import CACHE_SHARE, Prefetcher
 from cvmfs_client.repository import RepositoryReader
+from cvmfs_format.catalog import Chunk, Entry
+from cvmfs_format.errors import CvmfsError, FormatError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class RepositoryFS(Operations):  # type: ignore[misc]
             if "path" in str(exc):
                 raise FuseOSError(errno.ENOENT) from exc
             raise self._eio(path, exc) from exc
-        except ClientError as exc:
+        except CvmfsError as exc:
             raise self._eio(path, exc) from exc
 
     def _eio(self, path: str, exc: Exception) -> FuseOSError:
@@ -179,7 +179,7 @@ class RepositoryFS(Operations):  # type: ignore[misc]
             raise FuseOSError(errno.ENOTDIR)
         try:
             children = self.reader.listdir(entry.path)
-        except ClientError as exc:
+        except CvmfsError as exc:
             raise self._eio(path, exc) from exc
         # The type of each entry (d_type), so `find -type f` and Python's import
         # scanning need no lookup per file; libfuse sends the kernel nothing else.
@@ -219,7 +219,7 @@ class RepositoryFS(Operations):  # type: ignore[misc]
                 assert entry.hash is not None
                 fd = self.reader.open_object(entry.hash, entry.size)
                 handle = OpenFile(entry, fd, [])
-        except ClientError as exc:
+        except CvmfsError as exc:
             raise self._eio(path, exc) from exc
         content = entry.hash or "".join(c.hash for c in handle.chunks)
         handle.content, handle.root = content, self.reader.root_hash
@@ -246,7 +246,7 @@ class RepositoryFS(Operations):  # type: ignore[misc]
             self._warmed_dirs.add(key)
         try:
             children = self.reader.listdir(parent)
-        except ClientError as exc:
+        except CvmfsError as exc:
             log.info("prefetch of %s failed: %s", parent, exc)
             return
         self._prefetcher.siblings(entry, children, cache.__contains__)
@@ -283,7 +283,7 @@ class RepositoryFS(Operations):  # type: ignore[misc]
                     done += os.preadv(fd, [part], start - chunk.offset)
                 finally:
                     self.reader.close_object(chunk.hash, fd)
-        except ClientError as exc:
+        except CvmfsError as exc:
             raise self._eio(handle.entry.path, exc) from exc
         return done
 

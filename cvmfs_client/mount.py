@@ -17,8 +17,11 @@ from cvmfs_client.errors import ClientError
 from cvmfs_client.fetcher import OfflineFallback, fetcher_for
 from cvmfs_client.fuse_bridge import Bridge
 from cvmfs_client.fuse_ops import RepositoryFS
-from cvmfs_client.repository import MANIFEST_FILE, WHITELIST_FILE, RepositoryReader
-from cvmfs_client.signed import key_fingerprint, load_public_key_pem
+from cvmfs_client.repository import RepositoryReader
+from cvmfs_format.durable import write_atomic
+from cvmfs_format.manifest import MANIFEST_FILE
+from cvmfs_format.signed import key_fingerprint, load_public_key_pem
+from cvmfs_format.whitelist import WHITELIST_FILE
 
 ENTRY_TIMEOUT_S = 60  # content is immutable per revision: let the kernel cache it
 
@@ -60,10 +63,7 @@ class RevisionMemory:
             raise ClientError(f"{self.path}: corrupt; remove it to trust the server again") from exc
 
     def store(self, revision: int) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{revision}\n")
-        os.replace(tmp, self.path)
+        write_atomic(self.path, f"{revision}\n".encode())
 
 
 def open_reader(options: MountOptions) -> RepositoryReader:

@@ -15,8 +15,8 @@ import logging
 import threading
 from collections.abc import Callable
 
-from cvmfs_client.catalog import Chunk, Entry
-from cvmfs_client.errors import ClientError
+from cvmfs_format.catalog import Chunk, Entry
+from cvmfs_format.errors import CvmfsError
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class Prefetcher:
         while (chunk := self._next()) is not None:
             try:
                 self._warm(chunk)
-            except ClientError as exc:  # the read itself will report it as EIO
+            except CvmfsError as exc:  # the read itself will report it as EIO
                 log.info("prefetch of %s failed: %s", chunk.hash, exc)
             except Exception:  # a full disk, no fds left...: the worker must go on
                 log.exception("prefetch of %s failed", chunk.hash)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-from cvmfs_client.catalog import Entry
 from cvmfs_client.repository import RepositoryReader
+from cvmfs_format.catalog import Entry
 
 WORKERS = 8  # downloads wait on the network, not on the CPU
 

@@ -15,15 +15,16 @@ from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from cvmfs_client import manifest as manifest_mod
-from cvmfs_client import paths
-from cvmfs_client import whitelist as whitelist_mod
-from cvmfs_client.catalog import Catalog, Chunk, Entry, NestedRef
-from cvmfs_client.errors import ClientError, NotFoundError, VerificationError
-from cvmfs_client.history import History
-from cvmfs_client.manifest import Manifest
-from cvmfs_client.objects import decode_object, max_stored_size, object_path
-from cvmfs_client.signed import MAX_DOCUMENT_SIZE
+from cvmfs_format import manifest as manifest_mod
+from cvmfs_format import paths
+from cvmfs_format import whitelist as whitelist_mod
+from cvmfs_format.catalog import Catalog, Chunk, Entry, NestedRef
+from cvmfs_format.errors import CvmfsError, NotFoundError, VerificationError
+from cvmfs_format.history import History
+from cvmfs_format.manifest import MANIFEST_FILE, Manifest
+from cvmfs_format.objects import decode_object, max_stored_size, object_path
+from cvmfs_format.signed import MAX_DOCUMENT_SIZE
+from cvmfs_format.whitelist import WHITELIST_FILE
 
 if TYPE_CHECKING:  # the publisher reads repositories without loading pycurl
     from cvmfs_client.cache import ObjectCache
@@ -31,8 +32,6 @@ if TYPE_CHECKING:  # the publisher reads repositories without loading pycurl
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FILE = "manifest"
-WHITELIST_FILE = "whitelist"
 CACHED_ENTRIES = 65536  # catalog rows kept in memory, about 25 MB
 
 
@@ -150,7 +149,7 @@ class RepositoryReader:
         try:
             self._loaded_at = self.clock()
             new = self.load_manifest()
-        except ClientError as exc:
+        except CvmfsError as exc:
             log.warning(
                 "looking for a new revision failed, staying on %d: %s", manifest.revision, exc
             )

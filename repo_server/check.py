@@ -6,9 +6,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from cvmfs_client.catalog import Catalog, TreeStats
-from cvmfs_client.errors import ClientError
-from cvmfs_client.objects import decode_object, max_stored_size
+from cvmfs_format.catalog import Catalog, TreeStats
+from cvmfs_format.errors import CvmfsError
+from cvmfs_format.objects import decode_object, max_stored_size
 from repo_server.repository import LocalRepository
 
 
@@ -24,16 +24,16 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
     report = CheckReport()
     try:
         head = repo.head()
-    except ClientError as exc:
+    except CvmfsError as exc:
         report.problems.append(f"manifest or whitelist: {exc}")
         try:
             head = repo.head_unverified()
-        except ClientError as parse_error:
+        except CvmfsError as parse_error:
             report.problems.append(f"manifest: {parse_error}")
             return report
     try:
         history = repo.history(head)
-    except (ClientError, OSError) as exc:
+    except (CvmfsError, OSError) as exc:
         report.problems.append(f"history {head.history_hash}: {exc}")
         roots = [(head.revision, head.root_hash)]
     else:
@@ -76,7 +76,7 @@ def walk_catalogs(
         try:
             data = decode_object(repo.storage.get_object(digest), digest)
             catalog = Catalog.from_bytes(data, digest)
-        except (ClientError, OSError) as exc:
+        except (CvmfsError, OSError) as exc:
             problems.append(f"catalog {digest}: {exc}")
             continue
         objects.update(catalog_objects(catalog))
@@ -99,7 +99,7 @@ def _verify_object(repo: LocalRepository, digest: str, size: int) -> str | None:
         decode_object(stored, digest, size)
     except FileNotFoundError:
         return f"object {digest}: missing"
-    except (ClientError, OSError) as exc:
+    except (CvmfsError, OSError) as exc:
         return str(exc)
     return None
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from cvmfs_client import console
 from cvmfs_client.console import human
+from cvmfs_format.catalog_writer import CatalogLoader
 from repo_server import check as check_mod
 from repo_server import diff as diff_mod
 from repo_server import gc as gc_mod
 from repo_server import operations
-from repo_server.catalog_writer import CatalogLoader
 from repo_server.errors import RepoError
 from repo_server.repository import LocalRepository, init_repository, open_repository
 from repo_server.tokens import TOKENS_FILE, TokenStore

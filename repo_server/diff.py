@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from repo_server.catalog_writer import CatalogLoader
+from cvmfs_format.catalog_writer import CatalogLoader
 
 ADDED = "+"
 REMOVED = "-"

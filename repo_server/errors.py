@@ -1,15 +1,12 @@
-"""The server side's exception hierarchy."""
+"""The server side's exception hierarchy (a sibling of the client's and the format's)."""
 
-from cvmfs_client.errors import ClientError
+from cvmfs_format.errors import CvmfsError
 
 
-class RepoError(ClientError):
-    """Base of the errors repo-server and the publisher raise on purpose."""
+class RepoError(CvmfsError):
+    """Base of the errors repo-server raises on purpose."""
 
 
 class KeyError_(RepoError):
     """A key file is missing, unreadable or of the wrong kind."""
 
-
-class LockTimeout(RepoError):
-    """Another publish holds the repository lock."""

@@ -23,15 +23,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cvmfs_client import paths
-from cvmfs_client.catalog import Catalog
-from cvmfs_client.errors import ClientError
-from cvmfs_client.objects import decode_object, is_hash
-from repo_server.catalog_writer import StoredCatalog, Subtree
+from cvmfs_format import paths
+from cvmfs_format.catalog import Catalog
+from cvmfs_format.catalog_writer import StoredCatalog, Subtree
+from cvmfs_format.errors import CvmfsError
+from cvmfs_format.objects import decode_object, is_hash
+from cvmfs_format.pack import API, MISSING_LIMIT, PACK_LIMIT, iter_pack
 from repo_server.errors import RepoError
 from repo_server.repository import LocalRepository
 from repo_server.tokens import Token, TokenStore, check_path
-from repo_server.upload_pack import API, MISSING_LIMIT, PACK_LIMIT, iter_pack
 
 LEASE_TTL_S = 120  # a lease not renewed for this long is given up (its publisher died)
 
@@ -115,7 +115,7 @@ def validate_subtree(
             raise RepoError(f"catalog {current} was not uploaded; publish again") from exc
         try:
             catalog = Catalog.from_bytes(decode_object(stored, current), current)
-        except ClientError as exc:
+        except CvmfsError as exc:
             raise RepoError(f"uploaded catalog {current}: {exc}") from exc
         try:
             if current == digest and catalog.root != path:
@@ -138,7 +138,7 @@ def validate_subtree(
                 stack.append(ref.hash)
             if current == digest:
                 top = StoredCatalog(digest, len(stored), catalog.stats(), 0)
-        except ClientError as exc:
+        except CvmfsError as exc:
             raise RepoError(f"uploaded catalog {current}: {exc}") from exc
         finally:
             catalog.close()
@@ -218,12 +218,12 @@ class Gateway:
         stored = existing = 0
         try:
             objects = list(iter_pack(data))
-        except ClientError as exc:
+        except CvmfsError as exc:
             raise ApiError(400, str(exc)) from exc
         for digest, body in objects:
             try:
                 decode_object(body, digest)
-            except ClientError as exc:
+            except CvmfsError as exc:
                 raise ApiError(422, f"rejected upload: {exc}") from exc
         for digest, body in objects:
             if self.repo.storage.put_object(digest, body):

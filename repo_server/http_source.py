@@ -8,7 +8,7 @@ import threading
 import urllib.parse
 from typing import Protocol
 
-from cvmfs_client.errors import VerificationError
+from cvmfs_format.errors import VerificationError
 from repo_server.errors import RepoError
 
 TIMEOUT_S = 60  # per connect and per read: a source that stalls this long fails the run

@@ -13,7 +13,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cvmfs_client.signed import load_public_key_pem
+from cvmfs_format.durable import write_atomic
+from cvmfs_format.signed import load_public_key_pem
 from repo_server.errors import KeyError_
 
 
@@ -40,15 +41,18 @@ def default_keydir(repo_dir: Path) -> Path:
     return repo_dir.parent / f"{repo_dir.name}.keys"
 
 
-def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
-    data = key.private_bytes(
+def _private_pem(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+
+
+def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
+    """Write a new key file; never overwrites one."""
+    if not write_atomic(path, _private_pem(key), mode=0o600, replace=False):
+        raise KeyError_(f"{path}: already exists; refusing to overwrite a key")
 
 
 def archive_private_key(path: Path, now: int) -> Path:
@@ -65,24 +69,15 @@ def archive_private_key(path: Path, now: int) -> Path:
 
 
 def install_private_key(path: Path, key: Ed25519PrivateKey) -> None:
-    """Replace the key at path by an atomic rename, so path always holds a whole key."""
-    fresh = path.with_name(f"{path.name}.new")
-    fresh.unlink(missing_ok=True)  # left by a replacement that was killed
-    write_private_key(fresh, key)
-    fd = os.open(fresh, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(fresh, path)
+    """Replace the key at path atomically, so path always holds a whole key."""
+    write_atomic(path, _private_pem(key), mode=0o600)
 
 
 def write_public_key(path: Path, key: Ed25519PrivateKey) -> None:
-    path.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+    write_atomic(path, public)
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:

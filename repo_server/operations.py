@@ -10,11 +10,11 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
-from cvmfs_client.catalog import Catalog
-from cvmfs_client.errors import NotFoundError
-from cvmfs_client.history import History, RevisionRecord, Tag
-from cvmfs_client.manifest import Manifest
-from cvmfs_client.objects import decode_object
+from cvmfs_format.catalog import Catalog
+from cvmfs_format.errors import NotFoundError
+from cvmfs_format.history import History, RevisionRecord, Tag
+from cvmfs_format.manifest import Manifest
+from cvmfs_format.objects import decode_object
 from repo_server.errors import RepoError
 from repo_server.repository import LocalRepository, validate_tag
 

@@ -23,15 +23,15 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from cvmfs_client import manifest as manifest_mod
-from cvmfs_client import whitelist as whitelist_mod
-from cvmfs_client.catalog import Catalog
-from cvmfs_client.errors import ClientError, VerificationError
-from cvmfs_client.history import History
-from cvmfs_client.manifest import Manifest
-from cvmfs_client.objects import decode_object, max_stored_size, object_path
-from cvmfs_client.repository import MANIFEST_FILE, WHITELIST_FILE
-from cvmfs_client.signed import MAX_DOCUMENT_SIZE
+from cvmfs_format import manifest as manifest_mod
+from cvmfs_format import whitelist as whitelist_mod
+from cvmfs_format.catalog import Catalog
+from cvmfs_format.errors import CvmfsError, VerificationError
+from cvmfs_format.history import History
+from cvmfs_format.manifest import MANIFEST_FILE, Manifest
+from cvmfs_format.objects import decode_object, max_stored_size, object_path
+from cvmfs_format.signed import MAX_DOCUMENT_SIZE
+from cvmfs_format.whitelist import WHITELIST_FILE
 from repo_server.check import catalog_objects
 from repo_server.errors import RepoError
 from repo_server.http_source import HttpSource, Source, SourceMissing
@@ -129,7 +129,7 @@ def replicate(
         try:
             job = _Replication(source, storage, workers, progress)
             report = job.run(master_key, current, old_data, clock())
-        except ClientError as exc:
+        except CvmfsError as exc:
             still = f"still revision {current.revision}" if current else "no revision yet"
             raise RepoError(f"{exc}; the mirror {mirror_dir} is unchanged ({still})") from exc
         storage.end_writes()

@@ -19,21 +19,21 @@ from pathlib import Path
 import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cvmfs_client import manifest as manifest_mod
-from cvmfs_client import whitelist as whitelist_mod
-from cvmfs_client.catalog import TreeStats
-from cvmfs_client.history import SCHEMA as HISTORY_SCHEMA
-from cvmfs_client.history import History
-from cvmfs_client.manifest import Manifest
-from cvmfs_client.objects import content_hash, decode_object, encode_object
-from cvmfs_client.repository import MANIFEST_FILE, WHITELIST_FILE
-from cvmfs_client.signed import attach_signature, encode_public_key, key_fingerprint
-from cvmfs_client.whitelist import Whitelist
+from cvmfs_format import manifest as manifest_mod
+from cvmfs_format import whitelist as whitelist_mod
+from cvmfs_format.catalog import TreeStats
+from cvmfs_format.catalog_writer import CatalogBuilder, CatalogLoader, Subtree, graft
+from cvmfs_format.history import SCHEMA as HISTORY_SCHEMA
+from cvmfs_format.history import History
+from cvmfs_format.manifest import MANIFEST_FILE, Manifest
+from cvmfs_format.objects import content_hash, decode_object, encode_object
+from cvmfs_format.signed import attach_signature, encode_public_key, key_fingerprint
+from cvmfs_format.store import Storage
+from cvmfs_format.whitelist import WHITELIST_FILE, Whitelist
 from repo_server import keys
-from repo_server.catalog_writer import CatalogBuilder, CatalogLoader, Subtree, graft
 from repo_server.errors import RepoError
 from repo_server.s3_storage import S3Storage, is_s3_location
-from repo_server.storage import LocalStorage, Storage
+from repo_server.storage import LocalStorage
 
 DAY = 86400
 WHITELIST_DAYS = 30

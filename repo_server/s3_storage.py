@@ -17,7 +17,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, EndpointConnectionError, NoCredentialsError
 from botocore.exceptions import ClientError as BotoClientError
 
-from cvmfs_client.objects import is_hash, object_path
+from cvmfs_format.objects import is_hash, object_path, verify_stored
 from repo_server.errors import RepoError
 
 SCHEME = "s3://"
@@ -232,6 +232,7 @@ class S3Storage:
             with self._lock:
                 self._present.add(digest)
             return False
+        verify_stored(stored, digest)  # never store bytes under a name they do not have
         self._put(key, stored, IMMUTABLE)
         with self._lock:
             self._present.add(digest)

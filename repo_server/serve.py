@@ -19,8 +19,9 @@ from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.staticfiles import NotModifiedResponse
 
-from cvmfs_client.objects import is_hash
-from cvmfs_client.repository import MANIFEST_FILE, WHITELIST_FILE
+from cvmfs_format.manifest import MANIFEST_FILE
+from cvmfs_format.objects import is_hash
+from cvmfs_format.whitelist import WHITELIST_FILE
 from repo_server.gateway import Gateway
 
 IMMUTABLE = "public, max-age=31536000, immutable"

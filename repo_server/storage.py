@@ -1,4 +1,4 @@
-"""Where a repository's files live: one small protocol, a local-directory implementation.
+"""A repository's files in a local directory (the Storage protocol of cvmfs_format.store).
 
 Objects are immutable and written atomically; the manifest and whitelist are the only
 files ever replaced, by an atomic rename after everything they name is durable.
@@ -9,57 +9,25 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import secrets
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
 
-from cvmfs_client.objects import object_path
+from cvmfs_format.durable import TMP_PREFIX, write_atomic, writer_is_gone
+from cvmfs_format.objects import object_path, verify_stored
 
 TXN_DIR = "txn"
-TMP_PREFIX = ".tmp-"
 DIRTY_MARKER = "dirty"
 LIST_DIR_AT = 16  # asked about this many objects of one data/xx/, list it instead of stat
 STALE_TMP_S = 600  # an object's temporary file older than this was left by a crash
-
-
-class ObjectSink(Protocol):
-    """Where a publisher puts objects: a storage, or uploads to a repo-server."""
-
-    def has(self, digest: str) -> bool: ...
-    def missing(self, digests: Iterable[str]) -> set[str]: ...
-    def put_object(self, digest: str, stored: bytes) -> bool:
-        """Store an object unless present; True if it was written now."""
-        ...
-
-
-class Storage(ObjectSink, Protocol):
-
-    def get_object(self, digest: str) -> bytes: ...
-    def iter_objects(self) -> Iterator[tuple[str, int]]: ...
-    def delete_object(self, digest: str) -> None: ...
-    def object_mtime(self, digest: str) -> float:
-        """When the object was last written (Unix time): gc spares recent ones."""
-        ...
-
-    def read_file(self, name: str) -> bytes | None: ...
-    def write_file(self, name: str, data: bytes) -> None:
-        """Atomically replace a top-level file (manifest, whitelist), durably."""
-        ...
-
-    def sync(self) -> None:
-        """Make every object written so far durable."""
-        ...
-
-    def begin_writes(self) -> None: ...
-    def end_writes(self) -> None: ...
 
 
 class LocalStorage:
     def __init__(self, root: Path):
         self.root = root
         self.txn = root / TXN_DIR
+        self._marked = False  # this process has said it may leave temporary files
+        self._young_leftovers = 0
 
     def create_layout(self) -> None:
         self.txn.mkdir(parents=True, exist_ok=True)
@@ -67,33 +35,58 @@ class LocalStorage:
             (self.root / "data" / f"{i:02x}").mkdir(parents=True, exist_ok=True)
 
     def begin_writes(self) -> None:
-        """Start a publish (under its lock): remove what a killed one left behind.
+        """Start a publish (under its lock): remove what a killed writer left behind.
 
         Objects are written as `.tmp-*` files beside their final name (a same-directory
-        rename, spread over 256 directories); the `dirty` marker says a publish did not
-        end cleanly, so only then are the object directories searched for leftovers.
+        rename, spread over 256 directories); the `dirty` marker says a writer did not
+        end cleanly, so only then are the directories searched for leftovers. The
+        marker stays until a sweep found none left, so a leftover too young to remove
+        now is removed by a later publish (or by gc).
         """
+        self.txn.mkdir(exist_ok=True)
         dirty = os.path.exists(self.txn / DIRTY_MARKER)
         for entry in os.scandir(self.txn):
-            os.unlink(entry.path)
-        if dirty:
-            # Only old ones: the publish API writes objects without this lock, and its
-            # temporary files live for milliseconds before their rename.
-            stale = time.time() - STALE_TMP_S
-            for sub in os.scandir(self.root / "data"):
-                if sub.is_dir():
-                    for entry in os.scandir(sub.path):
-                        if entry.name.startswith(TMP_PREFIX):
-                            with contextlib.suppress(FileNotFoundError):
-                                if entry.stat().st_mtime < stale:
-                                    os.unlink(entry.path)
-        (self.txn / DIRTY_MARKER).touch()
+            if entry.name != DIRTY_MARKER:
+                os.unlink(entry.path)
+        self._young_leftovers = self.sweep_temporaries(STALE_TMP_S)[1] if dirty else 0
+        self._mark_dirty()
 
     def end_writes(self) -> None:
-        try:
+        if self._young_leftovers:
+            return  # the next publish sweeps again
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.txn / DIRTY_MARKER)
-        except FileNotFoundError:
-            pass
+        self._marked = False
+
+    def _mark_dirty(self) -> None:
+        """Say that temporary files may be left if this process dies (once per writer:
+        the publish API writes objects without the publish lock)."""
+        if not self._marked:
+            (self.txn / DIRTY_MARKER).touch()
+            self._marked = True
+
+    def sweep_temporaries(self, older_than: float) -> tuple[int, int]:
+        """Remove writers' temporary files older than older_than seconds or left by a
+        process of this host that is gone; returns (removed, others left). The others
+        may belong to a writer at work: the publish API writes without the lock."""
+        stale = time.time() - older_than
+        removed = left = 0
+        directories = [str(self.root)]
+        with os.scandir(self.root / "data") as subs:
+            directories += [sub.path for sub in subs if sub.is_dir()]
+        for directory in directories:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if not entry.name.startswith(TMP_PREFIX):
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        old = entry.stat(follow_symlinks=False).st_mtime < stale
+                        if old or writer_is_gone(entry.name):
+                            os.unlink(entry.path)
+                            removed += 1
+                        else:
+                            left += 1
+        return removed, left
 
     def _path(self, digest: str) -> str:
         return os.path.join(self.root, object_path(digest))
@@ -121,23 +114,15 @@ class LocalStorage:
             missing.update(d for d in wanted if d[2:] not in present)
         return missing
 
-    def _write_temp(self, data: bytes, directory: str | None = None) -> str:
-        tmp = os.path.join(directory or self.txn, TMP_PREFIX + secrets.token_hex(12))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-        return tmp
-
     def put_object(self, digest: str, stored: bytes) -> bool:
         final = self._path(digest)
         if os.path.exists(final):
             return False
-        os.rename(self._write_temp(stored, os.path.dirname(final)), final)
-        return True
+        verify_stored(stored, digest)  # never store bytes under a name they do not have
+        self._mark_dirty()
+        # Not durable one by one: sync() makes every object durable before a manifest
+        # names any of them (docs/FORMAT.md, "Publishing").
+        return write_atomic(final, stored, durable=False, replace=False)
 
     def get_object(self, digest: str) -> bytes:
         with open(self._path(digest), "rb") as f:
@@ -165,18 +150,7 @@ class LocalStorage:
             return None
 
     def write_file(self, name: str, data: bytes) -> None:
-        tmp = self._write_temp(data)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.root / name)
-        dir_fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(self.root / name, data)
 
     def sync(self) -> None:
         # One syncfs of the repository's file system is far cheaper than an fsync per

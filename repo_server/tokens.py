@@ -15,8 +15,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cvmfs_client import paths
-from cvmfs_client.errors import FormatError
+from cvmfs_format import paths
+from cvmfs_format.durable import write_atomic
+from cvmfs_format.errors import FormatError
 from repo_server.errors import RepoError
 
 TOKEN_PREFIX = "cvmt_"
@@ -79,13 +80,8 @@ class TokenStore:
 
     def _save(self, tokens: list[Token]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"tokens": [asdict(t) for t in tokens]}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        text = json.dumps({"tokens": [asdict(t) for t in tokens]}, indent=1)
+        write_atomic(self.path, text.encode(), mode=0o600)
 
     def tokens(self) -> list[Token]:
         return list(self._load())

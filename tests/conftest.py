@@ -20,7 +20,7 @@ import requests
 
 from cvmfs_client.fetcher import DirectoryFetcher
 from cvmfs_client.repository import RepositoryReader
-from cvmfs_client.signed import load_public_key_pem
+from cvmfs_format.signed import load_public_key_pem
 from repo_server.nginx import repository_server, standalone
 from repo_server.repository import LocalRepository
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_client import manifest as manifest_mod
-from cvmfs_client import whitelist as whitelist_mod
-from cvmfs_client.errors import VerificationError
-from cvmfs_client.objects import object_path
-from cvmfs_client.signed import load_public_key_pem
+from cvmfs_format import manifest as manifest_mod
+from cvmfs_format import whitelist as whitelist_mod
+from cvmfs_format.errors import VerificationError
+from cvmfs_format.objects import object_path
+from cvmfs_format.signed import load_public_key_pem
 from tests.conftest import Repo, open_reader, run_cli
 
 DAY = 86400

@@ -8,6 +8,7 @@ byte, and running the same publish again finishes the job.
 from __future__ import annotations
 
 import os
+import socket
 import random
 import subprocess
 import time
@@ -91,7 +92,7 @@ def test_publish_killed_at_any_moment_leaves_the_previous_revision_intact(
     assert reader.manifest.revision in (2, 3)
     assert read_tree(reader, "/sw/2.0") == next_release.tree, moment
     assert read_tree(reader, "/sw/1.0") == previous_tree, moment
-    leftovers = os.listdir(repo.dir / "txn")
+    leftovers = os.listdir(repo.dir / "txn") + [p.name for p in repo.dir.rglob(".tmp-*")]
     assert leftovers == [], f"{moment}: the re-run left temporary files {leftovers}"
 
 
@@ -111,4 +112,28 @@ def test_after_a_crash_old_temporary_objects_go_and_uploads_in_flight_stay(
 
     assert not old.exists()
     assert fresh.exists()
+    # The young one is looked at again by the next publish, until it is gone.
+    assert (repo.dir / "txn" / "dirty").exists()
+    os.utime(fresh, (time.time() - 3600, time.time() - 3600))  # its writer never finished
+    run_cli("cvmbuild", "publish", tmp_path / "src", "--repo", repo.dir, "--path", "/sw2")
+    assert not fresh.exists()
+    assert not (repo.dir / "txn" / "dirty").exists()
+
+
+def test_temporary_files_of_a_dead_writer_on_this_host_go_at_once(
+    tmp_path: Path, repo: Repo
+) -> None:
+    """A killed publish's files in progress are removed by the next publish, however
+    young: their names say which process of which host wrote them."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = repo.dir / "data" / "02" / f".tmp-{dead.pid}@{socket.gethostname()}-0123abcd"
+    left.write_bytes(b"half an object")
+    (repo.dir / "txn" / "dirty").touch()
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_text("x")
+
+    run_cli("cvmbuild", "publish", tmp_path / "src", "--repo", repo.dir, "--path", "/sw")
+
+    assert not left.exists()
     assert not (repo.dir / "txn" / "dirty").exists()

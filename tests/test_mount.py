@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from cvmfs_client.fetcher import DirectoryFetcher
-from cvmfs_client.objects import object_path
 from cvmfs_client.repository import RepositoryReader
-from cvmfs_client.signed import load_public_key_pem
+from cvmfs_format.objects import object_path
+from cvmfs_format.signed import load_public_key_pem
 from tests.conftest import Repo, mounted, run_cli, serving
 
 pytestmark = pytest.mark.skipif(

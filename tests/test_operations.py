@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from cvmfs_client import manifest as manifest_mod
-from cvmfs_client import whitelist as whitelist_mod
-from cvmfs_client.objects import content_hash, encode_object, object_path
-from cvmfs_client.signed import encode_public_key, key_fingerprint, load_public_key_pem
+from cvmfs_format import manifest as manifest_mod
+from cvmfs_format import whitelist as whitelist_mod
+from cvmfs_format.objects import content_hash, encode_object, object_path
+from cvmfs_format.signed import encode_public_key, key_fingerprint, load_public_key_pem
 from repo_server import keys
 from repo_server.storage import LocalStorage
 from tests.conftest import BIN, Repo, open_reader, publish, run_cli

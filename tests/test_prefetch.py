@@ -6,8 +6,8 @@ import hashlib
 import stat
 import threading
 
-from cvmfs_client.catalog import FLAG_CHUNKED, Chunk, Entry
 from cvmfs_client.prefetch import SIBLING_MAX, Prefetcher
+from cvmfs_format.catalog import FLAG_CHUNKED, Chunk, Entry
 
 
 def _file(path: str, size: int, *, chunked: bool = False) -> Entry:

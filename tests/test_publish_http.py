@@ -15,10 +15,10 @@ import pytest
 import requests
 import zstandard
 
-from repo_server.catalog_writer import CatalogBuilder
+from cvmfs_format.catalog_writer import CatalogBuilder
+from cvmfs_format.pack import API, PACK_LIMIT, encode_pack
 from repo_server.gateway import Leases
 from repo_server.tokens import Token
-from repo_server.upload_pack import API, PACK_LIMIT, encode_pack
 from tests.conftest import (
     BIN,
     MiB,

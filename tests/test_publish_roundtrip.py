@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_client.catalog import Entry
-from cvmfs_client.errors import NotFoundError
+from cvmfs_format.catalog import Entry
+from cvmfs_format.errors import NotFoundError
 from tests.conftest import (
     MiB,
     Repo,

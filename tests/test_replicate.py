@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_client.objects import object_path
+from cvmfs_format.objects import object_path
 from repo_server.storage import LocalStorage
 from tests.conftest import (
     MiB,

@@ -22,9 +22,9 @@ import pytest
 import requests
 
 from cvmfs_client.fetcher import fetcher_for
-from cvmfs_client.objects import object_path
 from cvmfs_client.repository import RepositoryReader
-from cvmfs_client.signed import load_public_key_pem
+from cvmfs_format.objects import object_path
+from cvmfs_format.signed import load_public_key_pem
 from repo_server import s3_storage
 from repo_server.s3_storage import S3Storage, make_client
 from tests.conftest import (
@@ -376,19 +376,22 @@ def test_missing_answers_the_same_by_listing_and_by_head(
     s3_repo: S3Repo, monkeypatch: pytest.MonkeyPatch, list_from: int
 ) -> None:
     storage = s3_repo.storage()
-    # Spread over every data/xx/ directory, and many in one of them.
-    digests = [hashlib.sha256(bytes([i])).hexdigest() for i in range(256)]
-    digests += [f"ab{i:062x}" for i in range(40)]
+    # Spread over many data/xx/ directories, and many in one of them (data/ab/).
+    contents = [f"{i}".encode() for i in range(256)]
+    contents += [c for i in range(20000) if hashlib.sha256(c := b"ab%d" % i).hexdigest() < "ac"]
+    by_digest = {hashlib.sha256(c).hexdigest(): c for c in contents}
+    digests = list(by_digest)
     stored = set(digests[::3])
     for digest in stored:
-        assert storage.put_object(digest, b"x")
+        assert storage.put_object(digest, by_digest[digest])
     monkeypatch.setattr(s3_storage, "LIST_FROM", list_from)
 
     fresh = s3_repo.storage()  # knows nothing yet, as in a new process
     assert fresh.missing(digests) == set(digests) - stored
-    assert not fresh.put_object(digests[0], b"x")  # already there: not written again
+    first = digests[0]
+    assert not fresh.put_object(first, by_digest[first])  # already there: not written again
     one = {d for d in digests if d.startswith("ab")}
     assert len(one) >= 40
     assert s3_repo.storage().missing(one) == one - stored
     listed = dict(fresh.iter_objects())
-    assert stored <= set(listed) and all(listed[d] == 1 for d in stored)
+    assert stored <= set(listed) and all(listed[d] == len(by_digest[d]) for d in stored)

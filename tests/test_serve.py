@@ -22,8 +22,8 @@ import pytest
 import requests
 
 from cvmfs_client.fetcher import LOW_SPEED_TIME_S, RETRIES
-from cvmfs_client.objects import object_path
-from cvmfs_client.signed import MAX_DOCUMENT_SIZE
+from cvmfs_format.objects import object_path
+from cvmfs_format.signed import MAX_DOCUMENT_SIZE
 from repo_server.repository import LocalRepository
 from tests.conftest import BIN, Repo, free_port, open_reader, run_cli, wait_until_serving
 

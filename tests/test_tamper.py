@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cvmfs_client import manifest as manifest_mod
-from cvmfs_client import whitelist as whitelist_mod
-from cvmfs_client.errors import ClientError, FormatError, NotFoundError, VerificationError
-from cvmfs_client.manifest import Manifest
-from cvmfs_client.objects import object_path
-from cvmfs_client.signed import SIGNATURE_PREFIX, attach_signature, key_fingerprint
+from cvmfs_format import manifest as manifest_mod
+from cvmfs_format import whitelist as whitelist_mod
+from cvmfs_format.errors import CvmfsError, FormatError, NotFoundError, VerificationError
+from cvmfs_format.manifest import Manifest
+from cvmfs_format.objects import object_path
+from cvmfs_format.signed import SIGNATURE_PREFIX, attach_signature, key_fingerprint
 from repo_server.keys import KeyFiles, load_private_key
 from tests.conftest import Repo, open_reader, publish, read_back, run_cli
 
@@ -64,7 +64,7 @@ def flip_byte(path: Path, position: int | None = None) -> None:
 def assert_refused(
     repo: Repo,
     path: str,
-    error: type[ClientError],
+    error: type[CvmfsError],
     *,
     says: str = "",
     check_says: str = "",

@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cvmfs_client
+import cvmfs_format
 from cvmbuild.appliance import guest_agent
 from cvmbuild.appliance.errors import ApplianceError
 from cvmbuild.appliance.initramfs import AGENT_PATH
 from cvmbuild.appliance.process import run
 from cvmbuild.appliance.recipe import Recipe, mount_point
 
-# What cvmfs_client imports, as Debian packages (mfusepy, pure Python, is copied in).
+# What cvmfs_client and cvmfs_format import, as Debian packages (mfusepy is copied in).
 CLIENT_PACKAGES = ["python3-cryptography", "python3-zstandard", "python3-pycurl", "libfuse2"]
 BOOT_RECORD = "cvmbuild-boot-packages"  # written by the download hook, read and removed
 
@@ -154,11 +155,12 @@ def install_appliance_files(rootfs: Rootfs, recipe: Recipe) -> list[tuple[str, s
     """cvmfs-client, mfusepy, the guest agent and the records of what the image is."""
     tree = rootfs.tree
     site = tree / "usr/lib/python3/dist-packages"
-    shutil.copytree(
-        Path(cvmfs_client.__file__).parent,
-        site / "cvmfs_client",
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-    )
+    for package in (cvmfs_client, cvmfs_format):  # the client and the format it reads
+        shutil.copytree(
+            Path(package.__file__).parent,  # type: ignore[arg-type]
+            site / package.__name__,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
     spec = importlib.util.find_spec("mfusepy")
     if spec is None or spec.origin is None:
         raise ApplianceError("mfusepy is not installed; `pip install mfusepy`")
@@ -180,6 +182,7 @@ def install_appliance_files(rootfs: Rootfs, recipe: Recipe) -> list[tuple[str, s
     write("etc/fstab", "# the root is a squashfs with a tmpfs overlay (cvmbuild)\n")
     for path in (
         "usr/lib/python3/dist-packages/cvmfs_client",
+        "usr/lib/python3/dist-packages/cvmfs_format",
         "usr/lib/python3/dist-packages/mfusepy.py",
     ):
         run(["chroot", tree, "python3", "-m", "compileall", "-q",

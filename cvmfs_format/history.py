@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
-from cvmfs_client.errors import FormatError, NotFoundError
+from cvmfs_format.errors import FormatError, NotFoundError
 
 SCHEMA = """
 CREATE TABLE revisions (

@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Iterator
 
-from cvmfs_client.errors import FormatError
+from cvmfs_format.errors import FormatError
 
 API = "/api/v1"
 PACK_MAGIC = b"cvmfs-py pack 1\n"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cvmfs_client.errors import FormatError
+from cvmfs_format.errors import FormatError
 
 MAX_NAME_BYTES = 255
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cvmfs_client import signed
-from cvmfs_client.errors import VerificationError
-from cvmfs_client.whitelist import Whitelist
+from cvmfs_format import signed
+from cvmfs_format.errors import VerificationError
+from cvmfs_format.whitelist import Whitelist
 
 KIND = "manifest"
+MANIFEST_FILE = "manifest"  # its path in a repository (docs/FORMAT.md, "Layout")
 DEFAULT_TTL = 240
 FIELDS = frozenset(
     {

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from cvmfs_client import signed
-from cvmfs_client.errors import FormatError, VerificationError
+from cvmfs_format import signed
+from cvmfs_format.errors import FormatError, VerificationError
 
 KIND = "whitelist"
+WHITELIST_FILE = "whitelist"  # its path in a repository (docs/FORMAT.md, "Layout")
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from cvmfs_client.errors import FormatError, VerificationError
-from cvmfs_client.objects import is_hash
+from cvmfs_format.errors import FormatError, VerificationError
+from cvmfs_format.objects import is_hash
 
 MAX_DOCUMENT_SIZE = 64 * 1024
 SIGNATURE_PREFIX = b"signature: "

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import zstandard
 
-from cvmfs_client import paths
-from cvmfs_client.catalog import (
+from cvmfs_format import paths
+from cvmfs_format.catalog import (
     ENTRY_COLUMNS,
     FLAG_NESTED_ROOT,
     SCHEMA,
@@ -22,9 +22,9 @@ from cvmfs_client.catalog import (
     NestedRef,
     TreeStats,
 )
-from cvmfs_client.objects import content_hash, decode_object, encode_object
-from repo_server.errors import RepoError
-from repo_server.storage import ObjectSink, Storage
+from cvmfs_format.errors import PathConflict
+from cvmfs_format.objects import content_hash, decode_object, encode_object
+from cvmfs_format.store import ObjectSink, Storage
 
 EntryRow = tuple[str, str, int, int, int, "str | None", "str | None", int, int]
 
@@ -205,7 +205,7 @@ def _ensure_directories(builder: CatalogBuilder, root: str, dirpath: str, now_ns
         if mode is None:
             missing.append(path)
         elif not stat.S_ISDIR(mode):
-            raise RepoError(f"cannot publish below {path}: it exists and is not a directory")
+            raise PathConflict(f"cannot publish below {path}: it exists and is not a directory")
     rows: list[EntryRow] = []
     for path in missing:
         parent, name = paths.split(path)

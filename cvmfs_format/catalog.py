@@ -8,8 +8,8 @@ import threading
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from cvmfs_client import paths
-from cvmfs_client.errors import FormatError
+from cvmfs_format import paths
+from cvmfs_format.errors import FormatError
 
 SCHEMA_VERSION = "1"
 

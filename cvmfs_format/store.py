@@ -1,0 +1,40 @@
+"""Where objects and the top-level files live, as the format's writers and readers see
+it: one small protocol; repo_server has the local-directory and S3 implementations,
+cvmbuild the upload and dry-run ones."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+
+class ObjectSink(Protocol):
+    """Where a publisher puts objects: a storage, or uploads to a repo-server."""
+
+    def has(self, digest: str) -> bool: ...
+    def missing(self, digests: Iterable[str]) -> set[str]: ...
+    def put_object(self, digest: str, stored: bytes) -> bool:
+        """Store an object unless present; True if it was written now."""
+        ...
+
+
+class Storage(ObjectSink, Protocol):
+
+    def get_object(self, digest: str) -> bytes: ...
+    def iter_objects(self) -> Iterator[tuple[str, int]]: ...
+    def delete_object(self, digest: str) -> None: ...
+    def object_mtime(self, digest: str) -> float:
+        """When the object was last written (Unix time): gc spares recent ones."""
+        ...
+
+    def read_file(self, name: str) -> bytes | None: ...
+    def write_file(self, name: str, data: bytes) -> None:
+        """Atomically replace a top-level file (manifest, whitelist), durably."""
+        ...
+
+    def sync(self) -> None:
+        """Make every object written so far durable."""
+        ...
+
+    def begin_writes(self) -> None: ...
+    def end_writes(self) -> None: ...
