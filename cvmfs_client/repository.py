@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cvmfs_format import manifest as manifest_mod
 from cvmfs_format import paths
 from cvmfs_format import whitelist as whitelist_mod
-from cvmfs_format.catalog import Catalog, Chunk, Entry, NestedRef
+from cvmfs_format.catalog import Catalog, Chunk, Entry, NestedRef, check_chunk_list
 from cvmfs_format.errors import CvmfsError, NotFoundError, VerificationError
 from cvmfs_format.history import History
 from cvmfs_format.manifest import MANIFEST_FILE, Manifest
@@ -291,11 +291,7 @@ class RepositoryReader:
             assert entry.hash is not None
             yield self.fetch_object(entry.hash, entry.size)
             return
-        expected = 0
-        for chunk in self.chunks(entry):
-            if chunk.offset != expected:
-                raise VerificationError(f"{entry.path}: chunk list has a gap at {expected}")
+        chunks = self.chunks(entry)
+        check_chunk_list(entry.path, entry.size, chunks)
+        for chunk in chunks:
             yield self.fetch_object(chunk.hash, chunk.size)
-            expected += chunk.size
-        if expected != entry.size:
-            raise VerificationError(f"{entry.path}: chunks cover {expected} of {entry.size} bytes")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import stat
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -121,6 +122,22 @@ class Entry(NamedTuple):
     @property
     def chunked(self) -> bool:
         return bool(self.flags & FLAG_CHUNKED)
+
+
+def check_chunk_list(path: str, size: int, chunks: Sequence[Chunk]) -> None:
+    """A chunked file's chunks must tile its content exactly (docs/FORMAT.md, "Chunked
+    files"): from offset 0, each where the previous ended, none empty, summing to size.
+    Readers and the validators refuse a file whose list does not, so a gap can never
+    read as a short file."""
+    expected = 0
+    for chunk in chunks:
+        if chunk.offset != expected:
+            raise FormatError(f"{path}: chunk list has a gap or overlap at byte {expected}")
+        if chunk.size <= 0:
+            raise FormatError(f"{path}: empty chunk at byte {expected}")
+        expected += chunk.size
+    if expected != size:
+        raise FormatError(f"{path}: chunks cover {expected} of its {size} bytes")
 
 
 def entry_from_row(row: tuple) -> Entry:  # type: ignore[type-arg]
