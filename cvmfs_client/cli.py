@@ -8,23 +8,20 @@ import os
 import stat
 import sys
 import time
-from pathlib import Path
 
 from cvmfs_client import console
 from cvmfs_client.console import human
 from cvmfs_client.errors import ClientError
 from cvmfs_client.fetcher import fetcher_for
 from cvmfs_client.repository import RepositoryReader
-from cvmfs_format.signed import load_public_key_pem
+from cvmfs_client.trust_store import default_state_dir, open_trust
 
 
 def _open(args: argparse.Namespace) -> RepositoryReader:
-    try:
-        key = load_public_key_pem(Path(args.key).read_bytes(), args.key)
-    except OSError as exc:
-        raise ClientError(f"{args.key}: cannot read public key ({exc.strerror})") from exc
-    reader = RepositoryReader(fetcher_for(args.repo, args.proxy or ""), key)
+    trust, floors = open_trust(args.key, args.name, default_state_dir())
+    reader = RepositoryReader(fetcher_for(args.repo, args.proxy or ""), trust)
     reader.load_manifest()
+    floors.store(trust.floor)
     if args.tag is not None or args.revision is not None:
         reader.select_revision(revision=args.revision, tag=args.tag)
     return reader
@@ -79,6 +76,7 @@ def _mount(args: argparse.Namespace) -> int:
         revision=args.revision if pinned else config.revision,
         max_ttl=args.max_ttl,
         prefetch=not args.no_prefetch,
+        name=args.name,
     )
     return mount(options)
 
@@ -127,7 +125,7 @@ def _preload(args: argparse.Namespace) -> int:
 
     options = MountOptions(
         url=args.url, mountpoint="", key_file=args.key, cache_dir=args.cache_dir,
-        proxies=args.proxy or "",
+        proxies=args.proxy or "", name=args.name,
     )  # fmt: skip
     reader = open_reader(options)
     files, objects = preload(reader, args.path)
@@ -137,6 +135,12 @@ def _preload(args: argparse.Namespace) -> int:
         f"{objects} objects, {human(reader.cache.stats.bytes_fetched)} downloaded"
     )
     return 0
+
+
+NAME_HELP = (
+    "the repository's name, which its whitelist and manifest must carry "
+    "(default: the key file's name without .pub)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("path", help="path inside the repository")
         p.add_argument("--key", required=True, help="the repository's master public key (NAME.pub)")
+        p.add_argument("--name", help=NAME_HELP)
         p.add_argument("--proxy", help="HTTP proxies in CernVM-FS syntax (see mount --help)")
         group = p.add_mutually_exclusive_group()
         group.add_argument("--tag", help="read the revision with this tag")
@@ -169,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("mountpoint")
     p.add_argument("--key", help="the repository's master public key (NAME.pub)")
+    p.add_argument("--name", help=NAME_HELP)
     p.add_argument("--config", help="CernVM-FS-style KEY=VALUE settings (CVMFS_SERVER_URL, ...)")
     p.add_argument(
         "--max-ttl", type=float, help="look for new revisions at least this often (seconds)"
@@ -205,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url")
     p.add_argument("cache_dir")
     p.add_argument("--key", required=True, help="the repository's master public key (NAME.pub)")
+    p.add_argument("--name", help=NAME_HELP)
     p.add_argument("--path", default="/", help="subtree to preload (default /)")
     p.add_argument("--proxy", help="HTTP proxies in CernVM-FS syntax")
     console.add_debug(p, subcommand=True)

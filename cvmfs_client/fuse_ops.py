@@ -101,9 +101,9 @@ class RepositoryFS(Operations):  # type: ignore[misc]
     # -- helpers ----------------------------------------------------------------------
 
     def _entry(self, path: str) -> Entry:
-        if self.reader.refresh():
-            self._kernel.switched(time.monotonic())
         try:
+            if self.reader.refresh():
+                self._kernel.switched(time.monotonic())
             return self.reader.lookup(path)
         except NotFoundError as exc:
             raise FuseOSError(errno.ENOENT) from exc

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from cvmfs_format.catalog import Catalog, TreeStats
 from cvmfs_format.errors import CvmfsError
-from cvmfs_format.objects import decode_object, max_stored_size
+from cvmfs_format.objects import ObjectRef, decode_object, max_stored_size
+from repo_server.loading import load_catalog
 from repo_server.repository import LocalRepository
 
 
@@ -35,7 +35,7 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
         history = repo.history(head)
     except (CvmfsError, OSError) as exc:
         report.problems.append(f"history {head.history_hash}: {exc}")
-        roots = [(head.revision, head.root_hash)]
+        roots = [(head.revision, ObjectRef.catalog(head.root_hash, head.root_size))]
     else:
         records = {r.revision: r for r in history.revisions()}
         wanted = (
@@ -43,7 +43,11 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
             if all_revisions
             else {head.revision} | {t.revision for t in history.tags()}
         )
-        roots = [(n, records[n].root_hash) for n in sorted(wanted) if n in records]
+        roots = [
+            (n, ObjectRef.catalog(records[n].root_hash, records[n].root_size))
+            for n in sorted(wanted)
+            if n in records
+        ]
         if head.revision not in records:
             report.problems.append(f"history does not list the head revision {head.revision}")
         if records.get(head.revision) and records[head.revision].root_hash != head.root_hash:
@@ -63,24 +67,29 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
 
 
 def walk_catalogs(
-    repo: LocalRepository, digest: str, seen: set[str], objects: dict[str, int], problems: list[str]
+    repo: LocalRepository,
+    root: ObjectRef,
+    seen: set[str],
+    objects: dict[str, int],
+    problems: list[str],
 ) -> None:
-    """Add the catalogs below root catalog `digest` to seen and the objects their entries
-    and chunks name to objects (hash -> content size); unreadable catalogs to problems."""
-    stack = [digest]
+    """Add the catalogs below the root catalog to seen and the objects their entries and
+    chunks name to objects (hash -> content size); unreadable catalogs to problems."""
+    stack = [root]
     while stack:
-        digest = stack.pop()
-        if digest in seen:
+        ref = stack.pop()
+        if ref.digest in seen:
             continue
-        seen.add(digest)
+        seen.add(ref.digest)
         try:
-            data = decode_object(repo.storage.get_object(digest), digest)
-            catalog = Catalog.from_bytes(data, digest)
+            catalog = load_catalog(repo.storage, ref)
         except (CvmfsError, OSError) as exc:
-            problems.append(f"catalog {digest}: {exc}")
+            problems.append(f"catalog {ref.digest}: {exc}")
             continue
         objects.update(catalog_objects(catalog))
-        stack.extend(ref.hash for ref in catalog.nested.values())
+        stack.extend(
+            ObjectRef.catalog(nested.hash, nested.size) for nested in catalog.nested.values()
+        )
         catalog.close()
 
 
@@ -118,8 +127,7 @@ class Info:
 
 def info(repo: LocalRepository) -> Info:
     head = repo.head()
-    data = decode_object(repo.storage.get_object(head.root_hash), head.root_hash)
-    root = Catalog.from_bytes(data, head.root_hash)
+    root = load_catalog(repo.storage, ObjectRef.catalog(head.root_hash, head.root_size))
     stats = root.stats()
     root.close()
     count = total = 0
@@ -136,7 +144,3 @@ def info(repo: LocalRepository) -> Info:
         total,
         count,
     )
-
-
-def format_time(ts: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))

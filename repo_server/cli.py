@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
 from cvmfs_client import console
 from cvmfs_client.console import human
-from cvmfs_format.catalog_writer import CatalogLoader
+from cvmfs_format.objects import ObjectRef
+from cvmfs_format.signed import format_time
+from cvmfs_format.trust import pinned_name
 from repo_server import check as check_mod
 from repo_server import diff as diff_mod
 from repo_server import gc as gc_mod
 from repo_server import operations
 from repo_server.errors import RepoError
+from repo_server.loading import load_catalog
 from repo_server.repository import LocalRepository, init_repository, open_repository
 from repo_server.tokens import TOKENS_FILE, TokenStore
 
@@ -69,7 +73,7 @@ def _token_add(args: argparse.Namespace) -> int:
 
 def _token_list(args: argparse.Namespace) -> int:
     for token in _tokens(args, _repo(args)).tokens():
-        print(f"{token.name}\t{token.path}\t{check_mod.format_time(token.created)}")
+        print(f"{token.name}\t{token.path}\t{format_time(token.created)}")
     return 0
 
 
@@ -97,9 +101,9 @@ def _info(args: argparse.Namespace) -> int:
     s = i.stats
     print(f"name:              {i.name}")
     print(f"revision:          {i.revision}")
-    print(f"published:         {check_mod.format_time(i.published)}")
-    print(f"manifest expires:  {check_mod.format_time(i.expires)}")
-    print(f"whitelist expires: {check_mod.format_time(i.whitelist_expires)}")
+    print(f"published:         {format_time(i.published)}")
+    print(f"manifest expires:  {format_time(i.expires)}")
+    print(f"whitelist expires: {format_time(i.whitelist_expires)}")
     print(f"files:             {s.files} ({s.dirs} directories, {s.symlinks} symlinks)")
     print(f"catalogs:          {s.catalogs}")
     print(f"logical bytes:     {s.bytes} ({human(s.bytes)})")
@@ -113,7 +117,7 @@ def _info(args: argparse.Namespace) -> int:
 def _tags(args: argparse.Namespace) -> int:
     repo = _repo(args)
     for tag in repo.history(repo.head()).tags():
-        print(f"{tag.name}\trevision {tag.revision}\t{check_mod.format_time(tag.created)}")
+        print(f"{tag.name}\trevision {tag.revision}\t{format_time(tag.created)}")
     return 0
 
 
@@ -121,7 +125,7 @@ def _whitelist_renew(args: argparse.Namespace) -> int:
     repo = _repo(args)
     with repo.lock():
         wl = repo.renew_whitelist(args.days)
-    print(f"whitelist of {wl.name!r} renewed; expires {check_mod.format_time(wl.expires)}")
+    print(f"whitelist of {wl.name!r} renewed; expires {format_time(wl.expires)}")
     return 0
 
 
@@ -129,7 +133,7 @@ def _resign(args: argparse.Namespace) -> int:
     repo = _repo(args)
     with repo.lock():
         m = repo.resign()
-    print(f"manifest revision {m.revision} re-signed; expires {check_mod.format_time(m.expires)}")
+    print(f"manifest revision {m.revision} re-signed; expires {format_time(m.expires)}")
     return 0
 
 
@@ -163,7 +167,11 @@ def _diff(args: argparse.Namespace) -> int:
     repo = _repo(args)
     history = repo.history(repo.head())
     old, new = (operations.resolve_revision(history, spec) for spec in (args.a, args.b))
-    changes = diff_mod.diff_trees(CatalogLoader(repo.storage), old.root_hash, new.root_hash)
+    changes = diff_mod.diff_trees(
+        functools.partial(load_catalog, repo.storage),
+        ObjectRef.catalog(old.root_hash, old.root_size),
+        ObjectRef.catalog(new.root_hash, new.root_size),
+    )
     sys.stdout.writelines(f"{change.kind} {change.path}\n" for change in changes)
     return 0
 
@@ -210,8 +218,10 @@ def _replicate(args: argparse.Namespace) -> int:
         args.url,
         Path(args.dir),
         keys.load_public_key(Path(args.key)),
+        pinned_name(args.key, args.name),
         workers=args.workers,
         progress=sys.stderr.isatty(),
+        timeout=args.timeout,
     )
     for number in r.skipped:
         print(
@@ -317,7 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", help="the repository's base URL, e.g. http://stratum0.example.org/sw")
     p.add_argument("dir", help="the mirror directory (made if missing); serve it like a repository")
     p.add_argument("--key", required=True, help="the repository's master public key (NAME.pub)")
+    p.add_argument(
+        "--name",
+        help="the repository's name, which the source must serve (default: the key file's "
+        "name without .pub)",
+    )
     p.add_argument("--workers", type=int, default=8, help="parallel downloads (default 8)")
+    p.add_argument(
+        "--timeout", type=float, default=3600, metavar="SECONDS",
+        help="give up after this long, keeping the mirror as it was (default 3600); what "
+        "was fetched is kept for the next run",
+    )  # fmt: skip
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_replicate)
     wl = sub.add_parser("whitelist", help="manage the signing-key whitelist")

@@ -12,6 +12,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
+from cvmfs_format.objects import ObjectRef
 from repo_server.check import walk_catalogs
 from repo_server.errors import RepoError
 from repo_server.repository import LocalRepository
@@ -49,7 +50,8 @@ def collect_garbage(
         kept = set(numbers if keep_revisions is None else numbers[-keep_revisions:])
         kept |= {t.revision for t in history.tags()} & records.keys()
         dropped = sorted(records.keys() - kept)
-        roots = {records[n].root_hash for n in kept} | {head.root_hash}
+        roots = {ObjectRef.catalog(records[n].root_hash, records[n].root_size) for n in kept}
+        roots.add(ObjectRef.catalog(head.root_hash, head.root_size))
         # The history the head names now stays too: a client may hold this manifest
         # for its ttl after the history below replaces it.
         reachable = _mark(repo, roots) | {head.history_hash}
@@ -66,13 +68,13 @@ def collect_garbage(
     return GcReport(sorted(kept), dropped, removed, removed_bytes, spared, dry_run)
 
 
-def _mark(repo: LocalRepository, roots: set[str]) -> set[str]:
+def _mark(repo: LocalRepository, roots: set[ObjectRef]) -> set[str]:
     """Every catalog and object the root catalogs reach; refuses to go on if any of
     those catalogs cannot be read, as the objects it names would look unreferenced."""
     catalogs: set[str] = set()
     objects: dict[str, int] = {}
     problems: list[str] = []
-    for root in sorted(roots):
+    for root in sorted(roots, key=lambda ref: ref.digest):
         walk_catalogs(repo, root, catalogs, objects, problems)
     if problems:
         raise RepoError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import sqlite3
 import sys
@@ -22,16 +23,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cvmfs_format import manifest as manifest_mod
 from cvmfs_format import whitelist as whitelist_mod
 from cvmfs_format.catalog import TreeStats
-from cvmfs_format.catalog_writer import CatalogBuilder, CatalogLoader, Subtree, graft
+from cvmfs_format.catalog_writer import CatalogBuilder, Subtree, graft
 from cvmfs_format.history import SCHEMA as HISTORY_SCHEMA
 from cvmfs_format.history import History
 from cvmfs_format.manifest import MANIFEST_FILE, Manifest
-from cvmfs_format.objects import content_hash, decode_object, encode_object
+from cvmfs_format.objects import ObjectRef, content_hash, encode_object
 from cvmfs_format.signed import attach_signature, encode_public_key, key_fingerprint
 from cvmfs_format.store import Storage
+from cvmfs_format.trust import TrustedState
 from cvmfs_format.whitelist import WHITELIST_FILE, Whitelist
 from repo_server import keys
 from repo_server.errors import RepoError
+from repo_server.loading import load_history, load_verified
 from repo_server.s3_storage import S3Storage, is_s3_location
 from repo_server.storage import LocalStorage
 
@@ -124,20 +127,29 @@ class LocalRepository:
     def key_files(self) -> keys.KeyFiles:
         return keys.KeyFiles(self.keydir, self.whitelist().name)
 
+    def trust(self) -> TrustedState:
+        """Whitelist and manifest accepted as a client accepts them: the master public key
+        of the key directory and the repository's name pinned."""
+        files = self.key_files()
+        trust = TrustedState(keys.load_public_key(files.public), files.name)
+        now = time.time()
+        trust.update_whitelist(self.storage.read_file(WHITELIST_FILE) or b"", now)
+        trust.update_manifest(self.storage.read_file(MANIFEST_FILE) or b"", now)
+        return trust
+
     def head(self) -> Manifest:
-        """The current manifest, verified with the pinned master key like a client would."""
-        wl_data = self.storage.read_file(WHITELIST_FILE) or b""
-        master = keys.load_public_key(self.key_files().public)
-        whitelist = whitelist_mod.verify(wl_data, master, time.time())
-        data = self.storage.read_file(MANIFEST_FILE) or b""
-        return manifest_mod.verify(data, whitelist, time.time())
+        """The current manifest, verified as a client verifies it."""
+        manifest = self.trust().manifest
+        assert manifest is not None
+        return manifest
 
     def head_unverified(self) -> Manifest:
         return manifest_mod.parse(self.storage.read_file(MANIFEST_FILE) or b"")[0]
 
     def history(self, manifest: Manifest) -> History:
-        data = decode_object(self.storage.get_object(manifest.history_hash), manifest.history_hash)
-        return History(data, manifest.history_hash)
+        return load_history(
+            self.storage, ObjectRef.catalog(manifest.history_hash, manifest.history_size)
+        )
 
     # -- writing --------------------------------------------------------------------
 
@@ -176,8 +188,8 @@ class LocalRepository:
         now = time.time()
         root = graft(
             self.storage,
-            CatalogLoader(self.storage),
-            (head.root_hash, head.root_size),
+            functools.partial(load_verified, self.storage),
+            ObjectRef.catalog(head.root_hash, head.root_size),
             subtree,
             compressor,
             int(now * 1e9),

@@ -25,6 +25,7 @@ from cvmfs_client.fetcher import fetcher_for
 from cvmfs_client.repository import RepositoryReader
 from cvmfs_format.objects import object_path
 from cvmfs_format.signed import load_public_key_pem
+from cvmfs_format.trust import TrustedState
 from repo_server import s3_storage
 from repo_server.s3_storage import S3Storage, make_client
 from tests.conftest import (
@@ -156,7 +157,7 @@ def publish(src: Path, repo: S3Repo, path: str, *extra: str) -> str:
 def open_reader(repo: S3Repo) -> RepositoryReader:
     """A verifying reader of the bucket's HTTP endpoint, pinned to the master key."""
     key = load_public_key_pem(repo.pub.read_bytes(), str(repo.pub))
-    reader = RepositoryReader(fetcher_for(repo.url), key)
+    reader = RepositoryReader(fetcher_for(repo.url), TrustedState(key, repo.pub.stem))
     reader.load_manifest()
     return reader
 
