@@ -12,7 +12,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from cvmfs_client.cache import ObjectCache
+from cvmfs_client.cache import ObjectCache, lock_cache_dir
 from cvmfs_client.errors import ClientError
 from cvmfs_client.fetcher import OfflineFallback, fetcher_for
 from cvmfs_client.fuse_bridge import Bridge
@@ -41,10 +41,18 @@ class MountOptions:
     prefetch: bool = True  # fetch a directory's small files when one of them is opened
 
 
-def default_cache_dir() -> str:
-    if os.geteuid() == 0:
-        return "/var/lib/cvmfs-client/cache"
-    return os.path.expanduser("~/.cache/cvmfs-client")
+def default_cache_dir(name: str, base: str | None = None) -> str:
+    """One cache per repository under the cache base (CVMFS_CACHE_BASE), as CernVM-FS
+    lays it out: mounts of two repositories never share, so never evict each other's
+    entries."""
+    if base is None:
+        base = "/var/lib/cvmfs-client/cache" if os.geteuid() == 0 else "~/.cache/cvmfs-client"
+    return os.path.join(os.path.expanduser(base), name)
+
+
+def name_from_key_file(key_file: str) -> str:
+    """The repository's name as its master public key file is named (NAME.pub)."""
+    return os.path.basename(key_file).removesuffix(".pub")
 
 
 class RevisionMemory:
@@ -72,7 +80,8 @@ def open_reader(options: MountOptions) -> RepositoryReader:
             key = load_public_key_pem(f.read(), options.key_file)
     except OSError as exc:
         raise ClientError(f"{options.key_file}: cannot read public key ({exc.strerror})") from exc
-    os.makedirs(options.cache_dir, exist_ok=True)
+    # Held by the mount daemon (forked with it) for as long as it runs.
+    lock_cache_dir(options.cache_dir)
     cache = ObjectCache(os.path.join(options.cache_dir, "objects"), options.quota)
     key_id = key_fingerprint(key)
     fetcher = OfflineFallback(
