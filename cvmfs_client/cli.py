@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cvmfs_client import console
 from cvmfs_client.console import human
+from cvmfs_client.content import open_content, pieces
 from cvmfs_client.errors import ClientError
 from cvmfs_client.fetcher import fetcher_for
 from cvmfs_client.repository import RepositoryReader
@@ -46,10 +47,10 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _cat(args: argparse.Namespace) -> int:
     reader = _open(args)
-    entry = reader.lookup(args.path)
     out = sys.stdout.buffer
-    for piece in reader.iter_content(entry):
-        out.write(piece)
+    with open_content(reader, reader.lookup(args.path)) as content:
+        for piece in pieces(content):
+            out.write(piece)
     out.flush()
     return 0
 

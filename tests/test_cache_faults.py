@@ -1,8 +1,10 @@
 """The cache under a running mount: entries removed or changed behind its back cost a
-fetch, never a wrong byte or an error; one mount per cache directory."""
+fetch, never a wrong byte or an error; one mount per cache directory; and a chunk list
+with a gap, or a size beyond the object, is an error everywhere, never a short read."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -12,7 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+import zstandard
 
+from cvmfs_format.catalog import FLAG_CHUNKED, Chunk
+from cvmfs_format.catalog_writer import CatalogBuilder, CatalogLoader, Subtree, graft
 from tests.conftest import MiB, Repo, mounted, open_reader, run_cli
 
 pytestmark = pytest.mark.skipif(
@@ -220,3 +225,84 @@ def test_cache_verify_under_a_mount_removes_changed_entries_and_the_mount_fetche
             assert not path.exists()
         assert_reads_the_release(mnt, release)
         assert stats(mnt)["io_errors"] == 0
+
+
+# -- a chunked file whose chunk list does not cover it -----------------------------------
+
+
+def sign_hostile_file(
+    repo: Repo, path: str, size: int, digest: str | None, chunks: list[Chunk]
+) -> None:
+    """A new revision with one more file, as a hostile or buggy publisher could sign it:
+    whatever size, object and chunk rows it is given (the catalog writer checks none)."""
+    parent, name = path.rsplit("/", 1)
+    builder = CatalogBuilder(parent)
+    flags = FLAG_CHUNKED if chunks else 0
+    builder.add_entries([(parent, name, 0o100644, size, 0, digest, None, 0, flags)])
+    builder.add_chunks([(path, c.offset, c.size, c.hash) for c in chunks])
+    repository = repo.open()
+    compressor = zstandard.ZstdCompressor()
+    with repository.lock():
+        subtree = Subtree(parent, builder.finish(repository.storage, compressor), 0o40755, 0)
+        head = repository.head()
+        root = graft(
+            repository.storage,
+            CatalogLoader(repository.storage),
+            (head.root_hash, head.root_size),
+            subtree,
+            compressor,
+            time.time_ns(),
+        )
+        repository.commit_root(root.hash, root.size, path=parent)
+
+
+@pytest.fixture
+def gap(repo: Repo, release: dict[str, bytes]) -> str:
+    """/sw/gap/broken.bin: data.bin's size and chunk list with one chunk left out."""
+    reader = open_reader(repo)
+    data = reader.lookup(f"{RELEASE}/lib/data.bin")
+    chunks = reader.chunks(data)
+    assert len(chunks) >= 3
+    del chunks[1]
+    sign_hostile_file(repo, "/sw/gap/broken.bin", data.size, None, chunks)
+    return "/sw/gap/broken.bin"
+
+
+def test_a_chunked_file_with_a_gap_in_its_chunk_list_is_an_io_error_through_the_mount(
+    repo: Repo, release: dict[str, bytes], gap: str, tmp_path: Path
+) -> None:
+    with mounted(str(repo.dir), tmp_path / "mnt", tmp_path / "cache", repo.pub) as mnt:
+        with pytest.raises(OSError) as raised:
+            read_through_fuse(mnt / gap[1:])
+        assert raised.value.errno == errno.EIO
+        assert stats(mnt)["io_errors"] == 1
+        assert_reads_the_release(mnt, release)  # the other files are fine
+
+
+def test_cat_and_preload_refuse_a_chunked_file_with_a_gap(
+    repo: Repo, gap: str, tmp_path: Path
+) -> None:
+    cat = run_cli("cvmfs-client", "cat", repo.dir, gap, "--key", repo.pub, check=False)
+    assert cat.returncode == 1 and cat.stdout == b""
+    assert cat.stderr.decode().startswith(f"error: {gap}: chunk list has a gap")
+    preload = run_cli(
+        "cvmfs-client", "preload", repo.dir, tmp_path / "cache", "--key", repo.pub,
+        "--path", "/sw", check=False,
+    )  # fmt: skip
+    assert preload.returncode == 1
+    assert preload.stderr.decode().startswith(f"error: {gap}: chunk list has a gap")
+
+
+def test_a_file_larger_than_its_cached_object_is_an_io_error_never_a_short_read(
+    repo: Repo, release: dict[str, bytes], tmp_path: Path
+) -> None:
+    """The object is in the cache already (another file has it, with its true size): the
+    size the catalog gives is checked against the entry's all the same."""
+    setup = release["bin/setup.sh"]
+    digest = hashlib.sha256(setup).hexdigest()
+    sign_hostile_file(repo, "/sw/liar/setup.sh", len(setup) + 100, digest, [])
+    with mounted(str(repo.dir), tmp_path / "mnt", tmp_path / "cache", repo.pub) as mnt:
+        assert read_through_fuse(mnt / "sw/1.0/bin/setup.sh") == setup
+        with pytest.raises(OSError) as raised:
+            read_through_fuse(mnt / "sw/liar/setup.sh")
+        assert raised.value.errno == errno.EIO
