@@ -21,6 +21,7 @@ import os
 import secrets
 import stat
 import threading
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +63,27 @@ def lock_cache_dir(cache_dir: str) -> int:
             "give each mount its own --cache-dir"
         ) from None
     return fd
+
+
+def wait_until_free(cache_dir: str, timeout: float) -> bool:
+    """Wait until no process holds cache_dir's lock (a mount daemon exits shortly after
+    its file system is unmounted); whether it is free."""
+    deadline = time.monotonic() + timeout
+    try:
+        fd = os.open(os.path.join(cache_dir, LOCK_FILE), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.02)
+    finally:
+        os.close(fd)
 
 
 @dataclass

@@ -6,13 +6,14 @@ on the terminal; it returns only once the kernel has the file system mounted.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 
-from cvmfs_client.cache import ObjectCache, lock_cache_dir
+from cvmfs_client.cache import ObjectCache, lock_cache_dir, wait_until_free
 from cvmfs_client.errors import ClientError
 from cvmfs_client.fetcher import OfflineFallback, fetcher_for
 from cvmfs_client.fuse_bridge import Bridge
@@ -24,6 +25,7 @@ from cvmfs_format.signed import key_fingerprint, load_public_key_pem
 from cvmfs_format.whitelist import WHITELIST_FILE
 
 ENTRY_TIMEOUT_S = 60  # content is immutable per revision: let the kernel cache it
+UMOUNT_WAIT_S = 10  # for the daemon to exit and free its cache directory
 
 
 @dataclass(frozen=True)
@@ -166,8 +168,14 @@ def mount(options: MountOptions) -> int:
 def umount(mountpoint: str) -> int:
     if not os.path.ismount(mountpoint):
         raise ClientError(f"{mountpoint}: not mounted")
+    try:
+        objects = json.loads(os.getxattr(mountpoint, "user.stats"))["cache_dir"]
+    except (OSError, ValueError, KeyError):
+        objects = None  # not ours, or not answering: nothing to wait for
     command = ["fusermount", "-u", mountpoint] if os.geteuid() != 0 else ["umount", mountpoint]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise ClientError(f"unmounting {mountpoint} failed: {result.stderr.strip()}")
+    if objects is not None:  # so that `umount && mount` on the same cache just works
+        wait_until_free(os.path.dirname(objects), UMOUNT_WAIT_S)
     return 0

@@ -129,9 +129,10 @@ def test_a_second_mount_on_a_cache_directory_in_use_is_refused(
         assert "give each mount its own --cache-dir" in stderr
         assert not os.path.ismount(second)
         assert_reads_the_release(mnt, release)
-    # Once the first mount is gone, the cache directory is free again.
-    with mounted(str(repo.dir), second, cache, repo.pub) as mnt:
-        assert_reads_the_release(mnt, release)
+        # Once the first mount is gone, the cache directory is free again at once.
+        run_cli("cvmfs-client", "umount", mnt)
+        with mounted(str(repo.dir), second, cache, repo.pub) as again:
+            assert_reads_the_release(again, release)
 
 
 def test_two_repositories_mounted_with_the_default_cache_get_one_cache_each(
