@@ -11,10 +11,12 @@ import time
 
 from cvmfs_client import console
 from cvmfs_client.console import human
+from cvmfs_client.content import open_content, pieces
 from cvmfs_client.errors import ClientError
 from cvmfs_client.fetcher import fetcher_for
 from cvmfs_client.repository import RepositoryReader
 from cvmfs_client.trust_store import default_state_dir, open_trust
+from cvmfs_format.trust import pinned_name
 
 
 def _open(args: argparse.Namespace) -> RepositoryReader:
@@ -43,10 +45,10 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _cat(args: argparse.Namespace) -> int:
     reader = _open(args)
-    entry = reader.lookup(args.path)
     out = sys.stdout.buffer
-    for piece in reader.iter_content(entry):
-        out.write(piece)
+    with open_content(reader, reader.lookup(args.path)) as content:
+        for piece in pieces(content):
+            out.write(piece)
     out.flush()
     return 0
 
@@ -64,11 +66,13 @@ def _mount(args: argparse.Namespace) -> int:
     if not key:
         raise ClientError("no public key: give --key or set CVMFS_PUBLIC_KEY in --config")
     pinned = args.tag is not None or args.revision is not None
+    name = pinned_name(key, args.name)
+    cache_dir = args.cache_dir or default_cache_dir(name, config.cache_base)
     options = MountOptions(
         url=url,
         mountpoint=args.mountpoint,
         key_file=key,
-        cache_dir=os.path.abspath(args.cache_dir or config.cache_base or default_cache_dir()),
+        cache_dir=os.path.abspath(cache_dir),
         foreground=args.foreground,
         quota=parse_size(args.quota) if args.quota else config.quota_bytes,
         proxies=args.proxy or config.http_proxy or "",
@@ -76,7 +80,7 @@ def _mount(args: argparse.Namespace) -> int:
         revision=args.revision if pinned else config.revision,
         max_ttl=args.max_ttl,
         prefetch=not args.no_prefetch,
-        name=args.name,
+        name=name,
     )
     return mount(options)
 
@@ -104,10 +108,19 @@ def _stat(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from cvmfs_client.cache import ObjectCache
+    """Works beside a mount using the cache too: the mount fetches what is removed."""
+    from cvmfs_client.cache import CacheInUse, ObjectCache, lock_cache_dir
     from cvmfs_client.mount import default_cache_dir
 
-    cache = ObjectCache(os.path.join(args.cache_dir or default_cache_dir(), "objects"))
+    cache_dir = args.cache_dir or default_cache_dir(args.name)
+    if not os.path.isdir(os.path.join(cache_dir, "objects")):
+        raise ClientError(f"{cache_dir}: no cache there; give the --cache-dir of a mount")
+    try:
+        lock_cache_dir(cache_dir)
+        owner = True
+    except CacheInUse:
+        owner = False
+    cache = ObjectCache(os.path.join(cache_dir, "objects"), owner=owner)
     if args.action == "verify":
         removed = cache.verify_all()
         for digest in removed:
@@ -179,7 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-ttl", type=float, help="look for new revisions at least this often (seconds)"
     )
-    p.add_argument("--cache-dir", help="local cache (default /var/lib/cvmfs-client/cache as root)")
+    p.add_argument(
+        "--cache-dir",
+        help="local cache, one per mount (default CACHE_BASE/NAME: /var/lib/cvmfs-client/cache "
+        "as root, ~/.cache/cvmfs-client otherwise; NAME as the key file is named)",
+    )
     p.add_argument("--quota", help="cache size limit, e.g. 4G (default: unlimited)")
     p.add_argument(
         "--proxy",
@@ -204,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_stat)
     p = sub.add_parser("cache", help="maintain the local cache")
     p.add_argument("action", choices=["verify", "clean"])
-    p.add_argument("--cache-dir", help="cache directory (default as for mount)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--cache-dir", help="cache directory (as given to mount)")
+    group.add_argument("--name", help="repository name: its cache under the default cache base")
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_cache)
     p = sub.add_parser("preload", help="fill a cache for offline use")

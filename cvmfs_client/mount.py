@@ -6,13 +6,14 @@ on the terminal; it returns only once the kernel has the file system mounted.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 
-from cvmfs_client.cache import ObjectCache
+from cvmfs_client.cache import ObjectCache, lock_cache_dir, wait_until_free
 from cvmfs_client.errors import ClientError
 from cvmfs_client.fetcher import OfflineFallback, fetcher_for
 from cvmfs_client.fuse_bridge import Bridge
@@ -24,6 +25,7 @@ from cvmfs_format.signed import key_fingerprint
 from cvmfs_format.whitelist import WHITELIST_FILE
 
 ENTRY_TIMEOUT_S = 60  # content is immutable per revision: let the kernel cache it
+UMOUNT_WAIT_S = 10  # for the daemon to exit and free its cache directory
 
 
 @dataclass(frozen=True)
@@ -43,10 +45,13 @@ class MountOptions:
     state_dir: str | None = None  # where revision floors are kept (default_state_dir())
 
 
-def default_cache_dir() -> str:
-    if os.geteuid() == 0:
-        return "/var/lib/cvmfs-client/cache"
-    return os.path.expanduser("~/.cache/cvmfs-client")
+def default_cache_dir(name: str, base: str | None = None) -> str:
+    """One cache per repository under the cache base (CVMFS_CACHE_BASE), as CernVM-FS
+    lays it out: mounts of two repositories never share, so never evict each other's
+    entries."""
+    if base is None:
+        base = "/var/lib/cvmfs-client/cache" if os.geteuid() == 0 else "~/.cache/cvmfs-client"
+    return os.path.join(os.path.expanduser(base), name)
 
 
 def open_reader(options: MountOptions) -> RepositoryReader:
@@ -56,7 +61,8 @@ def open_reader(options: MountOptions) -> RepositoryReader:
         options.key_file, options.name, options.state_dir or default_state_dir(),
         legacy_dir=options.cache_dir,
     )  # fmt: skip
-    os.makedirs(options.cache_dir, exist_ok=True)
+    # Held by the mount daemon (forked with it) for as long as it runs.
+    lock_cache_dir(options.cache_dir)
     cache = ObjectCache(os.path.join(options.cache_dir, "objects"), options.quota)
     fetcher = OfflineFallback(
         fetcher_for(options.url, options.proxies),
@@ -137,8 +143,14 @@ def mount(options: MountOptions) -> int:
 def umount(mountpoint: str) -> int:
     if not os.path.ismount(mountpoint):
         raise ClientError(f"{mountpoint}: not mounted")
+    try:
+        objects = json.loads(os.getxattr(mountpoint, "user.stats"))["cache_dir"]
+    except (OSError, ValueError, KeyError):
+        objects = None  # not ours, or not answering: nothing to wait for
     command = ["fusermount", "-u", mountpoint] if os.geteuid() != 0 else ["umount", mountpoint]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise ClientError(f"unmounting {mountpoint} failed: {result.stderr.strip()}")
+    if objects is not None:  # so that `umount && mount` on the same cache just works
+        wait_until_free(os.path.dirname(objects), UMOUNT_WAIT_S)
     return 0

@@ -7,14 +7,16 @@ manifest (docs/FORMAT.md, "Verification").
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from cvmfs_client.content import open_content, pieces
 from cvmfs_format import paths
-from cvmfs_format.catalog import Catalog, Chunk, Entry, NestedRef, check_chunk_list
+from cvmfs_format.catalog import Catalog, Chunk, Entry, NestedRef
 from cvmfs_format.errors import CvmfsError, NotFoundError
 from cvmfs_format.history import History
 from cvmfs_format.manifest import MANIFEST_FILE, Manifest
@@ -198,13 +200,20 @@ class RepositoryReader:
         return self.fetcher.fetch(ref.path, ref.max_stored, ref.decode)
 
     def open_object(self, digest: str, size: int) -> int:
-        """A pinned fd on the object's verified content in the cache; see close_object."""
-        assert self.cache is not None
-        return self.cache.acquire(digest, lambda: self.fetch_object(digest, size))
+        """A pinned fd on the object's verified content in the cache (without a cache, as
+        for `cat`, in memory); see close_object."""
+        if self.cache is None:
+            fd = os.memfd_create(digest[:16], os.MFD_CLOEXEC)
+            with open(fd, "wb", closefd=False) as f:
+                f.write(self.fetch_object(digest, size))
+            return fd
+        return self.cache.acquire(digest, lambda: self.fetch_object(digest, size), size)
 
     def close_object(self, digest: str, fd: int) -> None:
-        assert self.cache is not None
-        self.cache.release(digest, fd)
+        if self.cache is None:
+            os.close(fd)
+        else:
+            self.cache.release(digest, fd)
 
     def catalog(self, digest: str, stored_size: int) -> Catalog:
         with self._lock:
@@ -286,14 +295,6 @@ class RepositoryReader:
         return self.catalog_for_dir(parent).chunks(entry.path)
 
     def iter_content(self, entry: Entry) -> Iterator[bytes]:
-        """A regular file's verified content, chunk by chunk."""
-        if not entry.is_file:
-            raise NotFoundError(f"{entry.path}: not a regular file")
-        if not entry.chunked:
-            assert entry.hash is not None
-            yield self.fetch_object(entry.hash, entry.size)
-            return
-        chunks = self.chunks(entry)
-        check_chunk_list(entry.path, entry.size, chunks)
-        for chunk in chunks:
-            yield self.fetch_object(chunk.hash, chunk.size)
+        """A regular file's verified content, chunk by chunk (cvmfs_client.content)."""
+        with open_content(self, entry) as content:
+            yield from pieces(content)
