@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 
 from cvmfs_format.catalog import Catalog, TreeStats
 from cvmfs_format.errors import CvmfsError
+from cvmfs_format.manifest import Manifest
 from cvmfs_format.objects import decode_object, max_stored_size
 from repo_server.repository import LocalRepository
+from repo_server.rotation import rotation_warnings
 
 
 @dataclass
@@ -18,6 +20,7 @@ class CheckReport:
     catalogs: int = 0
     objects: int = 0
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # clients read fine; the operator acts
 
 
 def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
@@ -31,6 +34,8 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
         except CvmfsError as parse_error:
             report.problems.append(f"manifest: {parse_error}")
             return report
+    report.problems += _stored_sizes(repo, head)
+    report.warnings += rotation_warnings(repo, head)
     try:
         history = repo.history(head)
     except (CvmfsError, OSError) as exc:
@@ -60,6 +65,26 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
             if problem:
                 report.problems.append(problem)
     return report
+
+
+def _stored_sizes(repo: LocalRepository, head: Manifest) -> list[str]:
+    """Clients refuse the root catalog and the history unless stored exactly at the sizes
+    the manifest names (a missing one is reported where it is read)."""
+    problems = []
+    for what, digest, size in (
+        ("root catalog", head.root_hash, head.root_size),
+        ("history", head.history_hash, head.history_size),
+    ):
+        try:
+            stored = len(repo.storage.get_object(digest))
+        except OSError:
+            continue
+        if stored != size:
+            problems.append(
+                f"{what} {digest}: the manifest says {size} stored bytes, storage holds "
+                f"{stored}; clients refuse it"
+            )
+    return problems
 
 
 def walk_catalogs(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from cvmfs_client import console
@@ -12,7 +13,7 @@ from cvmfs_format.catalog_writer import CatalogLoader
 from repo_server import check as check_mod
 from repo_server import diff as diff_mod
 from repo_server import gc as gc_mod
-from repo_server import operations
+from repo_server import operations, rotation
 from repo_server.errors import RepoError
 from repo_server.repository import LocalRepository, init_repository, open_repository
 from repo_server.tokens import TOKENS_FILE, TokenStore
@@ -83,6 +84,8 @@ def _check(args: argparse.Namespace) -> int:
     report = check_mod.check(_repo(args), all_revisions=args.all)
     for problem in report.problems:
         print(problem)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     revs = ", ".join(map(str, report.revisions))
     verdict = "FAILED" if report.problems else "ok"
     print(
@@ -120,8 +123,19 @@ def _tags(args: argparse.Namespace) -> int:
 def _whitelist_renew(args: argparse.Namespace) -> int:
     repo = _repo(args)
     with repo.lock():
-        wl = repo.renew_whitelist(args.days)
-    print(f"whitelist of {wl.name!r} renewed; expires {check_mod.format_time(wl.expires)}")
+        r = rotation.renew_whitelist(repo, int(time.time()), args.days)
+    wl = r.whitelist
+    print(
+        f"whitelist of {wl.name!r} renewed; expires {check_mod.format_time(wl.expires)}; "
+        f"lists {len(wl.keys)} signing keys"
+    )
+    if r.unknown_signer is not None:
+        print(
+            f"warning: the manifest is signed by key {r.unknown_signer[:16]}..., found "
+            f"neither on the old whitelist nor in {repo.keydir}; clients refuse it until "
+            f"`repo-server resign {args.dir}` signs it with the signing key",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -196,9 +210,13 @@ def _gc(args: argparse.Namespace) -> int:
 def _key_rotate(args: argparse.Namespace) -> int:
     repo = _repo(args)
     with repo.lock():
-        manifest, archived = repo.rotate_signing_key()
-    print(f"new signing key {repo.key_files().signing}; the old one is kept as {archived}")
-    print(f"whitelist lists both; manifest revision {manifest.revision} re-signed with the new key")
+        r = rotation.rotate_signing_key(repo, int(time.time()))
+    if r.resumed:
+        print("finished the key rotation that an interrupted run began")
+    print(f"new signing key {repo.key_files().signing}; the old one is kept as {r.archived}")
+    print(
+        f"whitelist lists both; manifest revision {r.manifest.revision} re-signed with the new key"
+    )
     return 0
 
 
