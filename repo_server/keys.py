@@ -6,6 +6,7 @@ They live in KEYDIR (default DIR.keys), never inside the served directory.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -77,13 +78,15 @@ def archive_private_key(files: KeyFiles, now: int) -> Path:
         if archived.read_bytes() == current:
             return archived
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
-    archived = path.with_name(f"{path.name}.{stamp}")
-    try:
-        os.link(path, archived)
-    except FileExistsError as exc:
-        raise KeyError_(f"{archived}: already exists; wait a second and try again") from exc
-    sync_directory(files.keydir)
-    return archived
+    for suffix in itertools.chain([""], (f"-{n}" for n in itertools.count(2))):
+        archived = path.with_name(f"{path.name}.{stamp}{suffix}")
+        try:
+            os.link(path, archived)
+        except FileExistsError:
+            continue  # another rotation in the same second
+        sync_directory(files.keydir)
+        return archived
+    raise AssertionError("unreachable")
 
 
 def install_private_key(path: Path, key: Ed25519PrivateKey) -> None:

@@ -19,7 +19,7 @@ from cvmfs_format import manifest as manifest_mod
 from cvmfs_format import whitelist as whitelist_mod
 from cvmfs_format.signed import attach_signature, encode_public_key, key_fingerprint
 from cvmfs_format.whitelist import Whitelist
-from repo_server import keys
+from repo_server import keys, rotation
 from tests.conftest import Repo, open_reader, publish, read_back, run_cli
 from tests.kill_points import run_killed_at, was_killed
 
@@ -187,3 +187,21 @@ def test_check_fails_when_the_manifest_names_a_wrong_root_catalog_size(
     assert client_refuses(repo)
     code, said = check(repo)
     assert code == 1 and "root catalog" in said, said
+
+
+def test_two_rotations_in_the_same_second_keep_both_old_keys(
+    published: Repo, tmp_path: Path
+) -> None:
+    repo = copy_of(published, tmp_path / "twice")
+    first = signing_key(repo)
+    files = keys.KeyFiles(repo.keys, repo.name)
+    opened = repo.open()
+    now = int(time.time())
+    with opened.lock():
+        rotation.rotate_signing_key(opened, now)
+        second = signing_key(repo)
+        rotation.rotate_signing_key(opened, now)
+
+    kept = {public(keys.load_private_key(path)) for path in files.archives()}
+    assert kept == {public(first), public(second)}
+    assert client_reads(repo) == RELEASE
