@@ -202,6 +202,22 @@ def _gc(args: argparse.Namespace) -> int:
         f"({human(r.removed_bytes)}); spared {r.spared_objects} unreferenced objects "
         f"younger than {args.grace:g} s"
     )
+    if r.in_use:
+        why = (
+            "(--grace)"
+            if r.window > r.ttl + gc_mod.PROXY_MANIFEST_S
+            else f"(the manifest's TTL of {r.ttl} s, {gc_mod.PROXY_MANIFEST_S} s more in proxies)"
+        )
+        print(
+            f"gc: {verbs[0]} revisions {operations.format_revisions(r.in_use)} beyond "
+            f"--keep-revisions: replaced less than {r.window:g} s ago, so clients may still "
+            f"read them {why}"
+        )
+    if not r.dry_run or r.removed_temporaries:  # taking the lock removes those of the dead
+        print(
+            f"gc: removed {r.removed_temporaries} temporary files (older than {args.grace:g} s, "
+            "or of writers gone)"
+        )
     if r.dry_run:
         print("gc: dry run, nothing changed")
     return 0
