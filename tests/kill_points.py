@@ -19,6 +19,10 @@ import os, signal, sys
 
 point, module, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
 calls = 0
+if point == 0:  # count only: report the number of calls at exit
+    import atexit
+
+    atexit.register(lambda: os.write(2, f"\\ncommit calls: {calls}\\n".encode()))
 
 
 def counted(real):
@@ -45,9 +49,18 @@ def run_killed_at(
     point: int, program: str, *argv: str | os.PathLike[str], timeout: float = 300
 ) -> subprocess.CompletedProcess[bytes]:
     """Run `program argv` killed just before its commit call number `point` (1 is the
-    first); returncode -SIGKILL if it got there, else the command's own exit code."""
+    first; 0 never kills); returncode -SIGKILL if it got there, else the command's own
+    exit code."""
     cmd = [sys.executable, "-c", _KILLER, str(point), PROGRAMS[program], *map(str, argv)]
     return subprocess.run(cmd, capture_output=True, timeout=timeout, cwd=Path.cwd())
+
+
+def count_commit_calls(program: str, *argv: str | os.PathLike[str], timeout: float = 300) -> int:
+    """Run `program argv` to the end; how many commit calls it made (it must succeed)."""
+    result = run_killed_at(0, program, *argv, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{program} {argv} exited {result.returncode}: {result.stderr!r}")
+    return int(result.stderr.decode().rpartition("commit calls: ")[2])
 
 
 def was_killed(result: subprocess.CompletedProcess[bytes]) -> bool:
