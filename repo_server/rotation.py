@@ -10,6 +10,7 @@ keys (a renewal too), and `key rotate` run again finishes it with the same new k
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,10 @@ def renew_whitelist(repo: LocalRepository, now: int, days: int = WHITELIST_DAYS)
 def rotation_warnings(repo: LocalRepository, head: Manifest) -> list[str]:
     """What `check` says of a half-done rotation, or of a signing key that a publish
     could not use: the repository reads fine today, but the operator has to act."""
-    files = repo.key_files()
+    try:
+        files = repo.key_files()
+    except CvmfsError:
+        return []  # no readable whitelist names the key files: check reports that
     if files.pending.exists():
         return [
             f"a key rotation is half done ({files.pending} is the new signing key, not yet "
@@ -120,8 +124,9 @@ def _listing(
         return listing, None
     known = _verified_listing(repo, master) or {}
     for path in repo.key_files().archives():
-        with_key = keys.load_private_key(path).public_key()
-        known.setdefault(key_fingerprint(with_key), with_key)
+        with contextlib.suppress(KeyError_):  # an unreadable archive cannot be the signer
+            with_key = keys.load_private_key(path).public_key()
+            known.setdefault(key_fingerprint(with_key), with_key)
     if signer not in known:
         return listing, signer
     return [*listing, known[signer]], None

@@ -205,3 +205,13 @@ def test_two_rotations_in_the_same_second_keep_both_old_keys(
     kept = {public(keys.load_private_key(path)) for path in files.archives()}
     assert kept == {public(first), public(second)}
     assert client_reads(repo) == RELEASE
+
+
+def test_check_reports_a_garbled_whitelist_as_a_problem(published: Repo, tmp_path: Path) -> None:
+    repo = copy_of(published, tmp_path / "garbled")
+    (repo.dir / "whitelist").write_bytes(b"garbage\n")
+
+    code, said = check(repo)
+
+    assert code == 1 and "whitelist: last line is not a signature" in said, said
+    assert said.count("\n") > 1, said  # one line per problem and the verdict, no error
