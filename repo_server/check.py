@@ -10,6 +10,7 @@ from cvmfs_format.errors import CvmfsError
 from cvmfs_format.objects import ObjectRef, decode_object, max_stored_size
 from repo_server.loading import load_catalog
 from repo_server.repository import LocalRepository
+from repo_server.rotation import rotation_warnings
 
 
 @dataclass
@@ -18,6 +19,7 @@ class CheckReport:
     catalogs: int = 0
     objects: int = 0
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # clients read fine; the operator acts
 
 
 def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
@@ -31,6 +33,7 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
         except CvmfsError as parse_error:
             report.problems.append(f"manifest: {parse_error}")
             return report
+    report.warnings += rotation_warnings(repo, head)
     try:
         history = repo.history(head)
     except (CvmfsError, OSError) as exc:
@@ -43,14 +46,21 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
             if all_revisions
             else {head.revision} | {t.revision for t in history.tags()}
         )
-        roots = [
-            (n, ObjectRef.catalog(records[n].root_hash, records[n].root_size))
-            for n in sorted(wanted)
-            if n in records
-        ]
+        # The head's root as the manifest names it: that is what clients load.
+        roots = sorted(
+            [(head.revision, ObjectRef.catalog(head.root_hash, head.root_size))]
+            + [
+                (n, ObjectRef.catalog(records[n].root_hash, records[n].root_size))
+                for n in wanted - {head.revision}
+                if n in records
+            ]
+        )
         if head.revision not in records:
             report.problems.append(f"history does not list the head revision {head.revision}")
-        if records.get(head.revision) and records[head.revision].root_hash != head.root_hash:
+        elif (records[head.revision].root_hash, records[head.revision].root_size) != (
+            head.root_hash,
+            head.root_size,
+        ):
             report.problems.append("history and manifest disagree on the head's root catalog")
     seen_catalogs: set[str] = set()
     objects: dict[str, int] = {}

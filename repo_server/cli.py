@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import time
 from pathlib import Path
 
 from cvmfs_client import console
@@ -15,7 +16,7 @@ from cvmfs_format.trust import pinned_name
 from repo_server import check as check_mod
 from repo_server import diff as diff_mod
 from repo_server import gc as gc_mod
-from repo_server import operations
+from repo_server import operations, rotation
 from repo_server.errors import RepoError
 from repo_server.loading import load_catalog
 from repo_server.repository import LocalRepository, init_repository, open_repository
@@ -87,6 +88,8 @@ def _check(args: argparse.Namespace) -> int:
     report = check_mod.check(_repo(args), all_revisions=args.all)
     for problem in report.problems:
         print(problem)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     revs = ", ".join(map(str, report.revisions))
     verdict = "FAILED" if report.problems else "ok"
     print(
@@ -124,8 +127,19 @@ def _tags(args: argparse.Namespace) -> int:
 def _whitelist_renew(args: argparse.Namespace) -> int:
     repo = _repo(args)
     with repo.lock():
-        wl = repo.renew_whitelist(args.days)
-    print(f"whitelist of {wl.name!r} renewed; expires {format_time(wl.expires)}")
+        r = rotation.renew_whitelist(repo, int(time.time()), args.days)
+    wl = r.whitelist
+    print(
+        f"whitelist of {wl.name!r} renewed; expires {format_time(wl.expires)}; "
+        f"lists {len(wl.keys)} signing keys"
+    )
+    if r.unknown_signer is not None:
+        print(
+            f"warning: the manifest is signed by key {r.unknown_signer[:16]}..., found "
+            f"neither on the old whitelist nor in {repo.keydir}; clients refuse it until "
+            f"`repo-server resign {args.dir}` signs it with the signing key",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -196,6 +210,22 @@ def _gc(args: argparse.Namespace) -> int:
         f"({human(r.removed_bytes)}); spared {r.spared_objects} unreferenced objects "
         f"younger than {args.grace:g} s"
     )
+    if r.in_use:
+        why = (
+            "(--grace)"
+            if r.window > r.ttl + gc_mod.PROXY_MANIFEST_S
+            else f"(the manifest's TTL of {r.ttl} s, {gc_mod.PROXY_MANIFEST_S} s more in proxies)"
+        )
+        print(
+            f"gc: {verbs[0]} revisions {operations.format_revisions(r.in_use)} beyond "
+            f"--keep-revisions: replaced less than {r.window:g} s ago, so clients may still "
+            f"read them {why}"
+        )
+    if not r.dry_run or r.removed_temporaries:  # taking the lock removes those of the dead
+        print(
+            f"gc: removed {r.removed_temporaries} temporary files (older than {args.grace:g} s, "
+            "or of writers gone)"
+        )
     if r.dry_run:
         print("gc: dry run, nothing changed")
     return 0
@@ -204,9 +234,13 @@ def _gc(args: argparse.Namespace) -> int:
 def _key_rotate(args: argparse.Namespace) -> int:
     repo = _repo(args)
     with repo.lock():
-        manifest, archived = repo.rotate_signing_key()
-    print(f"new signing key {repo.key_files().signing}; the old one is kept as {archived}")
-    print(f"whitelist lists both; manifest revision {manifest.revision} re-signed with the new key")
+        r = rotation.rotate_signing_key(repo, int(time.time()))
+    if r.resumed:
+        print("finished the key rotation that an interrupted run began")
+    print(f"new signing key {repo.key_files().signing}; the old one is kept as {r.archived}")
+    print(
+        f"whitelist lists both; manifest revision {r.manifest.revision} re-signed with the new key"
+    )
     return 0
 
 

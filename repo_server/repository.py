@@ -13,12 +13,12 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from cvmfs_format import manifest as manifest_mod
 from cvmfs_format import whitelist as whitelist_mod
@@ -271,8 +271,9 @@ class LocalRepository:
         hist_hash: str,
         hist_size: int,
         now: float,
+        signing: Ed25519PrivateKey | None = None,
     ) -> Manifest:
-        signing = keys.load_private_key(self.key_files().signing)
+        signing = signing or keys.load_private_key(self.key_files().signing)
         manifest = Manifest(
             head.name,
             revision,
@@ -290,8 +291,9 @@ class LocalRepository:
         self.storage.write_file(MANIFEST_FILE, attach_signature(body, signing.sign(body)))
         return manifest
 
-    def resign(self) -> Manifest:
-        """Re-sign the head with a fresh expiry, same revision and content."""
+    def resign(self, signing: Ed25519PrivateKey | None = None) -> Manifest:
+        """Re-sign the head with a fresh expiry, same revision and content, with the
+        signing key (or, for a key rotation, with `signing`)."""
         head = self.head_unverified()
         return self._sign_manifest(
             head,
@@ -301,31 +303,8 @@ class LocalRepository:
             head.history_hash,
             head.history_size,
             time.time(),
+            signing,
         )
-
-    def renew_whitelist(self, days: int = WHITELIST_DAYS) -> Whitelist:
-        files = self.key_files()
-        master = keys.load_private_key(files.master)
-        signing = keys.load_private_key(files.signing)
-        return _write_whitelist(self.storage, files.name, master, [signing], int(time.time()), days)
-
-    def rotate_signing_key(self) -> tuple[Manifest, Path]:
-        """Replace the signing key and re-sign the head with the new one (hold the lock).
-
-        The whitelist lists the new key and the old one, so a manifest the old key
-        signed (in a proxy or a mirror not yet updated) still verifies. Returns the new
-        manifest and where the old private key was kept. A crash at any step leaves a
-        manifest that its whitelist accepts.
-        """
-        files = self.key_files()
-        master = keys.load_private_key(files.master)
-        old = keys.load_private_key(files.signing)
-        new = Ed25519PrivateKey.generate()
-        now = int(time.time())
-        archived = keys.archive_private_key(files.signing, now)
-        _write_whitelist(self.storage, files.name, master, [new, old], now)
-        keys.install_private_key(files.signing, new)
-        return self.resign(), archived
 
 
 def open_repository(
@@ -382,7 +361,7 @@ def _create(storage: Storage, name: str, keydir: Path, make_layout: Callable[[],
     keys.write_public_key(files.public, master)
     make_layout()
     now = int(time.time())
-    _write_whitelist(storage, name, master, [signing], now)
+    write_whitelist(storage, name, master, [signing.public_key()], now)
     compressor = zstandard.ZstdCompressor(level=3)
     empty = CatalogBuilder("/")
     empty.add_entries([("", "", 0o040755, 0, now * 10**9, None, None, 0, 0)])
@@ -416,19 +395,16 @@ def validate_tag(name: str) -> None:
         raise RepoError(f"tag {name!r}: use up to 128 letters, digits and '-_.+@'")
 
 
-def _write_whitelist(
+def write_whitelist(
     storage: Storage,
     name: str,
     master: Ed25519PrivateKey,
-    signing_keys: list[Ed25519PrivateKey],
+    signing_keys: Sequence[Ed25519PublicKey],
     now: int,
     days: int = WHITELIST_DAYS,
 ) -> Whitelist:
     whitelist = Whitelist(
-        name,
-        now,
-        now + days * DAY,
-        tuple(encode_public_key(k.public_key()) for k in signing_keys),
+        name, now, now + days * DAY, tuple(encode_public_key(k) for k in signing_keys)
     )
     body = whitelist.body()
     storage.write_file(WHITELIST_FILE, attach_signature(body, master.sign(body)))

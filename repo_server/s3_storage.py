@@ -289,3 +289,8 @@ class S3Storage:
 
     def end_writes(self) -> None:
         pass
+
+    temporaries_removed = 0  # a PUT writes no temporary object
+
+    def sweep_temporaries(self, older_than: float) -> tuple[int, int]:
+        return 0, 0

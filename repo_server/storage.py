@@ -28,6 +28,7 @@ class LocalStorage:
         self.txn = root / TXN_DIR
         self._marked = False  # this process has said it may leave temporary files
         self._young_leftovers = 0
+        self.temporaries_removed = 0  # by this object's sweeps, for gc's report
 
     def create_layout(self) -> None:
         self.txn.mkdir(parents=True, exist_ok=True)
@@ -86,6 +87,7 @@ class LocalStorage:
                             removed += 1
                         else:
                             left += 1
+        self.temporaries_removed += removed
         return removed, left
 
     def _path(self, digest: str) -> str:

@@ -8,6 +8,7 @@ import random
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -155,6 +156,17 @@ def write_build_tree(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
     return tree
+
+
+def backdate_history(repo: LocalRepository, seconds: int) -> None:
+    """Make every revision of the history look published `seconds` earlier, as releases
+    of weeks ago: gc keeps revisions that clients may still read, replaced minutes ago."""
+
+    def shift(db: sqlite3.Connection) -> None:
+        db.execute("UPDATE revisions SET published = published - ?", (seconds,))
+
+    with repo.lock():
+        repo.rewrite_history(shift)
 
 
 def free_port() -> int:

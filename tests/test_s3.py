@@ -27,10 +27,12 @@ from cvmfs_format.objects import object_path
 from cvmfs_format.signed import load_public_key_pem
 from cvmfs_format.trust import TrustedState
 from repo_server import s3_storage
+from repo_server.repository import LocalRepository
 from repo_server.s3_storage import S3Storage, make_client
 from tests.conftest import (
     BIN,
     MiB,
+    backdate_history,
     free_port,
     mounted,
     read_back,
@@ -335,6 +337,7 @@ def test_gc_deletes_from_the_bucket_what_no_kept_revision_reaches(
     assert old is not None
     (src / "VERSION").write_text("2.0\n")
     publish(src, s3_repo, "/sw")
+    backdate_history(LocalRepository.on_s3(s3_repo.storage(), s3_repo.keys), 7 * 86400)
 
     gc = ("repo-server", "gc", s3_repo.location, "--keep-revisions", "1", "--grace", "0")
     run_cli(*gc, *s3_repo.options)
