@@ -18,6 +18,7 @@ from repo_server import diff as diff_mod
 from repo_server import gc as gc_mod
 from repo_server import operations, rotation
 from repo_server.errors import RepoError
+from repo_server.http_caching import SIGNED_DOCUMENT_MAX_AGE_S
 from repo_server.loading import load_catalog
 from repo_server.repository import LocalRepository, init_repository, open_repository
 from repo_server.tokens import TOKENS_FILE, TokenStore
@@ -213,8 +214,8 @@ def _gc(args: argparse.Namespace) -> int:
     if r.in_use:
         why = (
             "(--grace)"
-            if r.window > r.ttl + gc_mod.PROXY_MANIFEST_S
-            else f"(the manifest's TTL of {r.ttl} s, {gc_mod.PROXY_MANIFEST_S} s more in proxies)"
+            if r.window > r.ttl + SIGNED_DOCUMENT_MAX_AGE_S
+            else f"(the manifest's TTL of {r.ttl} s, {SIGNED_DOCUMENT_MAX_AGE_S} s more in proxies)"
         )
         print(
             f"gc: {verbs[0]} revisions {operations.format_revisions(r.in_use)} beyond "

@@ -20,12 +20,10 @@ from cvmfs_format.history import RevisionRecord
 from cvmfs_format.objects import ObjectRef
 from repo_server.check import walk_catalogs
 from repo_server.errors import RepoError
+from repo_server.http_caching import SIGNED_DOCUMENT_MAX_AGE_S
 from repo_server.repository import LocalRepository
 
 DEFAULT_GRACE_S = 3600
-# How long a proxy may serve a manifest after it was replaced: the Cache-Control
-# max-age that serve, the nginx configuration and S3 uploads give it.
-PROXY_MANIFEST_S = 60
 
 
 @dataclass(frozen=True)
@@ -38,15 +36,15 @@ class GcReport:
     dry_run: bool
     in_use: list[int]  # kept beyond --keep-revisions: replaced less than `window` ago
     window: float  # seconds a replaced revision stays readable to clients
-    ttl: int  # the manifest's, which with PROXY_MANIFEST_S makes the window unless grace
+    ttl: int  # the manifest's, which with SIGNED_DOCUMENT_MAX_AGE_S makes the window unless grace
     removed_temporaries: int  # writers' temporary files
 
 
 def readable_window(ttl: int, grace: float) -> float:
     """How long after a revision stopped being the head a client may still read it: it
-    keeps a manifest for its ttl, fetched up to PROXY_MANIFEST_S late from a proxy; the
+    keeps a manifest for its ttl, fetched up to SIGNED_DOCUMENT_MAX_AGE_S late from a proxy; the
     grace period if that is longer."""
-    return max(ttl + PROXY_MANIFEST_S, grace)
+    return max(ttl + SIGNED_DOCUMENT_MAX_AGE_S, grace)
 
 
 def recently_replaced(records: Iterable[RevisionRecord], now: float, window: float) -> set[int]:

@@ -19,12 +19,11 @@ from botocore.exceptions import ClientError as BotoClientError
 
 from cvmfs_format.objects import is_hash, object_path, verify_stored
 from repo_server.errors import RepoError
+from repo_server.http_caching import IMMUTABLE, SIGNED_DOCUMENT
 
 SCHEME = "s3://"
 # What a client (or a proxy between it and the bucket) may cache, as nginx is told in
 # docs/OPERATING.md: objects forever, the two signed documents for a minute.
-IMMUTABLE = "public, max-age=31536000, immutable"
-SHORT_LIVED = "public, max-age=60"
 CONTENT_TYPE = "application/octet-stream"
 # Requests in flight at once: S3 answers each in tens of milliseconds, so asking in
 # parallel is what makes thousands of questions fast.
@@ -274,7 +273,7 @@ class S3Storage:
     def write_file(self, name: str, data: bytes) -> None:
         # A PUT replaces the whole object at once: readers see the old or the new
         # manifest, never a mix, as after a rename in a directory.
-        self._put(self.prefix + name, data, SHORT_LIVED)
+        self._put(self.prefix + name, data, SIGNED_DOCUMENT)
 
     def sync(self) -> None:
         # Nothing to flush: S3 acknowledges a PUT only once the object is stored
