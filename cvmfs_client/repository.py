@@ -19,6 +19,7 @@ from cvmfs_format import manifest as manifest_mod
 from cvmfs_format import paths
 from cvmfs_format import whitelist as whitelist_mod
 from cvmfs_format.catalog import Catalog, Chunk, Entry, NestedRef, check_chunk_list
+from cvmfs_format.catalog_rules import check_nested_catalog
 from cvmfs_format.errors import CvmfsError, NotFoundError, VerificationError
 from cvmfs_format.history import History
 from cvmfs_format.manifest import MANIFEST_FILE, Manifest
@@ -239,6 +240,7 @@ class RepositoryReader:
             if ref is None:
                 break
             catalog = self.catalog(ref.hash, ref.size)
+            check_nested_catalog(ref, catalog)
         with view.lock:
             view.catalogs[dirpath] = catalog
         return catalog

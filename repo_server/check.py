@@ -6,8 +6,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from cvmfs_format.catalog import Catalog, TreeStats
-from cvmfs_format.errors import CvmfsError
+from cvmfs_format.catalog import Catalog, NestedRef, TreeStats
+from cvmfs_format.catalog_rules import nested_catalog_problems, validate_catalog
+from cvmfs_format.errors import CvmfsError, FormatError
 from cvmfs_format.objects import decode_object, max_stored_size
 from repo_server.repository import LocalRepository
 
@@ -35,7 +36,7 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
         history = repo.history(head)
     except (CvmfsError, OSError) as exc:
         report.problems.append(f"history {head.history_hash}: {exc}")
-        roots = [(head.revision, head.root_hash)]
+        roots = [(head.revision, head.root_hash, head.root_size)]
     else:
         records = {r.revision: r for r in history.revisions()}
         wanted = (
@@ -43,16 +44,18 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
             if all_revisions
             else {head.revision} | {t.revision for t in history.tags()}
         )
-        roots = [(n, records[n].root_hash) for n in sorted(wanted) if n in records]
+        roots = [
+            (n, records[n].root_hash, records[n].root_size) for n in sorted(wanted) if n in records
+        ]
         if head.revision not in records:
             report.problems.append(f"history does not list the head revision {head.revision}")
         if records.get(head.revision) and records[head.revision].root_hash != head.root_hash:
             report.problems.append("history and manifest disagree on the head's root catalog")
     seen_catalogs: set[str] = set()
     objects: dict[str, int] = {}
-    for revision, root in roots:
+    for revision, root, root_size in roots:
         report.revisions.append(revision)
-        walk_catalogs(repo, root, seen_catalogs, objects, report.problems)
+        walk_catalogs(repo, root, seen_catalogs, objects, report.problems, root_size)
     report.catalogs = len(seen_catalogs)
     report.objects = len(objects)
     with ThreadPoolExecutor() as pool:
@@ -63,32 +66,51 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
 
 
 def walk_catalogs(
-    repo: LocalRepository, digest: str, seen: set[str], objects: dict[str, int], problems: list[str]
+    repo: LocalRepository,
+    digest: str,
+    seen: set[str],
+    objects: dict[str, int],
+    problems: list[str],
+    stored_size: int | None = None,
 ) -> None:
     """Add the catalogs below root catalog `digest` to seen and the objects their entries
-    and chunks name to objects (hash -> content size); unreadable catalogs to problems."""
-    stack = [digest]
+    and chunks name to objects (hash -> content size); catalogs that are unreadable or
+    break the rules (catalog_rules.validate_catalog) to problems."""
+    stack: list[tuple[str, int | None, NestedRef | None]] = [(digest, stored_size, None)]
     while stack:
-        digest = stack.pop()
+        digest, size, ref = stack.pop()
         if digest in seen:
             continue
         seen.add(digest)
         try:
-            data = decode_object(repo.storage.get_object(digest), digest)
-            catalog = Catalog.from_bytes(data, digest)
+            stored = repo.storage.get_object(digest)
+            catalog = Catalog.from_bytes(decode_object(stored, digest), digest)
         except (CvmfsError, OSError) as exc:
             problems.append(f"catalog {digest}: {exc}")
             continue
-        objects.update(catalog_objects(catalog))
-        stack.extend(ref.hash for ref in catalog.nested.values())
+        if ref is not None:
+            problems.extend(nested_catalog_problems(ref, catalog, len(stored)))
+        elif size is not None and size != len(stored):
+            problems.append(f"catalog {digest}: stored size {len(stored)}, expected {size}")
+        checked = validate_catalog(catalog)
+        problems.extend(f"catalog {digest}: {problem}" for problem in checked.problems)
+        for named in checked.objects:
+            if objects.setdefault(named.digest, named.size) != named.size:
+                problems.append(
+                    f"{named.path}: names object {named.digest} as {named.size} bytes, "
+                    f"another entry as {objects[named.digest]}"
+                )
+        stack.extend((ref.hash, ref.size, ref) for ref in catalog.nested.values())
         catalog.close()
 
 
 def catalog_objects(catalog: Catalog) -> dict[str, int]:
-    """The file and chunk objects a catalog names (hash -> content size)."""
-    objects = {e.hash: e.size for e in catalog.all_entries() if e.is_file and e.hash is not None}
-    objects.update(catalog.all_chunk_hashes())
-    return objects
+    """The file and chunk objects a catalog names (hash -> content size); FormatError
+    if it breaks the rules."""
+    checked = validate_catalog(catalog)
+    if checked.problems:
+        raise FormatError(f"catalog {catalog.digest}: {checked.problems[0]}")
+    return {named.digest: named.size for named in checked.objects}
 
 
 def _verify_object(repo: LocalRepository, digest: str, size: int) -> str | None:
