@@ -19,8 +19,12 @@ class ObjectSink(Protocol):
 
 
 class Storage(ObjectSink, Protocol):
-
     def get_object(self, digest: str) -> bytes: ...
+    def object_head(self, digest: str, length: int) -> tuple[bytes, int]:
+        """The first `length` stored bytes of an object and its stored size, without
+        reading the rest (FileNotFoundError if it is not stored)."""
+        ...
+
     def iter_objects(self) -> Iterator[tuple[str, int]]: ...
     def delete_object(self, digest: str) -> None: ...
     def object_mtime(self, digest: str) -> float:
