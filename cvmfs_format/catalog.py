@@ -219,9 +219,6 @@ class Catalog:
             check_chunk_row(path, row)
         return [Chunk(*row) for row in rows]
 
-    def all_chunk_hashes(self) -> list[tuple[str, int]]:
-        return [(h, s) for h, s in self._query("SELECT hash, size FROM chunks")]
-
     def entry_rows(self) -> list[tuple]:  # type: ignore[type-arg]
         """Every entries row as stored, unchecked (for catalog_rules.validate_catalog)."""
         return self._query(f"SELECT {ENTRY_COLUMNS} FROM entries ORDER BY parent, name")

@@ -241,6 +241,7 @@ def validate_catalog(catalog: Catalog) -> Validation:
     chunked: dict[str, int] = {}
     directories: dict[str, int] = {}
     own = [0, 0, 0, 0]  # files, dirs, symlinks, bytes
+    parents: dict[object, str | None] = {}  # parent -> what is wrong with it
     for row in catalog.entry_rows():
         parent, name, mode = row[0], row[1], row[2]
         where = _where(parent, name)
@@ -249,13 +250,10 @@ def validate_catalog(catalog: Catalog) -> Validation:
         except FormatError as exc:
             problems.append(str(exc))
             continue
-        problem = check_parent(parent, root)
-        if problem is not None:
-            problems.append(f"catalog entry {where}: {problem}")
-            continue
-        inner = _mountpoint_above(catalog.nested, parent)
-        if inner is not None:
-            problems.append(f"catalog entry {where}: belongs in the nested catalog at {inner}")
+        if parent not in parents:  # rows share parents: each is checked once
+            parents[parent] = check_parent(parent, root) or _below_mountpoint(catalog, parent)
+        if parents[parent] is not None:
+            problems.append(f"catalog entry {where}: {parents[parent]}")
             continue
         kind = stat.S_IFMT(mode)
         if kind == stat.S_IFREG:
@@ -300,13 +298,12 @@ def validate_catalog(catalog: Catalog) -> Validation:
     return result
 
 
-def _mountpoint_above(nested: Mapping[str, NestedRef], parent: str) -> str | None:
-    """The nested mountpoint at or above directory parent, if any."""
-    if not nested:
-        return None
-    for candidate in [*paths.ancestors(parent), parent] if parent else []:
-        if candidate in nested:
-            return candidate
+def _below_mountpoint(catalog: Catalog, parent: str) -> str | None:
+    """What is wrong with an entry under parent if that lies at or below a nested
+    mountpoint: its rows belong in the nested catalog."""
+    for candidate in [*paths.ancestors(parent), parent] if catalog.nested and parent else []:
+        if candidate in catalog.nested:
+            return f"belongs in the nested catalog at {candidate}"
     return None
 
 

@@ -1,9 +1,10 @@
-"""Catalogs that break readers (docs/FORMAT.md, "Validity"): `repo-server check` finds
-each when it is written straight into a repository, and the client refuses each."""
+"""Catalogs that break readers (docs/FORMAT.md, "Catalogs"): the gateway refuses each
+with a 422 naming the problem and makes no revision; `repo-server check` finds each when
+it is written straight into a repository; the client refuses what the gateway refuses."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import pytest
 
 from cvmfs_format.catalog_writer import StoredCatalog, Subtree
 from cvmfs_format.errors import CvmfsError
-from tests.conftest import Repo, open_reader, read_tree, run_cli
-from tests.publish_api import ObjectBag
+from repo_server.repository import LocalRepository
+from tests.conftest import Repo, open_reader, read_tree, run_cli, serving_process
+from tests.publish_api import Api, ObjectBag, make_token
 
 TOP = "/sw/a"
 FILE, DIR, LINK, FIFO = 0o100644, 0o040755, 0o120777, 0o010644
@@ -113,6 +115,35 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Repo, Api]]:
+    """One server for every case: each must leave it as it found it."""
+    tmp = tmp_path_factory.mktemp("gateway")
+    LocalRepository.init(tmp / "repo", "test.example.org")
+    repo = Repo(tmp / "repo", tmp / "repo.keys", "test.example.org")
+    with serving_process(repo.dir, tmp / "serve.log") as (url, _):
+        yield repo, Api(url, make_token(repo, "ci", "/sw"))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_the_gateway_refuses_a_catalog_that_breaks_readers(
+    gateway: tuple[Repo, Api], name: str
+) -> None:
+    repo, api = gateway
+    case = CASES[name]
+    bag = ObjectBag()
+    top = case.make(bag)
+
+    lease = api.lease(TOP)
+    assert api.upload(lease, bag.objects.items()).status_code == 200
+    answer = api.commit(lease, top.hash)
+
+    assert answer.status_code == 422, answer.text
+    assert case.says in answer.json()["error"]
+    assert repo.open().head().revision == 0
+    api.drop(api.lease(TOP))  # the refused commit gave its path back at once
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_check_finds_a_catalog_that_breaks_readers(tmp_path: Path, repo: Repo, name: str) -> None:
     case = CASES[name]
@@ -129,3 +160,32 @@ def test_check_finds_a_catalog_that_breaks_readers(tmp_path: Path, repo: Repo, n
     if case.reader_refuses:
         with pytest.raises(CvmfsError):
             read_tree(open_reader(repo), TOP)
+
+
+def test_a_valid_catalog_of_every_kind_passes_all_three(tmp_path: Path, repo: Repo) -> None:
+    bag = ObjectBag()
+    child_rows = [(f"{TOP}/sub", "f", FILE, 3, 0, bag.content(b"abc"), None, 0, 0)]
+    child = bag.catalog(f"{TOP}/sub", child_rows)
+    chunk_rows = [(f"{TOP}/big", 0, 300, bag.content(b"x" * 300)),
+                  (f"{TOP}/big", 300, 300, bag.content(b"y" * 300))]  # fmt: skip
+    rows = [
+        row("f", digest=bag.content(b"abc"), link_group=1),
+        row("g", digest=bag.content(b"abc"), link_group=1),
+        row("big", size=600, flags=1),
+        row("l", mode=LINK, size=len("é/x".encode()), target="é/x"),
+        row("sub", mode=DIR, size=0, flags=2),
+        row("é" * 127, size=0, digest=bag.content(b"")),
+    ]
+    ref = (f"{TOP}/sub", child.hash, child.size, *child.stats.as_row())
+    top = bag.catalog(TOP, rows, chunks=chunk_rows, nested=[ref])
+
+    with serving_process(repo.dir, tmp_path / "serve.log") as (url, _):
+        api = Api(url, make_token(repo, "ci", "/sw"))
+        lease = api.lease(TOP)
+        assert api.upload(lease, bag.objects.items()).status_code == 200
+        answer = api.commit(lease, top.hash)
+        assert answer.status_code == 200, answer.text
+
+    run_cli("repo-server", "check", repo.dir)
+    tree = read_tree(open_reader(repo), TOP)
+    assert tree["big"] == b"x" * 300 + b"y" * 300 and tree["sub/f"] == b"abc"
