@@ -90,8 +90,11 @@ def walk_catalogs(
             continue
         if ref is not None:
             problems.extend(nested_catalog_problems(ref, catalog, len(stored)))
-        elif size is not None and size != len(stored):
-            problems.append(f"catalog {digest}: stored size {len(stored)}, expected {size}")
+        else:
+            if size is not None and size != len(stored):
+                problems.append(f"catalog {digest}: stored size {len(stored)}, expected {size}")
+            if catalog.root != "/":
+                problems.append(f"catalog {digest}: a root catalog rooted at {catalog.root}")
         checked = validate_catalog(catalog)
         problems.extend(f"catalog {digest}: {problem}" for problem in checked.problems)
         for named in checked.objects:

@@ -189,3 +189,16 @@ def test_a_valid_catalog_of_every_kind_passes_all_three(tmp_path: Path, repo: Re
     run_cli("repo-server", "check", repo.dir)
     tree = read_tree(open_reader(repo), TOP)
     assert tree["big"] == b"x" * 300 + b"y" * 300 and tree["sub/f"] == b"abc"
+
+
+def test_check_finds_a_revision_whose_root_catalog_is_rooted_elsewhere(repo: Repo) -> None:
+    bag = ObjectBag()
+    top = one_file(bag)
+    bag.store_into(repo)
+    local = repo.open()
+    with local.lock():
+        local.commit_root(top.hash, top.size)  # a broken rollback tool would do this
+
+    result = run_cli("repo-server", "check", repo.dir, check=False)
+    assert result.returncode == 1
+    assert f"catalog {top.hash}: a root catalog rooted at {TOP}" in result.stdout.decode()
