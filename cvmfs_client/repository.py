@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from cvmfs_client.content import open_content, pieces
 from cvmfs_format import paths
 from cvmfs_format.catalog import Catalog, Chunk, Entry, NestedRef
+from cvmfs_format.catalog_rules import check_nested_catalog
 from cvmfs_format.errors import CvmfsError, NotFoundError
 from cvmfs_format.history import History
 from cvmfs_format.manifest import MANIFEST_FILE, Manifest
@@ -250,6 +251,7 @@ class RepositoryReader:
             if ref is None:
                 break
             catalog = self.catalog(ref.hash, ref.size)
+            check_nested_catalog(ref, catalog)
         with view.lock:
             view.catalogs[dirpath] = catalog
         return catalog

@@ -5,8 +5,9 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from cvmfs_format.catalog import Catalog, TreeStats
-from cvmfs_format.errors import CvmfsError
+from cvmfs_format.catalog import Catalog, NestedRef, TreeStats
+from cvmfs_format.catalog_rules import nested_catalog_problems, validate_catalog
+from cvmfs_format.errors import CvmfsError, FormatError
 from cvmfs_format.objects import ObjectRef, decode_object, max_stored_size
 from repo_server.loading import load_catalog
 from repo_server.repository import LocalRepository
@@ -84,10 +85,11 @@ def walk_catalogs(
     problems: list[str],
 ) -> None:
     """Add the catalogs below the root catalog to seen and the objects their entries and
-    chunks name to objects (hash -> content size); unreadable catalogs to problems."""
-    stack = [root]
+    chunks name to objects (hash -> content size); catalogs that are unreadable or break
+    the rules (catalog_rules.validate_catalog) to problems."""
+    stack: list[tuple[ObjectRef, NestedRef | None]] = [(root, None)]
     while stack:
-        ref = stack.pop()
+        ref, row = stack.pop()
         if ref.digest in seen:
             continue
         seen.add(ref.digest)
@@ -96,18 +98,32 @@ def walk_catalogs(
         except (CvmfsError, OSError) as exc:
             problems.append(f"catalog {ref.digest}: {exc}")
             continue
-        objects.update(catalog_objects(catalog))
+        if row is not None:
+            problems.extend(nested_catalog_problems(row, catalog, ref.size))
+        elif catalog.root != "/":
+            problems.append(f"catalog {ref.digest}: a root catalog rooted at {catalog.root}")
+        checked = validate_catalog(catalog)
+        problems.extend(f"catalog {ref.digest}: {problem}" for problem in checked.problems)
+        for named in checked.objects:
+            if objects.setdefault(named.digest, named.size) != named.size:
+                problems.append(
+                    f"{named.path}: names object {named.digest} as {named.size} bytes, "
+                    f"another entry as {objects[named.digest]}"
+                )
         stack.extend(
-            ObjectRef.catalog(nested.hash, nested.size) for nested in catalog.nested.values()
+            (ObjectRef.catalog(nested.hash, nested.size), nested)
+            for nested in catalog.nested.values()
         )
         catalog.close()
 
 
 def catalog_objects(catalog: Catalog) -> dict[str, int]:
-    """The file and chunk objects a catalog names (hash -> content size)."""
-    objects = {e.hash: e.size for e in catalog.all_entries() if e.is_file and e.hash is not None}
-    objects.update(catalog.all_chunk_hashes())
-    return objects
+    """The file and chunk objects a catalog names (hash -> content size); FormatError
+    if it breaks the rules."""
+    checked = validate_catalog(catalog)
+    if checked.problems:
+        raise FormatError(f"catalog {catalog.digest}: {checked.problems[0]}")
+    return {named.digest: named.size for named in checked.objects}
 
 
 def _verify_object(repo: LocalRepository, digest: str, size: int) -> str | None:

@@ -44,7 +44,8 @@ def _tokens(args: argparse.Namespace, repo: LocalRepository) -> TokenStore:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from repo_server.gateway import Gateway, Leases
+    from repo_server.gateway import Gateway
+    from repo_server.leases import Leases
     from repo_server.serve import serve
 
     repo = _repo(args)

@@ -245,6 +245,25 @@ class S3Storage:
             raise FileNotFoundError(errno.ENOENT, "no such object", self.url(digest))
         return data
 
+    def object_head(self, digest: str, length: int) -> tuple[bytes, int]:
+        key = self._key(digest)
+        with self._errors(key):
+            try:
+                response = self.client.get_object(
+                    Bucket=self.bucket, Key=key, Range=f"bytes=0-{max(length, 1) - 1}"
+                )
+            except BotoClientError as exc:
+                if _code(exc) == "NoSuchKey":
+                    raise FileNotFoundError(
+                        errno.ENOENT, "no such object", self.url(digest)
+                    ) from None
+                if _code(exc) == "InvalidRange":  # an empty object has no byte 0
+                    return b"", 0
+                raise
+            head = bytes(response["Body"].read())
+        total = str(response.get("ContentRange", "")).rpartition("/")[2]
+        return head[:length], int(total) if total.isdigit() else len(head)
+
     def url(self, digest: str) -> str:
         return f"{SCHEME}{self.bucket}/{self._key(digest)}"
 

@@ -130,6 +130,10 @@ class LocalStorage:
         with open(self._path(digest), "rb") as f:
             return f.read()
 
+    def object_head(self, digest: str, length: int) -> tuple[bytes, int]:
+        with open(self._path(digest), "rb") as f:
+            return f.read(length), os.fstat(f.fileno()).st_size
+
     def iter_objects(self) -> Iterator[tuple[str, int]]:
         data = self.root / "data"
         for sub in sorted(os.scandir(data), key=lambda e: e.name):

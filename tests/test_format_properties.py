@@ -239,7 +239,8 @@ def catalog_contents(
             entry = Entry(path, stat.S_IFDIR | draw(permissions), 0, mtime, None, None, 0, 0)
             if kind == "nested":
                 counts_ = draw(st.tuples(*[st.integers(0, 2**40)] * 4, st.integers(1, 100)))
-                nested.append(NestedRef(path, draw(digests), draw(sizes), TreeStats(*counts_)))
+                size = draw(st.integers(1, 2**50))  # a catalog object is never empty
+                nested.append(NestedRef(path, draw(digests), size, TreeStats(*counts_)))
         entries.append(entry)
     return entries, chunks, nested
 

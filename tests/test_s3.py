@@ -20,18 +20,27 @@ from typing import Any
 
 import pytest
 import requests
+import zstandard
 
 from cvmfs_client.fetcher import fetcher_for
 from cvmfs_client.repository import RepositoryReader
-from cvmfs_format.objects import object_path
+from cvmfs_format.objects import (
+    HEADER_BYTES,
+    content_hash,
+    declared_content_size,
+    encode_object,
+    object_path,
+)
 from cvmfs_format.signed import load_public_key_pem
 from cvmfs_format.trust import TrustedState
 from repo_server import s3_storage
 from repo_server.repository import LocalRepository
 from repo_server.s3_storage import S3Storage, make_client
+from repo_server.storage import LocalStorage
 from tests.conftest import (
     BIN,
     MiB,
+    Repo,
     backdate_history,
     free_port,
     mounted,
@@ -399,3 +408,21 @@ def test_missing_answers_the_same_by_listing_and_by_head(
     assert s3_repo.storage().missing(one) == one - stored
     listed = dict(fresh.iter_objects())
     assert stored <= set(listed) and all(listed[d] == len(by_digest[d]) for d in stored)
+
+
+def test_both_storages_read_an_object_header_without_the_rest(s3_repo: S3Repo, repo: Repo) -> None:
+    """What the publish gateway reads to learn a stored object's content size."""
+    compressor = zstandard.ZstdCompressor(level=3)
+    objects = {
+        content: encode_object(content, compressor)
+        for content in (b"", b"raw and short", bytes(1 << 20))
+    }
+    for storage in (s3_repo.storage(), LocalStorage(repo.dir)):
+        for content, stored in objects.items():
+            digest = content_hash(content)
+            storage.put_object(digest, stored)
+            head, size = storage.object_head(digest, HEADER_BYTES)
+            assert (head, size) == (stored[:HEADER_BYTES], len(stored))
+            assert declared_content_size(head, size) == len(content)
+        with pytest.raises(FileNotFoundError):
+            storage.object_head("0" * 64, HEADER_BYTES)

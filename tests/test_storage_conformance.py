@@ -158,12 +158,16 @@ def test_a_storage_lists_deletes_and_dates_its_objects(storage: Storage) -> None
         storage.put_object(digest, data)
     listed = dict(storage.iter_objects())
     assert {d: listed[d] for d in stored} == {d: len(data) for d, data in stored.items()}
+    for digest, data in stored.items():
+        assert storage.object_head(digest, 8) == (data[:8], len(data))
     victim = next(iter(stored))
     assert storage.object_mtime(victim) > 0
     storage.delete_object(victim)
     assert storage.missing(stored) == {victim}
     with pytest.raises(FileNotFoundError):
         storage.get_object(victim)
+    with pytest.raises(FileNotFoundError):
+        storage.object_head(victim, 8)
 
 
 def test_a_storage_replaces_its_top_level_files_whole(storage: Storage) -> None:
