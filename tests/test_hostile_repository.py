@@ -12,21 +12,27 @@ from __future__ import annotations
 import contextlib
 import http.server
 import random
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cvmfs_client.fetcher import CurlFetcher
+from cvmfs_client.fetcher import CurlFetcher, DirectoryFetcher
 from cvmfs_client.repository import RepositoryReader
+from cvmfs_format.catalog import ENTRY_COLUMNS, Catalog, Entry
+from cvmfs_format.catalog_writer import StoredCatalog, Subtree
 from cvmfs_format.errors import CvmfsError
-from cvmfs_format.objects import object_path
+from cvmfs_format.objects import ObjectRef, content_hash, decode_object, encode_object, object_path
 from cvmfs_format.signed import load_public_key_pem
 from cvmfs_format.trust import TrustedState
+from repo_server.check import check
+from repo_server.loading import load_catalog, load_verified
 from repo_server.repository import LocalRepository
 from tests.conftest import Tree, run_cli
 
@@ -231,3 +237,114 @@ def test_the_hostile_server_is_harmless_when_it_attacks_nothing(published: Publi
     """The property above would hold trivially if nothing could be read: without an
     attack every file reads back right."""
     assert read_everything(published) == published.truth
+
+
+# -- a hostile publisher: validly signed catalogs with damaged rows ---------------------
+
+ROW_MUTATIONS: dict[str, Callable[[list[list[object]], int, int], None]] = {
+    # (rows of one table, which row, a number to vary the mutation by)
+    "size": lambda rows, i, n: rows[i].__setitem__(3, n % 9000 - 1000),
+    "name": lambda rows, i, n: rows[i].__setitem__(1, ["a/b", "", ".", "..", "x\0y"][n % 5]),
+    "mode": lambda rows, i, n: rows[i].__setitem__(
+        2, [0o010644, 0o140644, 0o120777, 0o40755, -1][n % 5]
+    ),
+    "hash": lambda rows, i, n: rows[i].__setitem__(5, [None, "00" * 32, "xyz"][n % 3]),
+    "flags": lambda rows, i, n: rows[i].__setitem__(8, n % 8),
+    "parent": lambda rows, i, n: rows[i].__setitem__(0, ["/", "/elsewhere", "sw", "/sw/"][n % 4]),
+    "target": lambda rows, i, n: rows[i].__setitem__(6, ["x" * (n % 7), None][n % 2]),
+}
+CHUNK_MUTATIONS: dict[str, Callable[[list[list[object]], int, int], None]] = {
+    "offset": lambda rows, i, n: rows[i].__setitem__(1, int(rows[i][1]) + n % 5000 - 2500),  # type: ignore[call-overload]
+    "chunk size": lambda rows, i, n: rows[i].__setitem__(2, int(rows[i][2]) + n % 5000 - 2500),  # type: ignore[call-overload]
+    "drop": lambda rows, i, n: rows.pop(i),
+    "duplicate": lambda rows, i, n: rows.append([*rows[i][:1], int(rows[i][1]) + 1, *rows[i][2:]]),  # type: ignore[call-overload]
+    "chunk hash": lambda rows, i, n: rows[i].__setitem__(3, rows[(i + 1) % len(rows)][3]),
+}
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    table=st.sampled_from(["entries", "chunks"]),
+    mutation=st.integers(min_value=0),
+    row=st.integers(min_value=0),
+    n=st.integers(min_value=0, max_value=2**20),
+)
+def test_a_signed_catalog_with_damaged_rows_never_reads_back_wrong_bytes(
+    tmp_path_factory: pytest.TempPathFactory, table: str, mutation: int, row: int, n: int
+) -> None:
+    """A publisher with the signing key (or a gateway that let a bad catalog through)
+    signs a catalog with a damaged row. A reader returns, for every file, either an
+    error or exactly the bytes the objects its entry names hold; and whatever `check`
+    finds no fault in reads back whole."""
+    work = tmp_path_factory.mktemp("signed")
+    repo = LocalRepository.init(work / "repo", NAME, work / "repo.keys")
+    src = work / "src"
+    tree = write_tree(src, seed=3)
+    run_cli(
+        "cvmbuild", "publish", src, "--repo", repo.root, "--path", "/sw",
+        env={"CVMBUILD_CACHE_DIR": str(work / "statcache")},
+    )  # fmt: skip
+    mutations = ROW_MUTATIONS if table == "entries" else CHUNK_MUTATIONS
+    name = sorted(mutations)[mutation % len(mutations)]
+    publish_damaged(repo, table, lambda rows: mutations[name](rows, row % len(rows), n))
+
+    key = load_public_key_pem((work / "repo.keys" / f"{NAME}.pub").read_bytes(), "pub")
+    reader = RepositoryReader(DirectoryFetcher(str(repo.root)), TrustedState(key, NAME))
+    read: dict[str, bytes | CvmfsError] = {}
+    for relpath in tree:
+        path = f"/sw/{relpath}"
+        try:
+            entry = reader.lookup(path)
+            if entry.is_file:
+                content = b"".join(reader.iter_content(entry))
+                assert len(content) == entry.size, f"{name}: {path} read short or long"
+                assert content == named_content(repo, reader, entry), f"{name}: {path}"
+                read[path] = content
+        except CvmfsError as exc:
+            read[path] = exc
+    if not check(repo).problems:
+        failed = {p: r for p, r in read.items() if isinstance(r, CvmfsError)}
+        assert not failed, f"{name}: check is green but the reader refused {failed}"
+
+
+def publish_damaged(
+    repo: LocalRepository, table: str, damage: Callable[[list[list[object]]], None]
+) -> None:
+    """Rewrite the catalog at /sw with one table's rows damaged, and sign a revision
+    with it (straight into the repository, as a publisher holding the key could)."""
+    head = repo.head()
+    root = load_catalog(repo.storage, ObjectRef.catalog(head.root_hash, head.root_size))
+    ref = root.nested["/sw"]
+    content = load_verified(repo.storage, ObjectRef.catalog(ref.hash, ref.size))
+    root.close()
+    db = sqlite3.connect(":memory:")
+    db.deserialize(content)
+    columns = {"entries": ENTRY_COLUMNS, "chunks": "path, offset, size, hash"}[table]
+    rows = [list(r) for r in db.execute(f"SELECT {columns} FROM {table}")]
+    damage(rows)
+    db.execute(f"DELETE FROM {table}")
+    marks = ",".join("?" * len(columns.split(",")))
+    with contextlib.suppress(sqlite3.IntegrityError):  # a damage SQLite itself refuses
+        db.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
+    db.commit()
+    new = db.serialize()
+    digest = content_hash(new)
+    stored = encode_object(new, zstandard.ZstdCompressor())
+    repo.storage.put_object(digest, stored)
+    stats = Catalog.from_bytes(new, digest).stats()
+    with repo.lock():
+        repo.commit(Subtree("/sw", StoredCatalog(digest, len(stored), stats, 0), 0o40755, 0))
+
+
+def named_content(repo: LocalRepository, reader: RepositoryReader, entry: Entry) -> bytes:
+    """The bytes of the objects an entry names, read straight from storage."""
+    if not entry.chunked:
+        assert entry.hash is not None
+        return decode_object(repo.storage.get_object(entry.hash), entry.hash)
+    return b"".join(
+        decode_object(repo.storage.get_object(c.hash), c.hash) for c in reader.chunks(entry)
+    )
