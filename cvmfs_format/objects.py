@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -49,43 +50,66 @@ def max_catalog_content(stored_size: int) -> int:
     return min(max(stored_size * 256, 16 << 20), 4 << 30)
 
 
-PIECE = 1 << 20  # content is decompressed and hashed this much at a time
 # The largest zstd window a frame may use (docs/FORMAT.md, "Objects"): what levels 1-19
 # use. A decoder holds a window's worth of content; zstd's own default allows 128 MiB.
 MAX_WINDOW = 8 << 20
 HEADER_BYTES = 18  # the most a zstd frame header takes, magic included
+WHOLE = 64 << 20  # content up to this size, declared in the header, is decoded at once
+# Stored bytes fed to the decoder at a time when the content is larger or not declared:
+# zstd's blocks (at most 128 KiB of content for 4 stored bytes) bound what one call
+# produces to 32 MiB.
+FEED = 1024
 
 
-def _content_pieces(
-    stored: bytes | memoryview, digest: str, limit: int, *, whole: bool = False
-) -> Iterator[bytes]:
+_local = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor: making one costs 20 us, more than decoding a small
+    object (they may not be shared between threads)."""
+    found: zstandard.ZstdDecompressor | None = getattr(_local, "decompressor", None)
+    if found is None:
+        found = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
+        _local.decompressor = found
+    return found
+
+
+def _content_pieces(stored: bytes | memoryview, digest: str, limit: int) -> Iterator[bytes]:
     """The content of an object's stored bytes, a piece at a time, never more than limit
     bytes in all: a frame that declares or decompresses to more is refused before its
-    excess is produced (the decompression-bomb defence). With whole, a frame that
-    declares its size (up to 64 pieces) comes in one piece, for callers that keep it."""
+    excess is produced (the decompression-bomb defence), and so is anything after the
+    frame. Content the header declares, up to WHOLE, comes in one piece: zstd itself
+    refuses a frame that decodes to more than it declares."""
     if bytes(stored[:4]) != ZSTD_MAGIC:
         if len(stored) > limit:
             raise VerificationError(f"object {digest}: {len(stored)} bytes, expected {limit}")
         yield bytes(stored)
         return
     try:
-        # decompress() would allocate what a frame header declares: stream instead.
         declared = zstandard.frame_content_size(stored)
         if declared > limit:
             raise VerificationError(
                 f"object {digest}: declares {declared} bytes of content, expected {limit}"
             )
-        decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
-        reader = decompressor.stream_reader(stored, read_across_frames=False)
-        size = max(PIECE, declared + 1) if whole and 0 <= declared <= PIECE * 64 else PIECE
+        decoder = _decompressor().decompressobj()
+        view = memoryview(stored)
+        step = len(view) if 0 <= declared <= WHOLE else FEED
         total = 0
-        while piece := reader.read(size):
+        for start in range(0, len(view), step):
+            if decoder.eof:
+                raise VerificationError(f"object {digest}: data after its zstd frame")
+            piece = decoder.decompress(view[start : start + step])
             total += len(piece)
             if total > limit:
                 raise VerificationError(
                     f"object {digest}: decompresses to more than the expected {limit} bytes"
                 )
-            yield piece
+            if piece:
+                yield piece
+        if not decoder.eof:
+            raise VerificationError(f"object {digest}: its zstd frame is cut short")
+        if decoder.unused_data:
+            raise VerificationError(f"object {digest}: data after its zstd frame")
     except zstandard.ZstdError as exc:
         raise VerificationError(f"object {digest}: corrupt zstd data ({exc})") from exc
 
@@ -106,7 +130,7 @@ def decode_object(
     `content_size` bytes, when known): the caller never sees unverified bytes.
     """
     limit = content_size if content_size is not None else max_catalog_content(len(stored))
-    pieces = list(_content_pieces(stored, digest, limit, whole=True))
+    pieces = list(_content_pieces(stored, digest, limit))
     content = pieces[0] if len(pieces) == 1 else b"".join(pieces)
     if content_size is not None and len(content) != content_size:
         raise VerificationError(
