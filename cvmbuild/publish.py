@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import sys
 import threading
 import time
@@ -187,7 +189,18 @@ def _session(location: str, prefix: str, options: PublishOptions) -> Iterator[Se
         return
     with repo.lock():
         repo.head()  # fail before any work if keys or signatures are wrong
-        yield _LocalSession(repo)
+        try:
+            yield _LocalSession(repo)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            served = repo.head_unverified().revision
+            what = os.strerror(exc.errno).lower()
+            raise BuildError(
+                f"{repo.location}: {what} while publishing; the repository still serves "
+                f"revision {served}; free space there and publish again (what this publish "
+                "stored is reused)"
+            ) from exc
 
 
 def publish(

@@ -1,7 +1,7 @@
 """A build tree that changes under a local publish never damages the repository.
 
 The story: a build is still writing (or someone swaps files) while `cvmbuild publish`
-reads the tree,. The publish either stores exactly
+reads the tree, or the repository's disk fills up. The publish either stores exactly
 the bytes it names, or stops with one line that names the file and says what to do;
 `repo-server check` stays green and clients read every published file verified.
 """
@@ -13,11 +13,13 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cvmfs_format.objects import decode_object
+from repo_server.repository import LocalRepository
 from tests.conftest import BIN, MiB, Repo, open_reader, read_tree, run_cli
 
 CHANGED = "changed while publishing"
@@ -303,3 +305,50 @@ def test_a_file_swapped_for_a_fifo_fails_fast_and_releases_the_lock(
     os.unlink(src / "run/app.log")
     run_cli("cvmbuild", *publish_args(src, repo, "/sw/1.0"), timeout=60)  # the lock is free
     assert_repository_sound(repo, 1)
+
+
+# -- fault 15: the repository's disk fills up --------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mountpoint = tmp_path / "disk"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mountpoint)], check=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_a_full_disk_stops_the_publish_with_one_line_and_keeps_the_last_revision(
+    tmp_path: Path, small_disk: Path
+) -> None:
+    LocalRepository.init(small_disk / "repo", "full.example.org", tmp_path / "keys")
+    repo = Repo(small_disk / "repo", tmp_path / "keys", "full.example.org")
+    first, second = tmp_path / "release-1", tmp_path / "release-2"
+    release1 = {f"bin/tool{i}": f"#!/bin/sh\necho {i}\n".encode() for i in range(20)}
+    make_tree(first, release1)
+    run_cli("cvmbuild", *publish_args(first, repo, "/sw/1"), "--keys", repo.keys)
+    rng = random.Random(15)
+    make_tree(second, {f"data/run{i}.bin": rng.randbytes(6 * MiB) for i in range(4)})
+
+    result = run_cli(
+        "cvmbuild", *publish_args(second, repo, "/sw/2"), "--keys", repo.keys, check=False
+    )
+
+    stderr = result.stderr.decode()
+    assert result.returncode == 1
+    assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: "), stderr
+    assert "no space left" in stderr and "still serves revision 1" in stderr, stderr
+    assert "publish again" in stderr
+    assert not [p for p in repo.dir.rglob("*") if p.name.startswith(".tmp-")]
+    assert_repository_sound(repo, 1)
+    assert read_tree(open_reader(repo), "/sw/1") == release1
+
+    # With room made, the same publish goes through.
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    run_cli("cvmbuild", *publish_args(second, repo, "/sw/2"), "--keys", repo.keys)
+    assert_repository_sound(repo, 2)
