@@ -1,5 +1,5 @@
 """Content-defined chunks of a file read in bounded segments, cut exactly as if the whole
-file had been cut at once (docs/FORMAT.md, "Chunked files").
+file had been cut at once (docs/FORMAT.md, 8 "Publishing and revision rules").
 
 FastCDC decides a cut from the bytes between the chunk's start and at most max_size
 after it, so a cut found before the end of a segment is final; the piece after the last

@@ -15,7 +15,7 @@ import os
 import stat
 from collections.abc import Iterator
 
-from cvmbuild.errors import SourceError
+from cvmbuild.errors import SourceChanged, SourceError
 from cvmbuild.scan import SourceEntry
 
 # O_NOFOLLOW: a file swapped for a symlink is not followed (the run published a
@@ -26,10 +26,7 @@ ATTEMPTS = 3  # reads of a file that keeps changing before the publish gives up
 
 
 def changed(entry: SourceEntry, how: str) -> SourceError:
-    return SourceError(
-        f"{entry.abspath}: changed while publishing ({how}); publish again once nothing "
-        "writes to the tree"
-    )
+    return SourceChanged(entry.abspath, how)
 
 
 def _kind(mode: int) -> str:

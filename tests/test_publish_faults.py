@@ -24,18 +24,17 @@ from tests.conftest import BIN, MiB, Repo, open_reader, read_tree, run_cli
 
 CHANGED = "changed while publishing"
 
-# `cvmbuild publish` with one step added between the scan and the reading of files:
-# the swap a hostile or careless user makes in that moment, done deterministically.
-SWAP_AFTER_SCAN = """
+# `cvmbuild publish` with one step added: the swap a hostile or careless user makes,
+# done deterministically either between the scan and the reading of files, or while
+# the scan runs, right after it listed `path` in its parent directory.
+SWAP = """
 import os, sys
-import cvmbuild.publish
+import cvmbuild.publish, cvmbuild.scan
 from cvmbuild.cli import main
 
-action, path, target = sys.argv[1:4]
-scan = cvmbuild.publish.scan
+moment, action, path, target = sys.argv[1:5]
 
-def scan_then_swap(*args, **kwargs):
-    entries = scan(*args, **kwargs)
+def swap():
     if action == "symlink":
         os.unlink(path)
         os.symlink(target, path)
@@ -45,10 +44,25 @@ def scan_then_swap(*args, **kwargs):
     elif action == "directory-symlink":
         os.rename(path, path + ".moved")
         os.symlink(target, path)
+
+scan, entry = cvmbuild.publish.scan, cvmbuild.scan._entry
+
+def scan_then_swap(*args, **kwargs):
+    entries = scan(*args, **kwargs)
+    swap()
     return entries
 
-cvmbuild.publish.scan = scan_then_swap
-sys.exit(main(sys.argv[4:]))
+def listed_then_swap(relpath, abspath, st):
+    listed = entry(relpath, abspath, st)
+    if abspath == path:
+        swap()
+    return listed
+
+if moment == "after-scan":
+    cvmbuild.publish.scan = scan_then_swap
+else:
+    cvmbuild.scan._entry = listed_then_swap
+sys.exit(main(sys.argv[5:]))
 """
 
 # Rewrites files in place (no truncation, no rename) with version A, then B, then A...
@@ -239,10 +253,10 @@ def test_a_file_truncated_while_it_is_chunked_is_refused_not_a_crash(
 
 
 def publish_with_swap(
-    action: str, path: Path, target: Path | str, src: Path, repo: Repo
+    action: str, path: Path, target: Path | str, src: Path, repo: Repo, moment: str = "after-scan"
 ) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-c", SWAP_AFTER_SCAN, action, str(path), str(target),
+        [sys.executable, "-c", SWAP, moment, action, str(path), str(target),
          *publish_args(src, repo, "/sw/1.0")],
         capture_output=True,
         timeout=60,
@@ -268,8 +282,9 @@ def test_a_file_swapped_for_a_symlink_never_publishes_the_link_target(
     assert_repository_sound(repo, 0)
 
 
+@pytest.mark.parametrize("moment", ["after-scan", "while-scanning"])
 def test_a_directory_swapped_for_a_symlink_never_publishes_what_it_points_to(
-    tmp_path: Path, repo: Repo
+    tmp_path: Path, repo: Repo, moment: str
 ) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -277,10 +292,11 @@ def test_a_directory_swapped_for_a_symlink_never_publishes_what_it_points_to(
     src = tmp_path / "src"
     make_tree(src, {"etc/passwd": b"x" * 100, "README": b"read me\n"})
 
-    result = publish_with_swap("directory-symlink", src / "etc", outside, src, repo)
+    result = publish_with_swap("directory-symlink", src / "etc", outside, src, repo, moment)
 
     assert result.returncode == 1, result.stderr.decode()
-    assert refused_with(result.stderr.decode(), src / "etc/passwd"), result.stderr.decode()
+    named = src / "etc/passwd" if moment == "after-scan" else src / "etc"
+    assert refused_with(result.stderr.decode(), named), result.stderr.decode()
     assert not any(b"secret-hash" in c for c in every_content_stored(repo))
     assert_repository_sound(repo, 0)
 
