@@ -35,6 +35,18 @@ class SourceEntry:
         return stat.S_ISREG(self.mode)
 
 
+def kind_name(mode: int) -> str:
+    """What a file that is not a regular file is, for messages."""
+    return {
+        stat.S_IFDIR: "directory",
+        stat.S_IFLNK: "symbolic link",
+        stat.S_IFSOCK: "socket",
+        stat.S_IFIFO: "fifo",
+        stat.S_IFCHR: "character device",
+        stat.S_IFBLK: "block device",
+    }.get(stat.S_IFMT(mode), "special file")
+
+
 def _check_utf8(text: str, path: str, what: str) -> None:
     try:
         text.encode("utf-8")
@@ -88,12 +100,7 @@ def scan(
             _check_utf8(name, child_path, "name")
             kind = stat.S_IFMT(st.st_mode)
             if kind not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK):
-                what = {
-                    stat.S_IFSOCK: "socket",
-                    stat.S_IFIFO: "fifo",
-                    stat.S_IFCHR: "character device",
-                    stat.S_IFBLK: "block device",
-                }.get(kind, "special file")
+                what = kind_name(st.st_mode)
                 if skip_special:
                     warn(f"warning: skipping {what} {child_path}")
                     continue

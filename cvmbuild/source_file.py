@@ -16,7 +16,7 @@ import stat
 from collections.abc import Iterator
 
 from cvmbuild.errors import SourceChanged, SourceError
-from cvmbuild.scan import SourceEntry
+from cvmbuild.scan import SourceEntry, kind_name
 
 # O_NOFOLLOW: a file swapped for a symlink is not followed (the run published a
 # root-only file so); O_NONBLOCK: a file swapped for a fifo does not hang the publish
@@ -27,17 +27,6 @@ ATTEMPTS = 3  # reads of a file that keeps changing before the publish gives up
 
 def changed(entry: SourceEntry, how: str) -> SourceError:
     return SourceChanged(entry.abspath, how)
-
-
-def _kind(mode: int) -> str:
-    return {
-        stat.S_IFDIR: "a directory",
-        stat.S_IFLNK: "a symbolic link",
-        stat.S_IFIFO: "a fifo",
-        stat.S_IFSOCK: "a socket",
-        stat.S_IFCHR: "a character device",
-        stat.S_IFBLK: "a block device",
-    }.get(stat.S_IFMT(mode), "not a regular file")
 
 
 @contextlib.contextmanager
@@ -56,7 +45,7 @@ def open_scanned(entry: SourceEntry) -> Iterator[tuple[int, os.stat_result]]:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise changed(entry, f"it is now {_kind(st.st_mode)}")
+            raise changed(entry, f"it is now a {kind_name(st.st_mode)}")
         if (st.st_dev, st.st_ino) != (entry.dev, entry.ino):
             # Also what a parent directory swapped for a symlink looks like.
             raise changed(entry, "another file took its place")
