@@ -45,8 +45,10 @@ BATCH_FILES = 32
 BATCH_BYTES = 4 * 1024 * 1024
 # A large file is read this much at a time (plus up to one chunk carried over), and at
 # most workers + 2 segments are in memory at once: the old mmap let the bytes hashed
-# differ from the bytes stored, and died of SIGBUS when the file was truncated.
-SEGMENT_BYTES = 8 * 1024 * 1024
+# differ from the bytes stored, and died of SIGBUS when the file was truncated. Reading
+# costs a copy mmap did not; 4 MiB segments keep what the workers hash and compress in
+# cache (288 MB of chunked files: +9% CPU over mmap, +12% with 8 MiB, more with 16).
+SEGMENT_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ class Ingestor:
         self._claimed: set[str] = set()
         self._claim_lock = threading.Lock()
         self._room = threading.BoundedSemaphore(self.workers + 2)
+        self._segment_bytes = max(SEGMENT_BYTES, self.policy.max_size)
 
     def _compressor(self) -> zstandard.ZstdCompressor:
         compressor = getattr(self._local, "zstd", None)
@@ -145,7 +148,8 @@ class Ingestor:
                 if before.st_size <= self.policy.threshold:
                     return None
                 try:
-                    for segment in cut_segments(cdc, partial(fill_from, fd), SEGMENT_BYTES):
+                    segments = cut_segments(cdc, partial(fill_from, fd), self._segment_bytes)
+                    for segment in segments:
                         self._room.acquire()  # bounds the memory of segments in flight
                         future = pool.submit(self._chunks, segment.chunks)
                         future.add_done_callback(lambda _: self._room.release())

@@ -62,7 +62,7 @@ def test_cutting_in_segments_gives_the_chunks_of_cutting_whole(
     assert in_segments(data, SMALL, segment) == whole(data, SMALL)
 
 
-@pytest.mark.parametrize("size", [0, 1, 8 << 20, (8 << 20) + 1, 29 << 20])
+@pytest.mark.parametrize("size", [0, 1, 4 << 20, (4 << 20) + 1, 8 << 20, 29 << 20])
 def test_the_publishers_segments_cut_a_release_file_as_whole_file_cutting_does(
     size: int,
 ) -> None:
