@@ -95,8 +95,9 @@ def scan(
     while stack:
         rel, path, seen = stack.pop()
         subdirs = []
+        parent = path if path.endswith("/") else f"{path}/"  # os.path.join, once a directory
         for name, st in _list_directory(path, seen):
-            child_path = os.path.join(path, name)
+            child_path = parent + name
             _check_utf8(name, child_path, "name")
             kind = stat.S_IFMT(st.st_mode)
             if kind not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK):
