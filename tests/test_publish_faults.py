@@ -84,13 +84,16 @@ while not os.path.exists(stop):
         open(ready, "w").close()
 """
 
-# Waits until the publisher holds `path` open (or mapped), then truncates it to half
-# and restores it, again and again, until the publisher exits.
+# Told the publisher's pid on stdin (after it said "ready"), waits until the publisher
+# holds `path` open (or mapped), then truncates it to half and restores it, again and
+# again, until the publisher exits.
 TRUNCATOR = """
 import os, sys, time
-pid, path = int(sys.argv[1]), sys.argv[2]
+path = sys.argv[1]
 original = open(path, "rb").read()
 half = len(original) // 2
+print("ready", flush=True)
+pid = int(sys.stdin.readline())
 deadline = time.monotonic() + 120
 
 def holds_it():
@@ -226,17 +229,25 @@ def test_a_file_truncated_while_it_is_chunked_is_refused_not_a_crash(
     make_tree(src, {"data/events.root": original, "README": b"read me\n"})
     big = src / "data/events.root"
 
+    truncator = subprocess.Popen(
+        [sys.executable, "-c", TRUNCATOR, str(big)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert truncator.stdout is not None and truncator.stdin is not None
+    assert truncator.stdout.readline().strip() == "ready"
     build = subprocess.Popen(
         [str(BIN / "cvmbuild"), *publish_args(src, repo, "/sw/1.0")],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    truncator = subprocess.Popen(
-        [sys.executable, "-c", TRUNCATOR, str(build.pid), str(big)], stdout=subprocess.PIPE
-    )
+    truncator.stdin.write(f"{build.pid}\n")
+    truncator.stdin.close()
     _, err = build.communicate(timeout=300)
-    caught, _ = truncator.communicate(timeout=60)
-    assert caught.strip() == b"caught", "the publisher finished before the file was truncated"
+    caught = truncator.stdout.read()
+    truncator.wait(timeout=60)
+    assert caught.strip() == "caught", "the publisher finished before the file was truncated"
 
     stderr = err.decode()
     assert build.returncode in (0, 1), f"publisher died of signal {-build.returncode}: {stderr}"
