@@ -23,6 +23,7 @@ from cvmbuild.scan import SourceEntry, scan
 from cvmbuild.statcache import StatCache
 from cvmfs_client.console import human
 from cvmfs_format.catalog_writer import Subtree
+from cvmfs_format.objects import verify_stored
 from cvmfs_format.paths import normalize
 from cvmfs_format.store import ObjectSink
 from repo_server.repository import LocalRepository, open_repository
@@ -137,6 +138,7 @@ class DryRunSink:
     def put_object(self, digest: str, stored: bytes) -> bool:
         if not self.missing([digest]):  # catalogs are put without asking first
             return False
+        verify_stored(stored, digest)  # as a storage would before writing it
         with self._lock:
             new = digest not in self._taken
             self._taken.add(digest)

@@ -9,6 +9,7 @@ failure uploads only what did not arrive (docs/PUBLISHING.md).
 from __future__ import annotations
 
 import contextlib
+import secrets
 import sys
 import threading
 import time
@@ -49,7 +50,10 @@ class Gateway:
         return session
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """JSON answer of an API call; retries network failures and 5xx with backoff."""
+        """JSON answer of an API call. Retries with backoff what a retry can fix: a
+        failed connection, or a proxy's 5xx while the server restarts. An error the
+        server itself answered is final (GatewayRefusal): every request may be sent
+        twice (uploads are idempotent; a commit sent again gets the first's outcome)."""
         url = f"{self.url}{API}{path}"
         for attempt in range(ATTEMPTS):
             try:
@@ -59,8 +63,9 @@ class Gateway:
             else:
                 if response.status_code < 300:
                     return response.json() if response.content else None
-                if response.status_code < 500:
-                    raise GatewayRefusal(response.status_code, _error_text(response))
+                message = _server_message(response)
+                if message is not None or response.status_code < 500:
+                    raise GatewayRefusal(response.status_code, message or _error_text(response))
                 problem = f"{method} {url}: HTTP {response.status_code} {_error_text(response)}"
             if attempt + 1 < ATTEMPTS:
                 _say(f"{problem}; retrying")
@@ -72,9 +77,12 @@ class Gateway:
         """Hold the lease on path for the block; waits while someone publishes there."""
         deadline = time.monotonic() + wait_s
         said = False
+        # Asked again after a lost answer, the server gives this publisher its own lease
+        # back instead of making it wait for it to expire.
+        ask = {"path": path, "publisher": secrets.token_hex(16)}
         while True:
             try:
-                lease = str(self.request("POST", "/leases", json={"path": path})["lease"])
+                lease = str(self.request("POST", "/leases", json=ask)["lease"])
                 break
             except GatewayRefusal as exc:
                 if exc.status != 409 or time.monotonic() > deadline:
@@ -124,7 +132,8 @@ class Gateway:
 
 
 class GatewayRefusal(Exception):
-    """The server understood and said no (4xx): retrying the same request will not help."""
+    """The server answered with an error of its own (docs/PUBLISHING.md, "Errors"):
+    retrying the same request will not help; its message says what will."""
 
     def __init__(self, status: int, message: str):
         super().__init__(f"HTTP {status}: {message}")
@@ -132,11 +141,26 @@ class GatewayRefusal(Exception):
         self.message = message
 
     def as_build_error(self) -> BuildError:
+        if self.status == 507:
+            return BuildError(f"the server's disk is full: {self.message}")
+        if self.status >= 500:
+            return BuildError(f"the server failed: {self.message}")
         hint = {
             401: " (check --token-file or CVMBUILD_TOKEN)",
             403: " (ask the repository operator for a token covering this path)",
         }.get(self.status, "")
         return BuildError(f"the server refused: {self.message}{hint}")
+
+
+def _server_message(response: requests.Response) -> str | None:
+    """The message of an error the publish API answered itself, or None (a proxy's)."""
+    if not response.headers.get("content-type", "").startswith("application/json"):
+        return None
+    try:
+        message = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return message if isinstance(message, str) else None
 
 
 def _error_text(response: requests.Response) -> str:

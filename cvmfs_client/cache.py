@@ -1,28 +1,89 @@
 """The client's local cache: verified object contents, named by hash, under a quota.
 
 An entry is written to a temporary file and renamed into place only after its hash was
-verified, so a crash never leaves a half-written entry under its final name; an entry
-found on disk is hashed again once per process before it is trusted. Least recently
-used entries are evicted to stay under the quota; entries open by a reader are pinned,
-and an object that cannot fit is served from an unlinked temporary file.
+verified, so a crash never leaves a half-written entry under its final name. The disk,
+not memory, says what the cache holds: an entry removed behind the cache's back (`cache
+clean` from another process, an admin's rm) is fetched again, and an entry is hashed
+again before it is trusted whenever its inode, size, modification or change time
+differ from when it was last verified (one fstat per open). An fd already handed out is
+not checked again. Least recently used entries are evicted to stay under the quota;
+entries open by a reader are pinned, and an object that cannot fit is served from an
+unlinked temporary file. One process at a time owns a cache directory (lock_cache_dir).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import secrets
+import stat
 import threading
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from cvmfs_client.errors import ClientError
+from cvmfs_format.errors import VerificationError
 
 log = logging.getLogger(__name__)
 
 # Returns an object's content, already verified against its digest (decode_object
 # hashes it), so the cache does not hash it a second time.
 Fetch = Callable[[], bytes]
+
+# What an entry looked like when it was last verified: st_ino, st_size, st_mtime_ns,
+# st_ctime_ns. Writing to, truncating or replacing the file changes at least one.
+Signature = tuple[int, int, int, int]
+
+LOCK_FILE = "lock"
+# No symlink followed, and a fifo put in an entry's place cannot block the open.
+ENTRY_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class CacheInUse(ClientError):
+    """Another mount (or preload) holds the cache directory."""
+
+
+def lock_cache_dir(cache_dir: str) -> int:
+    """Claim cache_dir for this process and the mount daemon it forks: an exclusive lock
+    held while the returned fd (or a forked copy of it) is open. Two mounts sharing one
+    cache would evict each other's entries and remove each other's temporary files."""
+    os.makedirs(cache_dir, exist_ok=True)
+    fd = os.open(os.path.join(cache_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CacheInUse(
+            f"{cache_dir}: cache directory in use by a running mount; "
+            "give each mount its own --cache-dir"
+        ) from None
+    return fd
+
+
+def wait_until_free(cache_dir: str, timeout: float) -> bool:
+    """Wait until no process holds cache_dir's lock (a mount daemon exits shortly after
+    its file system is unmounted); whether it is free."""
+    deadline = time.monotonic() + timeout
+    try:
+        fd = os.open(os.path.join(cache_dir, LOCK_FILE), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.02)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -35,11 +96,16 @@ class CacheStats:
     uncached: int = 0
 
 
-def _file_sha256(path: str) -> str:
+def _signature(st: os.stat_result) -> Signature:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _fd_sha256(fd: int) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
+    offset = 0
+    while block := os.pread(fd, 1 << 20, offset):
+        digest.update(block)
+        offset += len(block)
     return digest.hexdigest()
 
 
@@ -48,16 +114,21 @@ def _is_entry_name(sub: str, name: str) -> bool:
 
 
 class ObjectCache:
-    def __init__(self, directory: str, quota: int | None = None):
+    """owner: this process holds the cache directory's lock (lock_cache_dir), so the
+    temporary files found are left-overs of a killed client and can go; `cache clean`
+    and `cache verify` beside a running mount are not owners."""
+
+    def __init__(self, directory: str, quota: int | None = None, *, owner: bool = True):
         self.directory = directory
         self.quota = quota
         self.tmp = os.path.join(directory, "tmp")
         os.makedirs(self.tmp, exist_ok=True)
-        for name in os.listdir(self.tmp):  # left by a killed client
-            os.unlink(os.path.join(self.tmp, name))
+        if owner:
+            for name in os.listdir(self.tmp):
+                os.unlink(os.path.join(self.tmp, name))
         self.stats = CacheStats()
         self._lock = threading.Lock()
-        self._verified: set[str] = set()
+        self._verified: dict[str, Signature] = {}
         self._fetching: dict[str, threading.Lock] = {}
         self._pins: Counter[str] = Counter()
         self._lru: OrderedDict[str, int] = OrderedDict()
@@ -65,16 +136,21 @@ class ObjectCache:
         self._scan()
 
     def _scan(self) -> None:
-        """Rebuild the LRU order from disk: oldest modification time first."""
+        """Rebuild the LRU order from disk: oldest modification time first. Entries may
+        vanish meanwhile (another process cleaning or evicting): they are skipped."""
         found = []
         for sub in os.listdir(self.directory):
             subdir = os.path.join(self.directory, sub)
             if len(sub) != 2 or not os.path.isdir(subdir):
                 continue
-            for entry in os.scandir(subdir):
-                if _is_entry_name(sub, entry.name):
-                    st = entry.stat()
-                    found.append((st.st_mtime_ns, sub + entry.name, st.st_size))
+            try:
+                for entry in os.scandir(subdir):
+                    if _is_entry_name(sub, entry.name):
+                        with contextlib.suppress(FileNotFoundError):
+                            st = entry.stat()
+                            found.append((st.st_mtime_ns, sub + entry.name, st.st_size))
+            except FileNotFoundError:
+                continue
         for _, digest, size in sorted(found):
             self._lru[digest] = size
             self.used += size
@@ -91,16 +167,13 @@ class ObjectCache:
 
     # -- the two ways in ------------------------------------------------------------
 
-    def acquire(self, digest: str, fetch: Fetch) -> int:
-        """An fd on the verified content of digest, pinned until release()."""
-        path, ephemeral = self._ensure(digest, fetch, pin=True)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            self.release(digest)
-            raise
-        if ephemeral:
-            os.unlink(path)  # the fd keeps the content readable
+    def acquire(self, digest: str, fetch: Fetch, size: int | None = None) -> int:
+        """An fd on the verified content of digest, pinned until release(). size, when
+        given, is the content size the caller's catalog records for it."""
+        fd, actual = self._ensure(digest, fetch)
+        if size is not None and actual != size:
+            self.release(digest, fd)
+            raise VerificationError(f"object {digest}: {actual} bytes, but the catalog says {size}")
         return fd
 
     def release(self, digest: str, fd: int | None = None) -> None:
@@ -113,9 +186,9 @@ class ObjectCache:
 
     def get_pinned(self, digest: str, fetch: Fetch) -> str:
         """A path to the verified content that stays pinned for the cache's lifetime
-        (catalogs, which SQLite keeps open)."""
-        path, ephemeral = self._ensure(digest, fetch, pin=True)
-        return path
+        (catalogs, which SQLite opens by path and keeps open)."""
+        os.close(self._ensure(digest, fetch)[0])
+        return self.path(digest)
 
     # -- internals ------------------------------------------------------------------
 
@@ -123,54 +196,102 @@ class ObjectCache:
         with self._lock:
             return self._fetching.setdefault(digest, threading.Lock())
 
-    def _ensure(self, digest: str, fetch: Fetch, pin: bool) -> tuple[str, bool]:
-        final = self.path(digest)
+    def _ensure(self, digest: str, fetch: Fetch) -> tuple[int, int]:
+        """(fd, size) of the verified entry, pinned; fetched when missing or bad."""
         with self._fetch_lock(digest):
-            with self._lock:
-                if digest in self._lru and digest in self._verified:
-                    self._lru.move_to_end(digest)
-                    self._pins[digest] += pin
-                    self.stats.hits += 1
-                    return final, False
-            if digest in self._lru and os.path.exists(final):
-                if _file_sha256(final) == digest:
+            fd = self._open_fd(digest)
+            if fd is not None:
+                size = self._trusted(digest, fd)
+                if size is not None:
                     with self._lock:
-                        self._verified.add(digest)
                         self._lru.move_to_end(digest)
-                        self._pins[digest] += pin
+                        self._pins[digest] += 1
                         self.stats.hits += 1
-                    os.utime(final)  # keeps the LRU order across restarts
-                    return final, False
-                log.warning("cache entry %s is corrupt; fetching it again", digest)
-                with self._lock:
-                    self.stats.corrupt_entries += 1
-                    self._forget(digest)
-                os.unlink(final)
-            elif digest in self._lru:
-                with self._lock:
-                    self._forget(digest)
+                    return fd, size
+                self._discard(digest, fd)
             content = fetch()  # verified against digest by the fetch itself
+            return self._store(digest, content), len(content)
+
+    def _open_fd(self, digest: str) -> int | None:
+        try:
+            return os.open(self.path(digest), ENTRY_OPEN_FLAGS)
+        except OSError:  # removed behind our back, or a symlink put in its place
             with self._lock:
-                self.stats.misses += 1
-                self.stats.bytes_fetched += len(content)
-                fits = self._make_room(len(content))
-                if fits:
-                    self._lru[digest] = len(content)
-                    self.used += len(content)
-                    self._verified.add(digest)
-                    self._pins[digest] += pin
-                else:
-                    self.stats.uncached += 1
-            if not fits:
-                return self._write_temp(content), True
+                self._forget(digest)
+            return None
+
+    def _trusted(self, digest: str, fd: int, touch: bool = True) -> int | None:
+        """The size of digest's content if fd holds it (unchanged since it was verified,
+        or hashed again now), else None. touch: mark it recently used."""
+        st = os.fstat(fd)
+        with self._lock:
+            if self._verified.get(digest) == _signature(st):
+                return st.st_size
+        if not stat.S_ISREG(st.st_mode) or _fd_sha256(fd) != digest:
+            return None
+        if touch:
+            os.utime(fd)  # keeps the LRU order across restarts
+        with self._lock:
+            self._verified[digest] = _signature(os.fstat(fd))
+            self.used += st.st_size - self._lru.get(digest, 0)
+            self._lru[digest] = st.st_size
+        return st.st_size
+
+    def _discard(self, digest: str, fd: int) -> None:
+        """Close and remove a corrupt entry, unless a good copy already replaced it."""
+        st = os.fstat(fd)
+        os.close(fd)
+        log.warning("cache entry %s is corrupt; fetching it again", digest)
+        with self._lock:
+            self.stats.corrupt_entries += 1
+            self._forget(digest)
+        path = self.path(digest)
+        try:
+            if os.lstat(path).st_ino == st.st_ino:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def _store(self, digest: str, content: bytes) -> int:
+        """A pinned fd on content, kept as digest's entry if the quota allows."""
+        with self._lock:
+            self.stats.misses += 1
+            self.stats.bytes_fetched += len(content)
+            fits = self._make_room(len(content))
+            if fits:
+                self._forget(digest)
+                self._lru[digest] = len(content)
+                self.used += len(content)
+            else:
+                self.stats.uncached += 1
+            self._pins[digest] += 1
+        fd = None
+        try:
             tmp = self._write_temp(content)
+            fd = os.open(tmp, ENTRY_OPEN_FLAGS)
+            if not fits:
+                os.unlink(tmp)  # the fd keeps the content readable
+                return fd
+            self._install(tmp, self.path(digest))
+            with self._lock:
+                self._verified[digest] = _signature(os.fstat(fd))  # after the rename
+            return fd
+        except BaseException:
+            self.release(digest, fd)
+            with self._lock:
+                self._forget(digest)
+            raise
+
+    def _install(self, tmp: str, final: str) -> None:
+        try:
+            os.rename(tmp, final)
+        except FileNotFoundError:  # its directory was removed behind our back
             os.makedirs(os.path.dirname(final), exist_ok=True)
             os.rename(tmp, final)
-            return final, False
 
     def _forget(self, digest: str) -> None:
         self.used -= self._lru.pop(digest, 0)
-        self._verified.discard(digest)
+        self._verified.pop(digest, None)
 
     def _make_room(self, size: int) -> bool:
         """Evict unpinned entries, oldest first, until size fits (call with _lock)."""
@@ -193,23 +314,33 @@ class ObjectCache:
 
     def _write_temp(self, content: bytes) -> str:
         tmp = os.path.join(self.tmp, secrets.token_hex(8))
-        with open(tmp, "wb") as f:
+        try:
+            f = open(tmp, "wb")
+        except FileNotFoundError:  # the whole cache was removed behind our back
+            os.makedirs(self.tmp, exist_ok=True)
+            f = open(tmp, "wb")
+        with f:
             f.write(content)
         return tmp
 
     # -- maintenance ----------------------------------------------------------------
 
     def verify_all(self) -> list[str]:
-        """Hash every entry; remove and return the corrupt ones (`cache verify`)."""
+        """Hash every entry again; remove and return the corrupt ones (`cache verify`)."""
         removed = []
         for digest in list(self._lru):
-            path = self.path(digest)
-            if not os.path.exists(path) or _file_sha256(path) != digest:
+            with self._fetch_lock(digest):
                 with self._lock:
-                    self._forget(digest)
-                if os.path.exists(path):
-                    os.unlink(path)
-                removed.append(digest)
+                    self._verified.pop(digest, None)
+                fd = self._open_fd(digest)
+                if fd is None:
+                    continue
+                # Not touched: a mount using this cache would then hash it again.
+                if self._trusted(digest, fd, touch=False) is not None:
+                    os.close(fd)
+                else:
+                    self._discard(digest, fd)
+                    removed.append(digest)
         return removed
 
     def clean(self) -> int:

@@ -8,23 +8,22 @@ import os
 import stat
 import sys
 import time
-from pathlib import Path
 
 from cvmfs_client import console
 from cvmfs_client.console import human
+from cvmfs_client.content import open_content, pieces
 from cvmfs_client.errors import ClientError
 from cvmfs_client.fetcher import fetcher_for
 from cvmfs_client.repository import RepositoryReader
-from cvmfs_format.signed import load_public_key_pem
+from cvmfs_client.trust_store import default_state_dir, open_trust
+from cvmfs_format.trust import pinned_name
 
 
 def _open(args: argparse.Namespace) -> RepositoryReader:
-    try:
-        key = load_public_key_pem(Path(args.key).read_bytes(), args.key)
-    except OSError as exc:
-        raise ClientError(f"{args.key}: cannot read public key ({exc.strerror})") from exc
-    reader = RepositoryReader(fetcher_for(args.repo, args.proxy or ""), key)
+    trust, floors = open_trust(args.key, args.name, default_state_dir())
+    reader = RepositoryReader(fetcher_for(args.repo, args.proxy or ""), trust)
     reader.load_manifest()
+    floors.store(trust.floor)
     if args.tag is not None or args.revision is not None:
         reader.select_revision(revision=args.revision, tag=args.tag)
     return reader
@@ -46,10 +45,10 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _cat(args: argparse.Namespace) -> int:
     reader = _open(args)
-    entry = reader.lookup(args.path)
     out = sys.stdout.buffer
-    for piece in reader.iter_content(entry):
-        out.write(piece)
+    with open_content(reader, reader.lookup(args.path)) as content:
+        for piece in pieces(content):
+            out.write(piece)
     out.flush()
     return 0
 
@@ -67,11 +66,13 @@ def _mount(args: argparse.Namespace) -> int:
     if not key:
         raise ClientError("no public key: give --key or set CVMFS_PUBLIC_KEY in --config")
     pinned = args.tag is not None or args.revision is not None
+    name = pinned_name(key, args.name)
+    cache_dir = args.cache_dir or default_cache_dir(name, config.cache_base)
     options = MountOptions(
         url=url,
         mountpoint=args.mountpoint,
         key_file=key,
-        cache_dir=os.path.abspath(args.cache_dir or config.cache_base or default_cache_dir()),
+        cache_dir=os.path.abspath(cache_dir),
         foreground=args.foreground,
         quota=parse_size(args.quota) if args.quota else config.quota_bytes,
         proxies=args.proxy or config.http_proxy or "",
@@ -79,6 +80,7 @@ def _mount(args: argparse.Namespace) -> int:
         revision=args.revision if pinned else config.revision,
         max_ttl=args.max_ttl,
         prefetch=not args.no_prefetch,
+        name=name,
     )
     return mount(options)
 
@@ -106,10 +108,19 @@ def _stat(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from cvmfs_client.cache import ObjectCache
+    """Works beside a mount using the cache too: the mount fetches what is removed."""
+    from cvmfs_client.cache import CacheInUse, ObjectCache, lock_cache_dir
     from cvmfs_client.mount import default_cache_dir
 
-    cache = ObjectCache(os.path.join(args.cache_dir or default_cache_dir(), "objects"))
+    cache_dir = args.cache_dir or default_cache_dir(args.name)
+    if not os.path.isdir(os.path.join(cache_dir, "objects")):
+        raise ClientError(f"{cache_dir}: no cache there; give the --cache-dir of a mount")
+    try:
+        lock_cache_dir(cache_dir)
+        owner = True
+    except CacheInUse:
+        owner = False
+    cache = ObjectCache(os.path.join(cache_dir, "objects"), owner=owner)
     if args.action == "verify":
         removed = cache.verify_all()
         for digest in removed:
@@ -127,7 +138,7 @@ def _preload(args: argparse.Namespace) -> int:
 
     options = MountOptions(
         url=args.url, mountpoint="", key_file=args.key, cache_dir=args.cache_dir,
-        proxies=args.proxy or "",
+        proxies=args.proxy or "", name=args.name,
     )  # fmt: skip
     reader = open_reader(options)
     files, objects = preload(reader, args.path)
@@ -137,6 +148,12 @@ def _preload(args: argparse.Namespace) -> int:
         f"{objects} objects, {human(reader.cache.stats.bytes_fetched)} downloaded"
     )
     return 0
+
+
+NAME_HELP = (
+    "the repository's name, which its whitelist and manifest must carry "
+    "(default: the key file's name without .pub)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("path", help="path inside the repository")
         p.add_argument("--key", required=True, help="the repository's master public key (NAME.pub)")
+        p.add_argument("--name", help=NAME_HELP)
         p.add_argument("--proxy", help="HTTP proxies in CernVM-FS syntax (see mount --help)")
         group = p.add_mutually_exclusive_group()
         group.add_argument("--tag", help="read the revision with this tag")
@@ -169,11 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("mountpoint")
     p.add_argument("--key", help="the repository's master public key (NAME.pub)")
+    p.add_argument("--name", help=NAME_HELP)
     p.add_argument("--config", help="CernVM-FS-style KEY=VALUE settings (CVMFS_SERVER_URL, ...)")
     p.add_argument(
         "--max-ttl", type=float, help="look for new revisions at least this often (seconds)"
     )
-    p.add_argument("--cache-dir", help="local cache (default /var/lib/cvmfs-client/cache as root)")
+    p.add_argument(
+        "--cache-dir",
+        help="local cache, one per mount (default CACHE_BASE/NAME: /var/lib/cvmfs-client/cache "
+        "as root, ~/.cache/cvmfs-client otherwise; NAME as the key file is named)",
+    )
     p.add_argument("--quota", help="cache size limit, e.g. 4G (default: unlimited)")
     p.add_argument(
         "--proxy",
@@ -198,13 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_stat)
     p = sub.add_parser("cache", help="maintain the local cache")
     p.add_argument("action", choices=["verify", "clean"])
-    p.add_argument("--cache-dir", help="cache directory (default as for mount)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--cache-dir", help="cache directory (as given to mount)")
+    group.add_argument("--name", help="repository name: its cache under the default cache base")
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_cache)
     p = sub.add_parser("preload", help="fill a cache for offline use")
     p.add_argument("url")
     p.add_argument("cache_dir")
     p.add_argument("--key", required=True, help="the repository's master public key (NAME.pub)")
+    p.add_argument("--name", help=NAME_HELP)
     p.add_argument("--path", default="/", help="subtree to preload (default /)")
     p.add_argument("--proxy", help="HTTP proxies in CernVM-FS syntax")
     console.add_debug(p, subcommand=True)

@@ -63,6 +63,10 @@ class DirectoryFetcher:
         return decode(data)
 
 
+class DeadlinePassed(FetchError):
+    """The job's overall time limit ran out: no further attempt is made."""
+
+
 class _TooLarge(FetchError):
     """A reply over the size bound: another attempt at the same source will not help."""
 
@@ -90,17 +94,48 @@ class CurlFetcher:
     tried first next time.
     """
 
-    def __init__(self, urls: list[str], *, proxies: str = "", timeout_s: float = 30.0):
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        proxies: str = "",
+        timeout_s: float = 30.0,
+        deadline: float | None = None,
+    ):
+        """deadline: a time.monotonic() after which every fetch fails at once (a job's
+        overall time limit, e.g. `repo-server replicate --timeout`)."""
         if not urls:
             raise FetchError("no repository URL given")
         self.urls = [u.rstrip("/") for u in urls]
         self.proxy_groups = parse_proxies(proxies)
         self.timeout_s = timeout_s
+        self.deadline = deadline
         self._local = threading.local()
         self._lock = threading.Lock()
         self._preferred: tuple[str, str] | None = None
         self.bytes_downloaded = 0
         self.failures = 0
+
+    def __getstate__(self) -> dict[str, object]:
+        # To a worker process: the settings, not the connections or locks.
+        state = self.__dict__.copy()
+        del state["_local"], state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    def _time_left(self) -> float:
+        """Seconds this request may take: the per-request timeout, or less before the
+        deadline; DeadlinePassed once it has."""
+        if self.deadline is None:
+            return self.timeout_s
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlinePassed("the time allowed for the whole job ran out")
+        return min(self.timeout_s, left)
 
     def describe(self) -> str:
         return ";".join(self.urls)
@@ -140,13 +175,14 @@ class CurlFetcher:
         handle.setopt(pycurl.URL, url)
         handle.setopt(pycurl.PROXY, "" if proxy == DIRECT else proxy)
         handle.setopt(pycurl.WRITEFUNCTION, write)
-        handle.setopt(pycurl.TIMEOUT_MS, int(self.timeout_s * 1000))
+        handle.setopt(pycurl.TIMEOUT_MS, max(1, int(self._time_left() * 1000)))
         via = "" if proxy == DIRECT else f" via {proxy}"
         try:
             handle.perform()
         except pycurl.error as exc:
             if too_large:
                 raise _TooLarge(f"{url}{via}: larger than the expected {max_bytes} bytes") from exc
+            self._time_left()  # a timeout that was the deadline's ends the job
             raise FetchError(f"{url}{via}: {exc.args[-1]}") from exc
         with self._lock:
             self.bytes_downloaded += buffer.tell()
@@ -181,6 +217,8 @@ class CurlFetcher:
                 except (_TooLarge, VerificationError, FormatError) as exc:
                     wrong_answers += 1
                     errors.append(str(exc))
+                except DeadlinePassed as exc:
+                    raise DeadlinePassed(f"{relpath}: {exc}") from None
                 except FetchError as exc:
                     errors.append(str(exc))
                 with self._lock:
@@ -192,7 +230,7 @@ class CurlFetcher:
             if not_found + wrong_answers == len(routes):
                 break  # every source answered, wrongly: asking again will not help
             if attempt < RETRIES:
-                time.sleep(0.2 * 2**attempt)
+                time.sleep(min(0.2 * 2**attempt, self._time_left()))
         raise FetchError(f"{relpath}: every mirror failed ({'; '.join(errors[-3:])})")
 
 

@@ -6,7 +6,6 @@ verify an object is EIO for that file only, logged with the object and the mirro
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import errno
 import functools
@@ -18,9 +17,10 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
+from cvmfs_client.content import Content, open_content, warm
 from cvmfs_client.fuse_bridge import ENOATTR, FuseOSError, Operations, c_stat, packed_stat
 from cvmfs_client.page_cache import KernelView
 from cvmfs_client.prefetch import CACHE_SHARE, Prefetcher
@@ -31,7 +31,6 @@ from cvmfs_format.errors import CvmfsError, FormatError, NotFoundError
 log = logging.getLogger(__name__)
 
 ROOT_XATTRS = ["user.revision", "user.host", "user.proxy", "user.root_hash", "user.stats"]
-PREFETCH_CHUNKS = 4  # chunks fetched ahead of a sequential reader
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
@@ -57,14 +56,10 @@ def on_fuse_thread(op: Op) -> Op:
 
 @dataclass
 class OpenFile:
-    entry: Entry
-    fd: int | None  # whole-object files: an fd on the cache file
-    chunks: list[Chunk]
-    offsets: list[int] = field(default_factory=list)  # chunk start offsets, for bisect
-    next_offset: int = 0  # where a sequential reader reads next
-    prefetched: int = 0  # chunks below this index were already handed to the prefetcher
-    content: str = ""  # its content's identity, for KernelView
-    root: str = ""  # root catalog of the revision it was opened at
+    content: Content
+    readinto: Callable[[memoryview, int], int]  # content.readinto, looked up once
+    identity: str  # its content's identity, for KernelView
+    root: str  # root catalog of the revision it was opened at
 
 
 class Opened(NamedTuple):
@@ -101,9 +96,9 @@ class RepositoryFS(Operations):  # type: ignore[misc]
     # -- helpers ----------------------------------------------------------------------
 
     def _entry(self, path: str) -> Entry:
-        if self.reader.refresh():
-            self._kernel.switched(time.monotonic())
         try:
+            if self.reader.refresh():
+                self._kernel.switched(time.monotonic())
             return self.reader.lookup(path)
         except NotFoundError as exc:
             raise FuseOSError(errno.ENOENT) from exc
@@ -212,18 +207,12 @@ class RepositoryFS(Operations):  # type: ignore[misc]
         if not entry.is_file:
             raise FuseOSError(errno.EISDIR if entry.is_dir else errno.EINVAL)
         try:
-            if entry.chunked:
-                chunks = self.reader.chunks(entry)
-                handle = OpenFile(entry, None, chunks, [c.offset for c in chunks])
-            else:
-                assert entry.hash is not None
-                fd = self.reader.open_object(entry.hash, entry.size)
-                handle = OpenFile(entry, fd, [])
+            content = open_content(self.reader, entry, self._prefetcher.chunks)
         except CvmfsError as exc:
             raise self._eio(path, exc) from exc
-        content = entry.hash or "".join(c.hash for c in handle.chunks)
-        handle.content, handle.root = content, self.reader.root_hash
-        keep, direct = self._kernel.opening(entry.path, content, entry.size, time.monotonic())
+        identity = entry.hash or "".join(c.hash for c in content.chunks)
+        handle = OpenFile(content, content.readinto, identity, self.reader.root_hash)
+        keep, direct = self._kernel.opening(entry.path, identity, entry.size, time.monotonic())
         with self._lock:
             number = next(self._next)
             self._handles[number] = handle
@@ -261,41 +250,13 @@ class RepositoryFS(Operations):  # type: ignore[misc]
     def read(self, buffer: memoryview, offset: int, fh: int) -> int:
         """Read up to len(buffer) bytes at offset into buffer; returns the count."""
         handle = self._handles[fh]
-        if handle.fd is not None:
-            return os.preadv(handle.fd, [buffer], offset)
-        end = min(offset + len(buffer), handle.entry.size)
-        first = max(bisect.bisect_right(handle.offsets, offset) - 1, 0)
-        if offset == handle.next_offset:
-            self._prefetch(handle, first + 1)
-        handle.next_offset = end
-        done = 0
         try:
-            for chunk in handle.chunks[first:]:
-                chunk_end = chunk.offset + chunk.size
-                if chunk.offset >= end:
-                    break
-                if chunk_end <= offset:
-                    continue
-                start = max(offset, chunk.offset)
-                fd = self.reader.open_object(chunk.hash, chunk.size)
-                try:
-                    part = buffer[done : done + min(end, chunk_end) - start]
-                    done += os.preadv(fd, [part], start - chunk.offset)
-                finally:
-                    self.reader.close_object(chunk.hash, fd)
+            return handle.readinto(buffer, offset)
         except CvmfsError as exc:
-            raise self._eio(handle.entry.path, exc) from exc
-        return done
-
-    def _prefetch(self, handle: OpenFile, index: int) -> None:
-        """A sequential reader will want the next chunks: fetch them in parallel now."""
-        stop = min(index + PREFETCH_CHUNKS, len(handle.chunks))
-        start = max(index, handle.prefetched)
-        handle.prefetched = max(handle.prefetched, stop)
-        self._prefetcher.chunks(handle.chunks[start:stop])
+            raise self._eio(handle.content.entry.path, exc) from exc
 
     def _warm(self, chunk: Chunk) -> None:
-        self.reader.close_object(chunk.hash, self.reader.open_object(chunk.hash, chunk.size))
+        warm(self.reader, chunk)
 
     @on_fuse_thread
     def release(self, path: str, fh: int) -> int:
@@ -304,12 +265,11 @@ class RepositoryFS(Operations):  # type: ignore[misc]
         if handle is None:
             return 0
         before_switch = handle.root != self.reader.root_hash
+        entry = handle.content.entry
         self._kernel.closed(
-            handle.entry.path, handle.content, handle.entry.size, before_switch, time.monotonic()
+            entry.path, handle.identity, entry.size, before_switch, time.monotonic()
         )
-        if handle.fd is not None:
-            assert handle.entry.hash is not None
-            self.reader.close_object(handle.entry.hash, handle.fd)
+        handle.content.close()
         return 0
 
     @on_fuse_thread

@@ -6,24 +6,26 @@ on the terminal; it returns only once the kernel has the file system mounted.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 
-from cvmfs_client.cache import ObjectCache
+from cvmfs_client.cache import ObjectCache, lock_cache_dir, wait_until_free
 from cvmfs_client.errors import ClientError
 from cvmfs_client.fetcher import OfflineFallback, fetcher_for
 from cvmfs_client.fuse_bridge import Bridge
 from cvmfs_client.fuse_ops import RepositoryFS
 from cvmfs_client.repository import RepositoryReader
-from cvmfs_format.durable import write_atomic
+from cvmfs_client.trust_store import default_state_dir, open_trust
 from cvmfs_format.manifest import MANIFEST_FILE
-from cvmfs_format.signed import key_fingerprint, load_public_key_pem
+from cvmfs_format.signed import key_fingerprint
 from cvmfs_format.whitelist import WHITELIST_FILE
 
 ENTRY_TIMEOUT_S = 60  # content is immutable per revision: let the kernel cache it
+UMOUNT_WAIT_S = 10  # for the daemon to exit and free its cache directory
 
 
 @dataclass(frozen=True)
@@ -39,55 +41,39 @@ class MountOptions:
     tag: str | None = None
     revision: int | None = None
     prefetch: bool = True  # fetch a directory's small files when one of them is opened
+    name: str | None = None  # the repository's name (default: the key file's NAME.pub)
+    state_dir: str | None = None  # where revision floors are kept (default_state_dir())
 
 
-def default_cache_dir() -> str:
-    if os.geteuid() == 0:
-        return "/var/lib/cvmfs-client/cache"
-    return os.path.expanduser("~/.cache/cvmfs-client")
-
-
-class RevisionMemory:
-    """The highest revision accepted per repository (by master key), in the cache directory."""
-
-    def __init__(self, cache_dir: str, key_id: str):
-        self.path = os.path.join(cache_dir, f"revision-{key_id[:16]}")
-
-    def load(self) -> int:
-        try:
-            with open(self.path) as f:
-                return int(f.read().strip() or 0)
-        except FileNotFoundError:
-            return 0
-        except ValueError as exc:
-            raise ClientError(f"{self.path}: corrupt; remove it to trust the server again") from exc
-
-    def store(self, revision: int) -> None:
-        write_atomic(self.path, f"{revision}\n".encode())
+def default_cache_dir(name: str, base: str | None = None) -> str:
+    """One cache per repository under the cache base (CVMFS_CACHE_BASE), as CernVM-FS
+    lays it out: mounts of two repositories never share, so never evict each other's
+    entries."""
+    if base is None:
+        base = "/var/lib/cvmfs-client/cache" if os.geteuid() == 0 else "~/.cache/cvmfs-client"
+    return os.path.join(os.path.expanduser(base), name)
 
 
 def open_reader(options: MountOptions) -> RepositoryReader:
-    try:
-        with open(options.key_file, "rb") as f:
-            key = load_public_key_pem(f.read(), options.key_file)
-    except OSError as exc:
-        raise ClientError(f"{options.key_file}: cannot read public key ({exc.strerror})") from exc
-    os.makedirs(options.cache_dir, exist_ok=True)
+    """A reader of the repository the options name, its manifest verified and its floor
+    remembered (in the state directory, shared with cat, ls and preload)."""
+    trust, floors = open_trust(
+        options.key_file, options.name, options.state_dir or default_state_dir(),
+        legacy_dir=options.cache_dir,
+    )  # fmt: skip
+    # Held by the mount daemon (forked with it) for as long as it runs.
+    lock_cache_dir(options.cache_dir)
     cache = ObjectCache(os.path.join(options.cache_dir, "objects"), options.quota)
-    key_id = key_fingerprint(key)
     fetcher = OfflineFallback(
         fetcher_for(options.url, options.proxies),
         options.cache_dir,
         frozenset({MANIFEST_FILE, WHITELIST_FILE}),
-        prefix=key_id[:16],
+        prefix=f"{trust.name}-{key_fingerprint(trust.master_key)[:16]}",
     )
-    memory = RevisionMemory(options.cache_dir, key_id)
-    reader = RepositoryReader(
-        fetcher, key, cache=cache, min_revision=memory.load(), max_ttl=options.max_ttl
-    )
-    manifest = reader.load_manifest()
-    memory.store(manifest.revision)
-    reader.on_new_revision = lambda m: memory.store(m.revision)
+    reader = RepositoryReader(fetcher, trust, cache=cache, max_ttl=options.max_ttl)
+    reader.load_manifest()
+    floors.store(trust.floor)
+    reader.on_new_revision = lambda m: floors.store(trust.floor)
     if options.tag is not None or options.revision is not None:
         reader.select_revision(revision=options.revision, tag=options.tag)
     reader.root_catalog()
@@ -157,8 +143,14 @@ def mount(options: MountOptions) -> int:
 def umount(mountpoint: str) -> int:
     if not os.path.ismount(mountpoint):
         raise ClientError(f"{mountpoint}: not mounted")
+    try:
+        objects = json.loads(os.getxattr(mountpoint, "user.stats"))["cache_dir"]
+    except (OSError, ValueError, KeyError):
+        objects = None  # not ours, or not answering: nothing to wait for
     command = ["fusermount", "-u", mountpoint] if os.geteuid() != 0 else ["umount", mountpoint]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise ClientError(f"unmounting {mountpoint} failed: {result.stderr.strip()}")
+    if objects is not None:  # so that `umount && mount` on the same cache just works
+        wait_until_free(os.path.dirname(objects), UMOUNT_WAIT_S)
     return 0

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+from cvmfs_client.content import open_content, warm
 from cvmfs_client.repository import RepositoryReader
-from cvmfs_format.catalog import Entry
+from cvmfs_format.catalog import Chunk, Entry
 
 WORKERS = 8  # downloads wait on the network, not on the CPU
 
@@ -21,28 +22,21 @@ def _files(reader: RepositoryReader, top: Entry) -> Iterator[Entry]:
             yield entry
 
 
-def _objects(reader: RepositoryReader, entry: Entry) -> list[tuple[str, int]]:
-    if not entry.chunked:
-        assert entry.hash is not None
-        return [(entry.hash, entry.size)]
-    return [(c.hash, c.size) for c in reader.chunks(entry)]
-
-
 def preload(reader: RepositoryReader, path: str = "/") -> tuple[int, int]:
     """Fetch every catalog and object below path into the reader's cache.
 
-    Returns (files, objects). Each object is verified before it enters the cache.
+    Returns (files, objects). Each object is verified before it enters the cache; a
+    file the mount could not read (a chunk list that does not cover it) is an error.
     """
-    objects: dict[str, int] = {}
-    files = 0
-    for entry in _files(reader, reader.lookup(path)):
-        files += 1
-        objects.update(_objects(reader, entry))
+    files = list(_files(reader, reader.lookup(path)))
 
-    def load(item: tuple[str, int]) -> None:
-        digest, size = item
-        reader.close_object(digest, reader.open_object(digest, size))
+    def open_file(entry: Entry) -> list[Chunk]:
+        """Fetches a file stored as one object; returns a chunked file's chunks."""
+        with open_content(reader, entry) as content:
+            return content.chunks
 
     with ThreadPoolExecutor(WORKERS) as pool:
-        list(pool.map(load, objects.items()))
-    return files, len(objects)
+        chunks = {c.hash: c for listed in pool.map(open_file, files) for c in listed}
+        list(pool.map(lambda chunk: warm(reader, chunk), chunks.values()))
+    whole = {entry.hash for entry in files if not entry.chunked}
+    return len(files), len(whole | chunks.keys())

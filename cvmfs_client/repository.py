@@ -7,23 +7,23 @@ manifest (docs/FORMAT.md, "Verification").
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-from cvmfs_format import manifest as manifest_mod
+from cvmfs_client.content import open_content, pieces
 from cvmfs_format import paths
-from cvmfs_format import whitelist as whitelist_mod
-from cvmfs_format.catalog import Catalog, Chunk, Entry, NestedRef, check_chunk_list
-from cvmfs_format.errors import CvmfsError, NotFoundError, VerificationError
+from cvmfs_format.catalog import Catalog, Chunk, Entry, NestedRef
+from cvmfs_format.catalog_rules import check_nested_catalog
+from cvmfs_format.errors import CvmfsError, NotFoundError
 from cvmfs_format.history import History
 from cvmfs_format.manifest import MANIFEST_FILE, Manifest
-from cvmfs_format.objects import decode_object, max_stored_size, object_path
+from cvmfs_format.objects import ObjectRef
 from cvmfs_format.signed import MAX_DOCUMENT_SIZE
+from cvmfs_format.trust import TrustedState
 from cvmfs_format.whitelist import WHITELIST_FILE
 
 if TYPE_CHECKING:  # the publisher reads repositories without loading pycurl
@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # the publisher reads repositories without loading pycurl
 log = logging.getLogger(__name__)
 
 CACHED_ENTRIES = 65536  # catalog rows kept in memory, about 25 MB
+EXPIRED_RETRY_S = 10  # how often an expired mount asks its sources for a renewed manifest
 
 
 class TreeView:
@@ -74,22 +75,19 @@ class RepositoryReader:
     def __init__(
         self,
         fetcher: Fetcher,
-        master_key: Ed25519PublicKey,
+        trust: TrustedState,
         *,
         clock: Callable[[], float] = time.time,
-        min_revision: int = 0,
         cache: ObjectCache | None = None,
         max_ttl: float | None = None,
         cached_entries: int = CACHED_ENTRIES,
     ):
         self.fetcher = fetcher
-        self.master_key = master_key
+        self.trust = trust
         self.clock = clock
-        self.min_revision = min_revision
         self.cache = cache
         self._catalogs: dict[str, Catalog] = {}
         self._lock = threading.Lock()
-        self.manifest: Manifest | None = None
         # (hash, stored size) of the root catalog in use: one tuple, replaced whole, so a
         # lookup never mixes two revisions.
         self.cached_entries = cached_entries
@@ -99,6 +97,10 @@ class RepositoryReader:
         self._loaded_at = 0.0
         self._refresh_lock = threading.Lock()
         self.on_new_revision: Callable[[Manifest], None] | None = None
+
+    @property
+    def manifest(self) -> Manifest | None:
+        return self.trust.manifest
 
     @property
     def root_hash(self) -> str:
@@ -115,20 +117,16 @@ class RepositoryReader:
     # -- manifest and revision selection -------------------------------------------
 
     def load_manifest(self) -> Manifest:
-        """Fetch and verify whitelist and manifest; select the newest revision."""
+        """Fetch whitelist and manifest and have the trust state accept them; select the
+        newest revision (unless an older one is pinned)."""
         now = self.clock()
-        whitelist = self.fetcher.fetch(
-            WHITELIST_FILE,
-            MAX_DOCUMENT_SIZE,
-            lambda data: whitelist_mod.verify(data, self.master_key, now),
+        trust = self.trust
+        self.fetcher.fetch(
+            WHITELIST_FILE, MAX_DOCUMENT_SIZE, lambda data: trust.update_whitelist(data, now)
         )
         manifest = self.fetcher.fetch(
-            MANIFEST_FILE,
-            MAX_DOCUMENT_SIZE,
-            lambda data: manifest_mod.verify(data, whitelist, now, self.min_revision),
+            MANIFEST_FILE, MAX_DOCUMENT_SIZE, lambda data: trust.update_manifest(data, now)
         )
-        self.manifest = manifest
-        self.min_revision = manifest.revision  # never go back (docs/FORMAT.md, "Verification")
         self._loaded_at = self.clock()
         if not self.pinned:
             self._use_root(manifest.root_hash, manifest.root_size)
@@ -136,23 +134,31 @@ class RepositoryReader:
 
     def refresh(self) -> bool:
         """Once the manifest's TTL has passed, look for a newer revision and switch new
-        lookups to it. Never blocks a second caller; failures keep the current revision.
-        Returns True when the revision changed."""
+        lookups to it. Never blocks a second caller; failures keep the current revision
+        until it expires: then VerificationError, since an expired manifest must not be
+        served. Returns True when the revision changed."""
         manifest = self.manifest
-        if manifest is None or self.pinned:
+        if manifest is None:
             return False
+        now = self.clock()
+        expired = now >= self._expires()
         ttl = manifest.ttl if self.max_ttl is None else min(manifest.ttl, self.max_ttl)
-        if self.clock() - self._loaded_at < ttl:
+        if expired:
+            ttl = min(ttl, EXPIRED_RETRY_S)  # ask again soon, not on every lookup
+        elif self.pinned:
             return False
-        if not self._refresh_lock.acquire(blocking=False):
+        if now - self._loaded_at < ttl or not self._refresh_lock.acquire(blocking=False):
+            if expired:
+                self.trust.check_fresh(now)
             return False
         try:
-            self._loaded_at = self.clock()
+            self._loaded_at = now
             new = self.load_manifest()
         except CvmfsError as exc:
             log.warning(
                 "looking for a new revision failed, staying on %d: %s", manifest.revision, exc
             )
+            self.trust.check_fresh(self.clock())
             return False
         finally:
             self._refresh_lock.release()
@@ -162,6 +168,13 @@ class RepositoryReader:
                 self.on_new_revision(new)
             return True
         return False
+
+    def _expires(self) -> float:
+        whitelist, manifest = self.trust.whitelist, self.trust.manifest
+        return min(
+            whitelist.expires if whitelist else float("inf"),
+            manifest.expires if manifest else float("inf"),
+        )
 
     def history(self) -> History:
         manifest = self.manifest or self.load_manifest()
@@ -184,25 +197,24 @@ class RepositoryReader:
     def fetch_object(self, digest: str, size: int, *, stored: bool = False) -> bytes:
         """Fetch and verify an object. `size` is its content size, or with stored=True
         the stored size that the manifest and nested-catalog rows record."""
-        limit = size if stored else max_stored_size(size)
-
-        def verify(data: bytes) -> bytes:
-            if stored and len(data) != size:
-                raise VerificationError(
-                    f"object {digest}: expected {size} stored bytes, got {len(data)}"
-                )
-            return decode_object(data, digest, None if stored else size)
-
-        return self.fetcher.fetch(object_path(digest), limit, verify)
+        ref = ObjectRef(digest, size, exact_stored=stored)
+        return self.fetcher.fetch(ref.path, ref.max_stored, ref.decode)
 
     def open_object(self, digest: str, size: int) -> int:
-        """A pinned fd on the object's verified content in the cache; see close_object."""
-        assert self.cache is not None
-        return self.cache.acquire(digest, lambda: self.fetch_object(digest, size))
+        """A pinned fd on the object's verified content in the cache (without a cache, as
+        for `cat`, in memory); see close_object."""
+        if self.cache is None:
+            fd = os.memfd_create(digest[:16], os.MFD_CLOEXEC)
+            with open(fd, "wb", closefd=False) as f:
+                f.write(self.fetch_object(digest, size))
+            return fd
+        return self.cache.acquire(digest, lambda: self.fetch_object(digest, size), size)
 
     def close_object(self, digest: str, fd: int) -> None:
-        assert self.cache is not None
-        self.cache.release(digest, fd)
+        if self.cache is None:
+            os.close(fd)
+        else:
+            self.cache.release(digest, fd)
 
     def catalog(self, digest: str, stored_size: int) -> Catalog:
         with self._lock:
@@ -239,6 +251,7 @@ class RepositoryReader:
             if ref is None:
                 break
             catalog = self.catalog(ref.hash, ref.size)
+            check_nested_catalog(ref, catalog)
         with view.lock:
             view.catalogs[dirpath] = catalog
         return catalog
@@ -284,14 +297,6 @@ class RepositoryReader:
         return self.catalog_for_dir(parent).chunks(entry.path)
 
     def iter_content(self, entry: Entry) -> Iterator[bytes]:
-        """A regular file's verified content, chunk by chunk."""
-        if not entry.is_file:
-            raise NotFoundError(f"{entry.path}: not a regular file")
-        if not entry.chunked:
-            assert entry.hash is not None
-            yield self.fetch_object(entry.hash, entry.size)
-            return
-        chunks = self.chunks(entry)
-        check_chunk_list(entry.path, entry.size, chunks)
-        for chunk in chunks:
-            yield self.fetch_object(chunk.hash, chunk.size)
+        """A regular file's verified content, chunk by chunk (cvmfs_client.content)."""
+        with open_content(self, entry) as content:
+            yield from pieces(content)

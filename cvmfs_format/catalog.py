@@ -5,14 +5,29 @@ from __future__ import annotations
 import sqlite3
 import stat
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from cvmfs_format import paths
+from cvmfs_format.catalog_rules import (
+    FLAG_CHUNKED,
+    FLAG_NESTED_ROOT,
+    SCHEMA_VERSION,
+    check_chunk_list,
+    check_chunk_row,
+    check_nested_row,
+    check_properties,
+    entry_error,
+    entry_problem,
+)
 from cvmfs_format.errors import FormatError
 
-SCHEMA_VERSION = "1"
+__all__ = [  # the rules' names that readers and writers import from here
+    "FLAG_CHUNKED",
+    "FLAG_NESTED_ROOT",
+    "SCHEMA_VERSION",
+    "check_chunk_list",
+]
 
 SCHEMA = """
 CREATE TABLE properties (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -46,9 +61,6 @@ CREATE TABLE nested (
     catalogs INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
-
-FLAG_CHUNKED = 1
-FLAG_NESTED_ROOT = 2
 
 ENTRY_COLUMNS = "parent, name, mode, size, mtime_ns, hash, target, link_group, flags"
 
@@ -124,29 +136,12 @@ class Entry(NamedTuple):
         return bool(self.flags & FLAG_CHUNKED)
 
 
-def check_chunk_list(path: str, size: int, chunks: Sequence[Chunk]) -> None:
-    """A chunked file's chunks must tile its content exactly (docs/FORMAT.md, "Chunked
-    files"): from offset 0, each where the previous ended, none empty, summing to size.
-    Readers and the validators refuse a file whose list does not, so a gap can never
-    read as a short file."""
-    expected = 0
-    for chunk in chunks:
-        if chunk.offset != expected:
-            raise FormatError(f"{path}: chunk list has a gap or overlap at byte {expected}")
-        if chunk.size <= 0:
-            raise FormatError(f"{path}: empty chunk at byte {expected}")
-        expected += chunk.size
-    if expected != size:
-        raise FormatError(f"{path}: chunks cover {expected} of its {size} bytes")
-
-
 def entry_from_row(row: tuple) -> Entry:  # type: ignore[type-arg]
+    """The entry of one catalog row, which must follow the rules (catalog_rules)."""
+    problem = entry_problem(row)
+    if problem is not None:
+        raise entry_error(row, problem)
     parent, name, mode, size, mtime_ns, digest, target, link_group, flags = row
-    kind = stat.S_IFMT(mode)
-    if kind not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK):
-        raise FormatError(f"catalog entry {parent}/{name}: unsupported file type {kind:o}")
-    if kind == stat.S_IFREG and not (flags & FLAG_CHUNKED) and digest is None:
-        raise FormatError(f"catalog entry {parent}/{name}: regular file without hash")
     return Entry(paths.join(parent, name), mode, size, mtime_ns, digest, target, link_group, flags)
 
 
@@ -159,16 +154,15 @@ class Catalog:
         self._lock = threading.Lock()
         self._link_counts: dict[int, int] | None = None
         props = dict(self._query("SELECT key, value FROM properties"))
-        if props.get("schema") != SCHEMA_VERSION:
-            raise FormatError(f"catalog {digest}: unknown schema {props.get('schema')!r}")
-        self.root = paths.normalize(props.get("root", "/"))
+        self.root, counts = check_properties(props, digest)
         self.properties = props
-        self.nested: dict[str, NestedRef] = {
-            row[0]: NestedRef(row[0], row[1], row[2], TreeStats(*row[3:]))
-            for row in self._query(
-                "SELECT path, hash, size, files, dirs, symlinks, bytes, catalogs FROM nested"
-            )
-        }
+        self._stats = TreeStats(*counts)
+        self.nested: dict[str, NestedRef] = {}
+        for row in self._query(
+            "SELECT path, hash, size, files, dirs, symlinks, bytes, catalogs FROM nested"
+        ):
+            check_nested_row(row, self.root, digest)
+            self.nested[row[0]] = NestedRef(row[0], row[1], row[2], TreeStats(*row[3:]))
 
     @classmethod
     def from_bytes(cls, data: bytes, digest: str) -> Catalog:
@@ -198,17 +192,7 @@ class Catalog:
                 raise FormatError(f"catalog {self.digest}: {exc}") from exc
 
     def stats(self) -> TreeStats:
-        p = self.properties
-        try:
-            return TreeStats(
-                int(p["files"]),
-                int(p["dirs"]),
-                int(p["symlinks"]),
-                int(p["bytes"]),
-                int(p["catalogs"]),
-            )
-        except (KeyError, ValueError) as exc:
-            raise FormatError(f"catalog {self.digest}: bad statistics ({exc})") from exc
+        return self._stats
 
     def entry(self, path: str) -> Entry | None:
         parent, name = paths.split(path)
@@ -231,10 +215,17 @@ class Catalog:
         rows = self._query(
             "SELECT offset, size, hash FROM chunks WHERE path = ? ORDER BY offset", (path,)
         )
+        for row in rows:
+            check_chunk_row(path, row)
         return [Chunk(*row) for row in rows]
 
-    def all_chunk_hashes(self) -> list[tuple[str, int]]:
-        return [(h, s) for h, s in self._query("SELECT hash, size FROM chunks")]
+    def entry_rows(self) -> list[tuple]:  # type: ignore[type-arg]
+        """Every entries row as stored, unchecked (for catalog_rules.validate_catalog)."""
+        return self._query(f"SELECT {ENTRY_COLUMNS} FROM entries ORDER BY parent, name")
+
+    def chunk_rows(self) -> list[tuple]:  # type: ignore[type-arg]
+        """Every chunks row (path, offset, size, hash) as stored, unchecked."""
+        return self._query("SELECT path, offset, size, hash FROM chunks ORDER BY path, offset")
 
     def link_count(self, group: int) -> int:
         if self._link_counts is None:  # one query for every group, on first use

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zstandard
@@ -23,8 +24,8 @@ from cvmfs_format.catalog import (
     TreeStats,
 )
 from cvmfs_format.errors import PathConflict
-from cvmfs_format.objects import content_hash, decode_object, encode_object
-from cvmfs_format.store import ObjectSink, Storage
+from cvmfs_format.objects import ObjectRef, content_hash, encode_object
+from cvmfs_format.store import ObjectSink
 
 EntryRow = tuple[str, str, int, int, int, "str | None", "str | None", int, int]
 
@@ -142,10 +143,14 @@ class Subtree:
     mtime_ns: int
 
 
+# Loads a catalog's verified content (the server's repo_server.loading.load_verified).
+LoadCatalog = Callable[[ObjectRef], bytes]
+
+
 def graft(
-    storage: Storage,
-    load: CatalogLoader,
-    root: tuple[str, int],
+    storage: ObjectSink,
+    load: LoadCatalog,
+    root: ObjectRef,
     subtree: Subtree,
     compressor: zstandard.ZstdCompressor,
     now_ns: int,
@@ -156,32 +161,23 @@ def graft(
     return _graft_into(storage, load, root, subtree, compressor, now_ns)
 
 
-class CatalogLoader:
-    """Loads (and verifies) existing catalogs from storage for grafting."""
-
-    def __init__(self, storage: Storage):
-        self.storage = storage
-
-    def __call__(self, digest: str) -> tuple[Catalog, bytes]:
-        data = decode_object(self.storage.get_object(digest), digest)
-        return Catalog.from_bytes(data, digest), data
-
-
 def _graft_into(
-    storage: Storage,
-    load: CatalogLoader,
-    ref: tuple[str, int],
+    storage: ObjectSink,
+    load: LoadCatalog,
+    ref: ObjectRef,
     subtree: Subtree,
     compressor: zstandard.ZstdCompressor,
     now_ns: int,
 ) -> StoredCatalog:
-    catalog, data = load(ref[0])
+    data = load(ref)
+    catalog = Catalog.from_bytes(data, ref.digest)
     target = subtree.path
     parent, name = paths.split(target)
     inner = catalog.nested_for(parent)
     builder = CatalogBuilder.from_catalog(catalog, data)
     if inner is not None:
-        child = _graft_into(storage, load, (inner.hash, inner.size), subtree, compressor, now_ns)
+        nested = ObjectRef.catalog(inner.hash, inner.size)
+        child = _graft_into(storage, load, nested, subtree, compressor, now_ns)
         builder.add_nested(NestedRef(inner.path, child.hash, child.size, child.stats))
     else:
         _ensure_directories(builder, catalog.root, parent, now_ns)

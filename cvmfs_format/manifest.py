@@ -77,8 +77,9 @@ def parse(data: bytes) -> tuple[Manifest, bytes, bytes]:
     return manifest, body, signature
 
 
-def verify(data: bytes, whitelist: Whitelist, now: float, min_revision: int = 0) -> Manifest:
-    """Parse and check signature, repository name, expiry and revision (no going back)."""
+def verify(data: bytes, whitelist: Whitelist, now: float) -> Manifest:
+    """Parse and check the signature, the repository name and the expiry. The revision
+    floor is a reader's: cvmfs_format.trust.TrustedState applies it."""
     manifest, body, signature = parse(data)
     key = whitelist.signing_key(manifest.signer)
     signed.verify_signature(key, signature, body, "manifest")
@@ -89,11 +90,8 @@ def verify(data: bytes, whitelist: Whitelist, now: float, min_revision: int = 0)
     if now >= manifest.expires:
         raise VerificationError(
             f"manifest of {manifest.name!r} revision {manifest.revision} expired at "
-            f"{manifest.expires} (the operator must publish or run `repo-server resign`)"
-        )
-    if manifest.revision < min_revision:
-        raise VerificationError(
-            f"manifest revision {manifest.revision} is older than revision {min_revision} "
-            "already seen: refusing to go back (replayed or stale mirror)"
+            f"{signed.format_time(manifest.expires)} (the operator must publish or run "
+            "`repo-server resign`)"
         )
     return manifest
+

@@ -32,9 +32,10 @@ def pack_overhead() -> int:
     return _HEADER.size
 
 
-def iter_pack(data: bytes) -> Iterator[tuple[str, bytes]]:
-    """(digest, stored bytes) of each object in a pack; FormatError if it is malformed.
-    Names are not verified here: the gateway decodes every object against its name."""
+def iter_pack(data: bytes | bytearray) -> Iterator[tuple[str, memoryview]]:
+    """(digest, stored bytes) of each object in a pack, as views into it (no copies);
+    FormatError if it is malformed. Names are not verified here: the gateway decodes
+    every object against its name."""
     if not data.startswith(PACK_MAGIC):
         raise FormatError("upload is not a pack (bad magic)")
     view = memoryview(data)
@@ -46,5 +47,5 @@ def iter_pack(data: bytes) -> Iterator[tuple[str, bytes]]:
         offset += _HEADER.size
         if length > OBJECT_LIMIT or offset + length > len(data):
             raise FormatError(f"pack object at byte {offset} claims {length} bytes")
-        yield raw.hex(), bytes(view[offset : offset + length])
+        yield raw.hex(), view[offset : offset + length]
         offset += length

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import time
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -145,3 +146,8 @@ class Fields:
         if not is_hash(value):
             raise FormatError(f"{self.kind}: field {key!r} is not a SHA-256 hash")
         return value
+
+
+def format_time(ts: int) -> str:
+    """A time stamp of the format as people read it (UTC)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))

@@ -64,7 +64,7 @@ def verify(data: bytes, master_key: Ed25519PublicKey, now: float) -> Whitelist:
     signed.verify_signature(master_key, signature, body, "whitelist")
     if now >= whitelist.expires:
         raise VerificationError(
-            f"whitelist of {whitelist.name!r} expired at {whitelist.expires} "
+            f"whitelist of {whitelist.name!r} expired at {signed.format_time(whitelist.expires)} "
             "(the operator must run `repo-server whitelist renew`)"
         )
     return whitelist

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from cvmfs_format.catalog import Catalog, TreeStats
-from cvmfs_format.errors import CvmfsError, VerificationError
-from cvmfs_format.objects import decode_object, max_stored_size
+from cvmfs_format.catalog import Catalog, NestedRef, TreeStats
+from cvmfs_format.catalog_rules import nested_catalog_problems, validate_catalog
+from cvmfs_format.errors import CvmfsError, FormatError, VerificationError
+from cvmfs_format.objects import ObjectRef, decode_object, max_stored_size
 from repo_server.damage import name_damage
+from repo_server.loading import load_catalog
 from repo_server.repository import LocalRepository
+from repo_server.rotation import rotation_warnings
 
 
 @dataclass
@@ -19,6 +21,7 @@ class CheckReport:
     catalogs: int = 0
     objects: int = 0
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # clients read fine; the operator acts
     # Objects whose stored bytes are not what their name says: digest -> content size
     # (None for catalogs). `check --repair` moves them to the quarantine.
     corrupt: dict[str, int | None] = field(default_factory=dict)
@@ -38,12 +41,13 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
         except CvmfsError as parse_error:
             report.problems.append(f"manifest: {parse_error}")
             return report
+    report.warnings += rotation_warnings(repo, head)
     try:
         history = repo.history(head)
     except (CvmfsError, OSError) as exc:
         report.problems.append(f"history {head.history_hash}: {exc}")
         report.structure_damaged = True
-        roots = [(head.revision, head.root_hash)]
+        roots = [(head.revision, ObjectRef.catalog(head.root_hash, head.root_size))]
     else:
         records = {r.revision: r for r in history.revisions()}
         wanted = (
@@ -51,17 +55,28 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
             if all_revisions
             else {head.revision} | {t.revision for t in history.tags()}
         )
-        roots = [(n, records[n].root_hash) for n in sorted(wanted) if n in records]
+        # The head's root as the manifest names it: that is what clients load.
+        roots = sorted(
+            [(head.revision, ObjectRef.catalog(head.root_hash, head.root_size))]
+            + [
+                (n, ObjectRef.catalog(records[n].root_hash, records[n].root_size))
+                for n in wanted - {head.revision}
+                if n in records
+            ]
+        )
         if head.revision not in records:
             report.problems.append(f"history does not list the head revision {head.revision}")
-        if records.get(head.revision) and records[head.revision].root_hash != head.root_hash:
+        elif (records[head.revision].root_hash, records[head.revision].root_size) != (
+            head.root_hash,
+            head.root_size,
+        ):
             report.problems.append("history and manifest disagree on the head's root catalog")
     seen_catalogs: set[str] = set()
     objects: dict[str, int] = {}
     damaged: dict[str, str] = {}  # digest -> problem, for catalogs and objects alike
     for revision, root in roots:
         report.revisions.append(revision)
-        walk_catalogs(repo, root, seen_catalogs, objects, [], damaged, report.corrupt)
+        walk_catalogs(repo, root, seen_catalogs, objects, report.problems, damaged, report.corrupt)
     report.catalogs = len(seen_catalogs)
     report.objects = len(objects)
     report.structure_damaged |= bool(damaged)  # so far only catalogs
@@ -74,48 +89,67 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
                 report.content_damaged = True
                 if corrupt:
                     report.corrupt[digest] = objects[digest]
+    # Unreadable catalogs and bad objects, each with the paths that use it.
     report.problems.extend(name_damage(repo, roots, damaged))
     return report
 
 
 def walk_catalogs(
     repo: LocalRepository,
-    digest: str,
+    root: ObjectRef,
     seen: set[str],
     objects: dict[str, int],
     problems: list[str],
     damaged: dict[str, str] | None = None,
     corrupt: dict[str, int | None] | None = None,
 ) -> None:
-    """Add the catalogs below root catalog `digest` to seen and the objects their entries
-    and chunks name to objects (hash -> content size); unreadable catalogs to problems
-    (and by digest to damaged; those whose bytes fail verification to corrupt)."""
-    stack = [digest]
+    """Add the catalogs below the root catalog to seen and the objects their entries and
+    chunks name to objects (hash -> content size); catalogs that are unreadable or break
+    the rules (catalog_rules.validate_catalog) to problems; given damaged, the unreadable
+    ones go there by digest instead (and to corrupt if their bytes fail verification)."""
+    stack: list[tuple[ObjectRef, NestedRef | None]] = [(root, None)]
     while stack:
-        digest = stack.pop()
-        if digest in seen:
+        ref, row = stack.pop()
+        if ref.digest in seen:
             continue
-        seen.add(digest)
+        seen.add(ref.digest)
         try:
-            data = decode_object(repo.storage.get_object(digest), digest)
-            catalog = Catalog.from_bytes(data, digest)
+            catalog = load_catalog(repo.storage, ref)
         except (CvmfsError, OSError) as exc:
-            problems.append(f"catalog {digest}: {exc}")
-            if damaged is not None:
-                damaged[digest] = f"catalog {digest}: {exc}"
+            problem = f"catalog {ref.digest}: {exc}"
+            if damaged is None:
+                problems.append(problem)
+            else:
+                damaged[ref.digest] = problem
             if corrupt is not None and isinstance(exc, VerificationError):
-                corrupt[digest] = None
+                corrupt[ref.digest] = None
             continue
-        objects.update(catalog_objects(catalog))
-        stack.extend(ref.hash for ref in catalog.nested.values())
+        if row is not None:
+            problems.extend(nested_catalog_problems(row, catalog, ref.size))
+        elif catalog.root != "/":
+            problems.append(f"catalog {ref.digest}: a root catalog rooted at {catalog.root}")
+        checked = validate_catalog(catalog)
+        problems.extend(f"catalog {ref.digest}: {problem}" for problem in checked.problems)
+        for named in checked.objects:
+            if objects.setdefault(named.digest, named.size) != named.size:
+                problems.append(
+                    f"{named.path}: names object {named.digest} as {named.size} bytes, "
+                    f"another entry as {objects[named.digest]}"
+                )
+        stack.extend(
+            (ObjectRef.catalog(nested.hash, nested.size), nested)
+            for nested in catalog.nested.values()
+        )
         catalog.close()
 
 
 def catalog_objects(catalog: Catalog) -> dict[str, int]:
-    """The file and chunk objects a catalog names (hash -> content size)."""
-    objects = {e.hash: e.size for e in catalog.all_entries() if e.is_file and e.hash is not None}
-    objects.update(catalog.all_chunk_hashes())
-    return objects
+    """The file and chunk objects a catalog names (hash -> content size); FormatError
+    if it breaks the rules."""
+    checked = validate_catalog(catalog)
+    if checked.problems:
+        raise FormatError(f"catalog {catalog.digest}: {checked.problems[0]}")
+    return {named.digest: named.size for named in checked.objects}
 
 
 def _verify_object(repo: LocalRepository, digest: str, size: int) -> tuple[str, str | None, bool]:
@@ -123,11 +157,8 @@ def _verify_object(repo: LocalRepository, digest: str, size: int) -> tuple[str, 
     try:
         stored = repo.storage.get_object(digest)
         if len(stored) > max_stored_size(size):
-            return (
-                digest,
-                f"object {digest}: stored size {len(stored)} too large for {size} bytes",
-                False,
-            )
+            too_large = f"object {digest}: stored size {len(stored)} too large for {size} bytes"
+            return digest, too_large, False
         decode_object(stored, digest, size)
     except FileNotFoundError:
         return digest, f"object {digest}: missing", False
@@ -152,8 +183,7 @@ class Info:
 
 def info(repo: LocalRepository) -> Info:
     head = repo.head()
-    data = decode_object(repo.storage.get_object(head.root_hash), head.root_hash)
-    root = Catalog.from_bytes(data, head.root_hash)
+    root = load_catalog(repo.storage, ObjectRef.catalog(head.root_hash, head.root_size))
     stats = root.stats()
     root.close()
     count = total = 0
@@ -170,7 +200,3 @@ def info(repo: LocalRepository) -> Info:
         total,
         count,
     )
-
-
-def format_time(ts: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))

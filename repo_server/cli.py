@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+import time
 from pathlib import Path
 
 from cvmfs_client import console
 from cvmfs_client.console import human
-from cvmfs_format.catalog_writer import CatalogLoader
+from cvmfs_format.objects import ObjectRef
+from cvmfs_format.signed import format_time
+from cvmfs_format.trust import pinned_name
 from repo_server import check as check_mod
-from repo_server import damage, operations
+from repo_server import damage, operations, rotation
 from repo_server import diff as diff_mod
 from repo_server import gc as gc_mod
 from repo_server.errors import RepoError
+from repo_server.http_caching import SIGNED_DOCUMENT_MAX_AGE_S
+from repo_server.loading import load_catalog
 from repo_server.repository import LocalRepository, init_repository, open_repository
 from repo_server.tokens import TOKENS_FILE, TokenStore
 
@@ -38,7 +44,8 @@ def _tokens(args: argparse.Namespace, repo: LocalRepository) -> TokenStore:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from repo_server.gateway import Gateway, Leases
+    from repo_server.gateway import Gateway
+    from repo_server.leases import Leases
     from repo_server.serve import serve
 
     repo = _repo(args)
@@ -69,7 +76,7 @@ def _token_add(args: argparse.Namespace) -> int:
 
 def _token_list(args: argparse.Namespace) -> int:
     for token in _tokens(args, _repo(args)).tokens():
-        print(f"{token.name}\t{token.path}\t{check_mod.format_time(token.created)}")
+        print(f"{token.name}\t{token.path}\t{format_time(token.created)}")
     return 0
 
 
@@ -90,6 +97,8 @@ def _check(args: argparse.Namespace) -> int:
         report = check_mod.check(repo, all_revisions=args.all)
     for problem in report.problems:
         print(problem)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     revs = ", ".join(map(str, report.revisions))
     verdict = "FAILED" if report.problems else "ok"
     print(
@@ -120,9 +129,9 @@ def _info(args: argparse.Namespace) -> int:
     s = i.stats
     print(f"name:              {i.name}")
     print(f"revision:          {i.revision}")
-    print(f"published:         {check_mod.format_time(i.published)}")
-    print(f"manifest expires:  {check_mod.format_time(i.expires)}")
-    print(f"whitelist expires: {check_mod.format_time(i.whitelist_expires)}")
+    print(f"published:         {format_time(i.published)}")
+    print(f"manifest expires:  {format_time(i.expires)}")
+    print(f"whitelist expires: {format_time(i.whitelist_expires)}")
     print(f"files:             {s.files} ({s.dirs} directories, {s.symlinks} symlinks)")
     print(f"catalogs:          {s.catalogs}")
     print(f"logical bytes:     {s.bytes} ({human(s.bytes)})")
@@ -136,15 +145,26 @@ def _info(args: argparse.Namespace) -> int:
 def _tags(args: argparse.Namespace) -> int:
     repo = _repo(args)
     for tag in repo.history(repo.head()).tags():
-        print(f"{tag.name}\trevision {tag.revision}\t{check_mod.format_time(tag.created)}")
+        print(f"{tag.name}\trevision {tag.revision}\t{format_time(tag.created)}")
     return 0
 
 
 def _whitelist_renew(args: argparse.Namespace) -> int:
     repo = _repo(args)
     with repo.lock():
-        wl = repo.renew_whitelist(args.days)
-    print(f"whitelist of {wl.name!r} renewed; expires {check_mod.format_time(wl.expires)}")
+        r = rotation.renew_whitelist(repo, int(time.time()), args.days)
+    wl = r.whitelist
+    print(
+        f"whitelist of {wl.name!r} renewed; expires {format_time(wl.expires)}; "
+        f"lists {len(wl.keys)} signing keys"
+    )
+    if r.unknown_signer is not None:
+        print(
+            f"warning: the manifest is signed by key {r.unknown_signer[:16]}..., found "
+            f"neither on the old whitelist nor in {repo.keydir}; clients refuse it until "
+            f"`repo-server resign {args.dir}` signs it with the signing key",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -152,7 +172,7 @@ def _resign(args: argparse.Namespace) -> int:
     repo = _repo(args)
     with repo.lock():
         m = repo.resign()
-    print(f"manifest revision {m.revision} re-signed; expires {check_mod.format_time(m.expires)}")
+    print(f"manifest revision {m.revision} re-signed; expires {format_time(m.expires)}")
     return 0
 
 
@@ -186,7 +206,11 @@ def _diff(args: argparse.Namespace) -> int:
     repo = _repo(args)
     history = repo.history(repo.head())
     old, new = (operations.resolve_revision(history, spec) for spec in (args.a, args.b))
-    changes = diff_mod.diff_trees(CatalogLoader(repo.storage), old.root_hash, new.root_hash)
+    changes = diff_mod.diff_trees(
+        functools.partial(load_catalog, repo.storage),
+        ObjectRef.catalog(old.root_hash, old.root_size),
+        ObjectRef.catalog(new.root_hash, new.root_size),
+    )
     sys.stdout.writelines(f"{change.kind} {change.path}\n" for change in changes)
     return 0
 
@@ -211,6 +235,22 @@ def _gc(args: argparse.Namespace) -> int:
         f"({human(r.removed_bytes)}); spared {r.spared_objects} unreferenced objects "
         f"younger than {args.grace:g} s"
     )
+    if r.in_use:
+        why = (
+            "(--grace)"
+            if r.window > r.ttl + SIGNED_DOCUMENT_MAX_AGE_S
+            else f"(the manifest's TTL of {r.ttl} s, {SIGNED_DOCUMENT_MAX_AGE_S} s more in proxies)"
+        )
+        print(
+            f"gc: {verbs[0]} revisions {operations.format_revisions(r.in_use)} beyond "
+            f"--keep-revisions: replaced less than {r.window:g} s ago, so clients may still "
+            f"read them {why}"
+        )
+    if not r.dry_run or r.removed_temporaries:  # taking the lock removes those of the dead
+        print(
+            f"gc: removed {r.removed_temporaries} temporary files (older than {args.grace:g} s, "
+            "or of writers gone)"
+        )
     if r.dry_run:
         print("gc: dry run, nothing changed")
     return 0
@@ -219,9 +259,13 @@ def _gc(args: argparse.Namespace) -> int:
 def _key_rotate(args: argparse.Namespace) -> int:
     repo = _repo(args)
     with repo.lock():
-        manifest, archived = repo.rotate_signing_key()
-    print(f"new signing key {repo.key_files().signing}; the old one is kept as {archived}")
-    print(f"whitelist lists both; manifest revision {manifest.revision} re-signed with the new key")
+        r = rotation.rotate_signing_key(repo, int(time.time()))
+    if r.resumed:
+        print("finished the key rotation that an interrupted run began")
+    print(f"new signing key {repo.key_files().signing}; the old one is kept as {r.archived}")
+    print(
+        f"whitelist lists both; manifest revision {r.manifest.revision} re-signed with the new key"
+    )
     return 0
 
 
@@ -233,8 +277,10 @@ def _replicate(args: argparse.Namespace) -> int:
         args.url,
         Path(args.dir),
         keys.load_public_key(Path(args.key)),
+        pinned_name(args.key, args.name),
         workers=args.workers,
         progress=sys.stderr.isatty(),
+        timeout=args.timeout,
     )
     for number in r.skipped:
         print(
@@ -346,7 +392,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", help="the repository's base URL, e.g. http://stratum0.example.org/sw")
     p.add_argument("dir", help="the mirror directory (made if missing); serve it like a repository")
     p.add_argument("--key", required=True, help="the repository's master public key (NAME.pub)")
+    p.add_argument(
+        "--name",
+        help="the repository's name, which the source must serve (default: the key file's "
+        "name without .pub)",
+    )
     p.add_argument("--workers", type=int, default=8, help="parallel downloads (default 8)")
+    p.add_argument(
+        "--timeout", type=float, default=3600, metavar="SECONDS",
+        help="give up after this long, keeping the mirror as it was (default 3600); what "
+        "was fetched is kept for the next run",
+    )  # fmt: skip
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_replicate)
     wl = sub.add_parser("whitelist", help="manage the signing-key whitelist")

@@ -5,9 +5,10 @@ of the served tree so that publishing the named files stores them again (`check 
 
 from __future__ import annotations
 
-from cvmfs_format.catalog import Catalog
+from cvmfs_format.catalog_rules import validate_catalog
 from cvmfs_format.errors import CvmfsError, VerificationError
-from cvmfs_format.objects import decode_object, max_catalog_content, verify_stored
+from cvmfs_format.objects import ObjectRef, max_catalog_content, verify_stored
+from repo_server.loading import load_catalog
 from repo_server.repository import LocalRepository
 
 NAMED_PATHS = 5  # paths shown per damaged object; the rest are counted
@@ -16,26 +17,26 @@ Naming = dict[str, set[int]]  # path -> the revisions in which it names the obje
 
 
 def paths_naming(
-    repo: LocalRepository, roots: list[tuple[int, str]], wanted: set[str]
+    repo: LocalRepository, roots: list[tuple[int, ObjectRef]], wanted: set[str]
 ) -> dict[str, Naming]:
     """For each wanted object, the paths that name it in the revisions `roots` lists
     (revision, root catalog): a file for its content or one of its chunks, a directory
     for the catalog that holds it. Catalogs that cannot be read are skipped (check
     reports them)."""
     found: dict[str, Naming] = {digest: {} for digest in wanted}
-    scanned: dict[str, tuple[list[tuple[str, str]], list[str]]] = {}
+    scanned: dict[str, tuple[list[tuple[str, str]], list[ObjectRef]]] = {}
     for revision, root in roots:
-        if root in wanted:
-            found[root].setdefault("/", set()).add(revision)
+        if root.digest in wanted:
+            found[root.digest].setdefault("/", set()).add(revision)
         stack, seen = [root], set()
         while stack:
-            digest = stack.pop()
-            if digest in seen:
+            ref = stack.pop()
+            if ref.digest in seen:
                 continue
-            seen.add(digest)
-            if digest not in scanned:  # revisions share most catalogs: read each once
-                scanned[digest] = _names_in(repo, digest, wanted)
-            hits, nested = scanned[digest]
+            seen.add(ref.digest)
+            if ref.digest not in scanned:  # revisions share most catalogs: read each once
+                scanned[ref.digest] = _names_in(repo, ref, wanted)
+            hits, nested = scanned[ref.digest]
             for obj, path in hits:
                 found[obj].setdefault(path, set()).add(revision)
             stack.extend(nested)
@@ -43,32 +44,24 @@ def paths_naming(
 
 
 def _names_in(
-    repo: LocalRepository, digest: str, wanted: set[str]
-) -> tuple[list[tuple[str, str]], list[str]]:
+    repo: LocalRepository, ref: ObjectRef, wanted: set[str]
+) -> tuple[list[tuple[str, str]], list[ObjectRef]]:
     """(object, path) for each wanted object the catalog names, and its nested catalogs."""
     try:
-        catalog = Catalog.from_bytes(decode_object(repo.storage.get_object(digest), digest), digest)
+        catalog = load_catalog(repo.storage, ref)
     except (CvmfsError, OSError):
         return [], []
     try:
-        hits = []
-        for entry in catalog.all_entries():
-            if not entry.is_file:
-                continue
-            if entry.hash in wanted:
-                hits.append((entry.hash, entry.path))
-            if entry.chunked:
-                chunks = catalog.chunks(entry.path)
-                hits.extend((c.hash, entry.path) for c in chunks if c.hash in wanted)
-        refs = catalog.nested.values()
-        hits.extend((ref.hash, ref.path) for ref in refs if ref.hash in wanted)
-        return hits, [ref.hash for ref in refs]
+        hits = [(o.digest, o.path) for o in validate_catalog(catalog).objects if o.digest in wanted]
+        rows = catalog.nested.values()
+        hits.extend((row.hash, row.path) for row in rows if row.hash in wanted)
+        return hits, [ObjectRef.catalog(row.hash, row.size) for row in rows]
     finally:
         catalog.close()
 
 
 def name_damage(
-    repo: LocalRepository, roots: list[tuple[int, str]], damaged: dict[str, str]
+    repo: LocalRepository, roots: list[tuple[int, ObjectRef]], damaged: dict[str, str]
 ) -> list[str]:
     """Each damaged object's problem, followed by the paths that name it."""
     if not damaged:

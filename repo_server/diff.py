@@ -7,10 +7,12 @@ catalogs that changed, not the size of the tree.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from cvmfs_format.catalog_writer import CatalogLoader
+from cvmfs_format.catalog import Catalog
+from cvmfs_format.objects import ObjectRef
 
 ADDED = "+"
 REMOVED = "-"
@@ -33,12 +35,12 @@ Signature = tuple[int, int, str | None, str | None, tuple[str, ...]]
 class _Side:
     """One revision's tree, loaded one catalog at a time."""
 
-    load: CatalogLoader
-    pending: dict[str, str]  # mountpoint -> catalog hash, not loaded yet
+    load: Callable[[ObjectRef], Catalog]
+    pending: dict[str, ObjectRef]  # mountpoint -> catalog, not loaded yet
     entries: dict[str, Signature] = field(default_factory=dict)
 
     def expand(self, mountpoint: str) -> None:
-        catalog, _ = self.load(self.pending.pop(mountpoint))
+        catalog = self.load(self.pending.pop(mountpoint))
         try:
             for entry in catalog.all_entries():
                 chunks = tuple(c.hash for c in catalog.chunks(entry.path)) if entry.chunked else ()
@@ -50,7 +52,7 @@ class _Side:
                     chunks,
                 )
             for ref in catalog.nested.values():
-                self.pending[ref.path] = ref.hash
+                self.pending[ref.path] = ObjectRef.catalog(ref.hash, ref.size)
         finally:
             catalog.close()
 
@@ -59,7 +61,9 @@ def _depth(path: str) -> int:
     return 0 if path == "/" else path.count("/")
 
 
-def diff_trees(load: CatalogLoader, old_root: str, new_root: str) -> list[Change]:
+def diff_trees(
+    load: Callable[[ObjectRef], Catalog], old_root: ObjectRef, new_root: ObjectRef
+) -> list[Change]:
     """Changes from the tree of root catalog old_root to that of new_root, by path."""
     old, new = _Side(load, {"/": old_root}), _Side(load, {"/": new_root})
     while old.pending or new.pending:

@@ -10,3 +10,7 @@ class RepoError(CvmfsError):
 class KeyError_(RepoError):
     """A key file is missing, unreadable or of the wrong kind."""
 
+
+
+class ObjectMissing(RepoError):
+    """An object the verified chain names is not in the repository's storage."""

@@ -5,12 +5,14 @@ documented block equal to it).
 
 from __future__ import annotations
 
+from repo_server.http_caching import IMMUTABLE, SIGNED_DOCUMENT
+
 # Objects never change: cache them for a year. The manifest and whitelist change at
 # every publish: a minute. Nothing else in the directory (.lock, txn/) is served.
 REPOSITORY_LOCATIONS = (
-    'location = /manifest  { add_header Cache-Control "public, max-age=60"; }',
-    'location = /whitelist { add_header Cache-Control "public, max-age=60"; }',
-    'location /data/       { add_header Cache-Control "public, max-age=31536000, immutable"; }',
+    f'location = /manifest  {{ add_header Cache-Control "{SIGNED_DOCUMENT}"; }}',
+    f'location = /whitelist {{ add_header Cache-Control "{SIGNED_DOCUMENT}"; }}',
+    f'location /data/       {{ add_header Cache-Control "{IMMUTABLE}"; }}',
 )
 NOTHING_ELSE = (
     "location /            { return 404; }   # .lock and txn/ are not part of the repository"

@@ -10,12 +10,12 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
-from cvmfs_format.catalog import Catalog
-from cvmfs_format.errors import NotFoundError
+from cvmfs_format.errors import CvmfsError, NotFoundError
 from cvmfs_format.history import History, RevisionRecord, Tag
 from cvmfs_format.manifest import Manifest
-from cvmfs_format.objects import decode_object
+from cvmfs_format.objects import ObjectRef
 from repo_server.errors import RepoError
+from repo_server.loading import load_catalog
 from repo_server.repository import LocalRepository, validate_tag
 
 
@@ -115,11 +115,12 @@ def rollback(repo: LocalRepository, spec: str, message: str | None = None) -> Ro
         if target.revision == head.revision:
             raise RepoError(f"revision {head.revision} is the head already; nothing to roll back")
         try:  # never publish a revision whose root catalog is gone or damaged
-            stored = repo.storage.get_object(target.root_hash)
-            Catalog.from_bytes(decode_object(stored, target.root_hash), target.root_hash).close()
-        except FileNotFoundError as exc:
+            load_catalog(
+                repo.storage, ObjectRef.catalog(target.root_hash, target.root_size)
+            ).close()
+        except CvmfsError as exc:
             raise RepoError(
-                f"revision {target.revision}: root catalog {target.root_hash} is missing; "
+                f"revision {target.revision}: its root catalog cannot be used ({exc}); "
                 "run `repo-server check --all`"
             ) from exc
         text = message if message is not None else f"rollback to revision {target.revision}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import multiprocessing
 import os
 import threading
@@ -23,39 +24,47 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from cvmfs_client.fetcher import CurlFetcher, DeadlinePassed
 from cvmfs_format import manifest as manifest_mod
-from cvmfs_format import whitelist as whitelist_mod
 from cvmfs_format.catalog import Catalog
-from cvmfs_format.errors import CvmfsError, VerificationError
+from cvmfs_format.errors import CvmfsError, NotFoundError
 from cvmfs_format.history import History
 from cvmfs_format.manifest import MANIFEST_FILE, Manifest
-from cvmfs_format.objects import decode_object, max_stored_size, object_path
+from cvmfs_format.objects import ObjectRef
 from cvmfs_format.signed import MAX_DOCUMENT_SIZE
+from cvmfs_format.trust import Floor, TrustedState
 from cvmfs_format.whitelist import WHITELIST_FILE
 from repo_server.check import catalog_objects
 from repo_server.errors import RepoError
-from repo_server.http_source import HttpSource, Source, SourceMissing
+from repo_server.loading import load_verified
 from repo_server.repository import LOCK_FILE
 from repo_server.storage import LocalStorage
 
 DEFAULT_WORKERS = 8
 BATCH = 64  # objects per task of a worker process
+DEFAULT_TIMEOUT_S = 3600.0  # the whole run; what was fetched stays for the next run
+SOURCE_TIMEOUT_S = 60.0  # one request (a source slower than 1 KiB/s for 10 s is cut off)
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _fetch_batch(source: Source, root: str, refs: list[_Ref]) -> tuple[int, int]:
+def _fetch_batch(source: CurlFetcher, root: str, refs: list[ObjectRef]) -> tuple[int, int]:
     """Fetch, verify and store objects (on a worker process): (objects, bytes) stored."""
     storage = LocalStorage(Path(root))
     objects = size = 0
     for ref in refs:
-        stored = source.get(object_path(ref.digest), ref.max_bytes)
-        ref.verify(stored)
+        stored = source.fetch(ref.path, ref.max_stored, functools.partial(_verified, ref))
         if storage.put_object(ref.digest, stored):
             objects += 1
             size += len(stored)
     return objects, size
+
+
+def _verified(ref: ObjectRef, stored: bytes) -> bytes:
+    """The stored bytes, once they verify (the content is not kept)."""
+    ref.verify(stored)
+    return stored
 
 
 @dataclass(frozen=True)
@@ -68,28 +77,6 @@ class ReplicaReport:
     objects: int  # objects fetched (and verified, and stored)
     bytes: int  # their stored bytes
     seconds: float
-
-
-@dataclass(frozen=True)
-class _Ref:
-    """An object to fetch: a catalog or the history (size: exact stored size) or a file
-    or chunk (size: content size)."""
-
-    digest: str
-    size: int
-    stored: bool
-
-    def verify(self, data: bytes) -> bytes:
-        """The verified content of the object's stored bytes `data`."""
-        if self.stored and len(data) != self.size:
-            raise VerificationError(
-                f"object {self.digest}: expected {self.size} stored bytes, got {len(data)}"
-            )
-        return decode_object(data, self.digest, None if self.stored else self.size)
-
-    @property
-    def max_bytes(self) -> int:
-        return self.size if self.stored else max_stored_size(self.size)
 
 
 @dataclass
@@ -108,17 +95,21 @@ def replicate(
     url: str,
     mirror_dir: Path,
     master_key: Ed25519PublicKey,
+    name: str,
     *,
     workers: int = DEFAULT_WORKERS,
     progress: bool = False,
-    source: Source | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
     clock: Callable[[], float] = time.time,
 ) -> ReplicaReport:
-    """Bring mirror_dir up to the source's verified head revision and tagged revisions."""
+    """Bring mirror_dir up to the source's verified head revision and tagged revisions,
+    within timeout seconds (the mirror lock is never held longer)."""
     if workers < 1:
         raise RepoError("--workers must be at least 1")
+    if timeout <= 0:
+        raise RepoError("--timeout must be more than 0 seconds")
     start = time.monotonic()
-    source = source or HttpSource(url)
+    source = _source(url, start + timeout)
     mirror_dir = _prepare_directory(Path(mirror_dir))
     storage = LocalStorage(mirror_dir)
     with _mirror_lock(mirror_dir):
@@ -126,9 +117,23 @@ def replicate(
         storage.begin_writes()
         old_data = storage.read_file(MANIFEST_FILE)
         current = manifest_mod.parse(old_data)[0] if old_data is not None else None
+        floor = Floor(current.revision, current.root_hash) if current else Floor()
+        if current is not None and current.name != name:
+            raise RepoError(
+                f"the mirror {mirror_dir} holds repository {current.name!r}, not {name!r}; "
+                "mirror it into another directory"
+            )
+        trust = TrustedState(master_key, name, floor)
         try:
             job = _Replication(source, storage, workers, progress)
-            report = job.run(master_key, current, old_data, clock())
+            report = job.run(trust, old_data, clock())
+        except DeadlinePassed as exc:
+            still = f"still revision {current.revision}" if current else "no revision yet"
+            raise RepoError(
+                f"{url}: not done within --timeout {timeout:g} s ({exc}); the mirror "
+                f"{mirror_dir} is unchanged ({still}) and keeps what was fetched: run "
+                "replicate again, or give a longer --timeout"
+            ) from exc
         except CvmfsError as exc:
             still = f"still revision {current.revision}" if current else "no revision yet"
             raise RepoError(f"{exc}; the mirror {mirror_dir} is unchanged ({still})") from exc
@@ -143,6 +148,15 @@ def replicate(
         job.counters.bytes,
         time.monotonic() - start,
     )
+
+
+def _source(url: str, deadline: float) -> CurlFetcher:
+    """The client's fetcher: the same GET stack, size bounds, low-speed cut-off and
+    retries as every reader; mirrors of the source may be given separated by ';'."""
+    urls = [u for u in url.split(";") if u]
+    if not urls or not all(u.startswith(("http://", "https://")) for u in urls):
+        raise RepoError(f"{url!r}: expected the repository's http:// or https:// URL")
+    return CurlFetcher(urls, timeout_s=SOURCE_TIMEOUT_S, deadline=deadline)
 
 
 def _prepare_directory(mirror_dir: Path) -> Path:
@@ -189,7 +203,7 @@ class _Outcome:
 class _Replication:
     """One run: fetch what the mirror lacks, verified, then the whitelist and manifest."""
 
-    def __init__(self, source: Source, storage: LocalStorage, workers: int, progress: bool):
+    def __init__(self, source: CurlFetcher, storage: LocalStorage, workers: int, progress: bool):
         self.source = source
         self.storage = storage
         self.workers = workers
@@ -198,26 +212,15 @@ class _Replication:
         self.seen_catalogs: set[str] = set()
         self.have: set[str] = set()  # objects known to be in the mirror
 
-    def run(
-        self, master_key: Ed25519PublicKey, current: Manifest | None, old: bytes | None, now: float
-    ) -> _Outcome:
-        url = self.source.url
-        wl_data = self.source.get(WHITELIST_FILE, MAX_DOCUMENT_SIZE)
-        whitelist = whitelist_mod.verify(wl_data, master_key, now)
-        data = self.source.get(MANIFEST_FILE, MAX_DOCUMENT_SIZE)
-        manifest = manifest_mod.verify(data, whitelist, now)
-        if current is not None:
-            if manifest.name != current.name:
-                raise RepoError(
-                    f"{url} serves repository {manifest.name!r}, but the mirror holds "
-                    f"{current.name!r}; mirror it into another directory"
-                )
-            if manifest.revision < current.revision:
-                raise RepoError(
-                    f"{url} serves revision {manifest.revision}, older than the mirror's "
-                    f"revision {current.revision}: a replayed or stale manifest, refused; "
-                    "replicate from an up-to-date source"
-                )
+    def run(self, trust: TrustedState, old: bytes | None, now: float) -> _Outcome:
+        wl_data = self.source.fetch(
+            WHITELIST_FILE, MAX_DOCUMENT_SIZE, lambda d: (trust.update_whitelist(d, now), d)[1]
+        )
+        data = self.source.fetch(
+            MANIFEST_FILE, MAX_DOCUMENT_SIZE, lambda d: (trust.update_manifest(d, now), d)[1]
+        )
+        manifest = trust.manifest
+        assert manifest is not None
         mirrored: list[int] = []
         skipped: list[int] = []
         if data != old:  # an unchanged manifest names only what the mirror already has
@@ -231,12 +234,14 @@ class _Replication:
         return _Outcome(manifest.name, manifest.revision, mirrored, skipped)
 
     def _mirror_revisions(self, manifest: Manifest) -> tuple[list[int], list[int]]:
-        history_ref = _Ref(manifest.history_hash, manifest.history_size, stored=True)
+        history_ref = ObjectRef.catalog(manifest.history_hash, manifest.history_size)
         history_stored, history_content = self._load(history_ref)
         history = History(history_content, manifest.history_hash)
         tagged = {t.revision for t in history.tags()}
-        roots = {r.revision: _Ref(r.root_hash, r.root_size, True) for r in history.revisions()}
-        roots[manifest.revision] = _Ref(manifest.root_hash, manifest.root_size, True)
+        roots = {
+            r.revision: ObjectRef.catalog(r.root_hash, r.root_size) for r in history.revisions()
+        }
+        roots[manifest.revision] = ObjectRef.catalog(manifest.root_hash, manifest.root_size)
         required = tagged | {manifest.revision}
         missing_tags = sorted(tagged - roots.keys())
         if missing_tags:
@@ -252,7 +257,7 @@ class _Replication:
         for number in order:
             try:
                 self._mirror_tree(roots[number], f"revision {number}")
-            except SourceMissing as exc:
+            except NotFoundError as exc:
                 if number in required:
                     what = "head" if number == manifest.revision else "tagged"
                     raise RepoError(
@@ -266,16 +271,16 @@ class _Replication:
             self._store(history_ref, history_stored)
         return sorted(mirrored), sorted(skipped)
 
-    def _mirror_tree(self, root: _Ref, label: str) -> None:
+    def _mirror_tree(self, root: ObjectRef, label: str) -> None:
         """Every catalog below root and every object they name, in the mirror. Catalogs
         are stored after the objects they name, so a catalog in the mirror is never
         ahead of its files (the walk reads stored catalogs again on every run anyway)."""
         objects: dict[str, int] = {}
-        fetched_catalogs: list[tuple[_Ref, bytes]] = []
+        fetched_catalogs: list[tuple[ObjectRef, bytes]] = []
         frontier = [root] if root.digest not in self.seen_catalogs else []
         while frontier:
             self.seen_catalogs.update(ref.digest for ref in frontier)
-            following: dict[str, _Ref] = {}
+            following: dict[str, ObjectRef] = {}
             for ref, (stored, content) in zip(
                 frontier, self._parallel(self._load, frontier), strict=True
             ):
@@ -286,27 +291,27 @@ class _Replication:
                     objects.update(catalog_objects(catalog))
                     for nested in catalog.nested.values():
                         if nested.hash not in self.seen_catalogs:
-                            following[nested.hash] = _Ref(nested.hash, nested.size, True)
+                            following[nested.hash] = ObjectRef.catalog(nested.hash, nested.size)
                 finally:
                     catalog.close()
             frontier = list(following.values())
         wanted = objects.keys() - self.have
         missing = self.storage.missing(wanted)
         self.have.update(wanted - missing)
-        refs = [_Ref(d, objects[d], stored=False) for d in sorted(missing)]
+        refs = [ObjectRef(d, objects[d]) for d in sorted(missing)]
         self._fetch_objects(refs, label)
         for ref, stored in fetched_catalogs:
             self._store(ref, stored)
 
-    def _load(self, ref: _Ref) -> tuple[bytes | None, bytes]:
+    def _load(self, ref: ObjectRef) -> tuple[bytes | None, bytes]:
         """(stored bytes if fetched now, content) of a catalog or the history, read from
-        the mirror when it has it (it was verified when it was stored)."""
+        the mirror when it has it."""
         if self.storage.has(ref.digest):
-            return None, decode_object(self.storage.get_object(ref.digest), ref.digest)
-        stored = self.source.get(object_path(ref.digest), ref.max_bytes)
-        return stored, ref.verify(stored)
+            return None, load_verified(self.storage, ref)
+        stored = self.source.fetch(ref.path, ref.max_stored, lambda data: data)
+        return stored, ref.decode(stored)
 
-    def _fetch_objects(self, refs: list[_Ref], label: str) -> None:
+    def _fetch_objects(self, refs: list[ObjectRef], label: str) -> None:
         """Fetch, verify and store the files and chunks, in batches on worker processes.
 
         Processes, not threads: per object the work is a GET, a decompression, a hash
@@ -337,12 +342,12 @@ class _Replication:
         finally:
             bar.close()
 
-    def _fetched(self, batch: list[_Ref], counts: tuple[int, int], bar: Any) -> None:
+    def _fetched(self, batch: list[ObjectRef], counts: tuple[int, int], bar: Any) -> None:
         self.counters.add(*counts)
         self.have.update(ref.digest for ref in batch)
         bar.update(len(batch))
 
-    def _store(self, ref: _Ref, stored: bytes) -> None:
+    def _store(self, ref: ObjectRef, stored: bytes) -> None:
         if self.storage.put_object(ref.digest, stored):
             self.counters.add(1, len(stored))
         self.have.add(ref.digest)

@@ -8,30 +8,33 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from cvmfs_format import manifest as manifest_mod
 from cvmfs_format import whitelist as whitelist_mod
 from cvmfs_format.catalog import TreeStats
-from cvmfs_format.catalog_writer import CatalogBuilder, CatalogLoader, Subtree, graft
+from cvmfs_format.catalog_writer import CatalogBuilder, Subtree, graft
 from cvmfs_format.history import SCHEMA as HISTORY_SCHEMA
 from cvmfs_format.history import History
 from cvmfs_format.manifest import MANIFEST_FILE, Manifest
-from cvmfs_format.objects import content_hash, decode_object, encode_object
+from cvmfs_format.objects import ObjectRef, content_hash, encode_object
 from cvmfs_format.signed import attach_signature, encode_public_key, key_fingerprint
 from cvmfs_format.store import Storage
+from cvmfs_format.trust import TrustedState
 from cvmfs_format.whitelist import WHITELIST_FILE, Whitelist
 from repo_server import keys
 from repo_server.errors import RepoError
+from repo_server.loading import load_history, load_verified
 from repo_server.s3_storage import S3Storage, is_s3_location
 from repo_server.storage import LocalStorage
 
@@ -124,20 +127,29 @@ class LocalRepository:
     def key_files(self) -> keys.KeyFiles:
         return keys.KeyFiles(self.keydir, self.whitelist().name)
 
+    def trust(self) -> TrustedState:
+        """Whitelist and manifest accepted as a client accepts them: the master public key
+        of the key directory and the repository's name pinned."""
+        files = self.key_files()
+        trust = TrustedState(keys.load_public_key(files.public), files.name)
+        now = time.time()
+        trust.update_whitelist(self.storage.read_file(WHITELIST_FILE) or b"", now)
+        trust.update_manifest(self.storage.read_file(MANIFEST_FILE) or b"", now)
+        return trust
+
     def head(self) -> Manifest:
-        """The current manifest, verified with the pinned master key like a client would."""
-        wl_data = self.storage.read_file(WHITELIST_FILE) or b""
-        master = keys.load_public_key(self.key_files().public)
-        whitelist = whitelist_mod.verify(wl_data, master, time.time())
-        data = self.storage.read_file(MANIFEST_FILE) or b""
-        return manifest_mod.verify(data, whitelist, time.time())
+        """The current manifest, verified as a client verifies it."""
+        manifest = self.trust().manifest
+        assert manifest is not None
+        return manifest
 
     def head_unverified(self) -> Manifest:
         return manifest_mod.parse(self.storage.read_file(MANIFEST_FILE) or b"")[0]
 
     def history(self, manifest: Manifest) -> History:
-        data = decode_object(self.storage.get_object(manifest.history_hash), manifest.history_hash)
-        return History(data, manifest.history_hash)
+        return load_history(
+            self.storage, ObjectRef.catalog(manifest.history_hash, manifest.history_size)
+        )
 
     # -- writing --------------------------------------------------------------------
 
@@ -176,8 +188,8 @@ class LocalRepository:
         now = time.time()
         root = graft(
             self.storage,
-            CatalogLoader(self.storage),
-            (head.root_hash, head.root_size),
+            functools.partial(load_verified, self.storage),
+            ObjectRef.catalog(head.root_hash, head.root_size),
             subtree,
             compressor,
             int(now * 1e9),
@@ -259,8 +271,9 @@ class LocalRepository:
         hist_hash: str,
         hist_size: int,
         now: float,
+        signing: Ed25519PrivateKey | None = None,
     ) -> Manifest:
-        signing = keys.load_private_key(self.key_files().signing)
+        signing = signing or keys.load_private_key(self.key_files().signing)
         manifest = Manifest(
             head.name,
             revision,
@@ -278,8 +291,9 @@ class LocalRepository:
         self.storage.write_file(MANIFEST_FILE, attach_signature(body, signing.sign(body)))
         return manifest
 
-    def resign(self) -> Manifest:
-        """Re-sign the head with a fresh expiry, same revision and content."""
+    def resign(self, signing: Ed25519PrivateKey | None = None) -> Manifest:
+        """Re-sign the head with a fresh expiry, same revision and content, with the
+        signing key (or, for a key rotation, with `signing`)."""
         head = self.head_unverified()
         return self._sign_manifest(
             head,
@@ -289,31 +303,8 @@ class LocalRepository:
             head.history_hash,
             head.history_size,
             time.time(),
+            signing,
         )
-
-    def renew_whitelist(self, days: int = WHITELIST_DAYS) -> Whitelist:
-        files = self.key_files()
-        master = keys.load_private_key(files.master)
-        signing = keys.load_private_key(files.signing)
-        return _write_whitelist(self.storage, files.name, master, [signing], int(time.time()), days)
-
-    def rotate_signing_key(self) -> tuple[Manifest, Path]:
-        """Replace the signing key and re-sign the head with the new one (hold the lock).
-
-        The whitelist lists the new key and the old one, so a manifest the old key
-        signed (in a proxy or a mirror not yet updated) still verifies. Returns the new
-        manifest and where the old private key was kept. A crash at any step leaves a
-        manifest that its whitelist accepts.
-        """
-        files = self.key_files()
-        master = keys.load_private_key(files.master)
-        old = keys.load_private_key(files.signing)
-        new = Ed25519PrivateKey.generate()
-        now = int(time.time())
-        archived = keys.archive_private_key(files.signing, now)
-        _write_whitelist(self.storage, files.name, master, [new, old], now)
-        keys.install_private_key(files.signing, new)
-        return self.resign(), archived
 
 
 def open_repository(
@@ -370,7 +361,7 @@ def _create(storage: Storage, name: str, keydir: Path, make_layout: Callable[[],
     keys.write_public_key(files.public, master)
     make_layout()
     now = int(time.time())
-    _write_whitelist(storage, name, master, [signing], now)
+    write_whitelist(storage, name, master, [signing.public_key()], now)
     compressor = zstandard.ZstdCompressor(level=3)
     empty = CatalogBuilder("/")
     empty.add_entries([("", "", 0o040755, 0, now * 10**9, None, None, 0, 0)])
@@ -404,19 +395,16 @@ def validate_tag(name: str) -> None:
         raise RepoError(f"tag {name!r}: use up to 128 letters, digits and '-_.+@'")
 
 
-def _write_whitelist(
+def write_whitelist(
     storage: Storage,
     name: str,
     master: Ed25519PrivateKey,
-    signing_keys: list[Ed25519PrivateKey],
+    signing_keys: Sequence[Ed25519PublicKey],
     now: int,
     days: int = WHITELIST_DAYS,
 ) -> Whitelist:
     whitelist = Whitelist(
-        name,
-        now,
-        now + days * DAY,
-        tuple(encode_public_key(k.public_key()) for k in signing_keys),
+        name, now, now + days * DAY, tuple(encode_public_key(k) for k in signing_keys)
     )
     body = whitelist.body()
     storage.write_file(WHITELIST_FILE, attach_signature(body, master.sign(body)))

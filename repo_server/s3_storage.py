@@ -19,12 +19,11 @@ from botocore.exceptions import ClientError as BotoClientError
 
 from cvmfs_format.objects import is_hash, object_path, verify_stored
 from repo_server.errors import RepoError
+from repo_server.http_caching import IMMUTABLE, SIGNED_DOCUMENT
 
 SCHEME = "s3://"
 # What a client (or a proxy between it and the bucket) may cache, as nginx is told in
 # docs/OPERATING.md: objects forever, the two signed documents for a minute.
-IMMUTABLE = "public, max-age=31536000, immutable"
-SHORT_LIVED = "public, max-age=60"
 CONTENT_TYPE = "application/octet-stream"
 # Requests in flight at once: S3 answers each in tens of milliseconds, so asking in
 # parallel is what makes thousands of questions fast.
@@ -246,6 +245,25 @@ class S3Storage:
             raise FileNotFoundError(errno.ENOENT, "no such object", self.url(digest))
         return data
 
+    def object_head(self, digest: str, length: int) -> tuple[bytes, int]:
+        key = self._key(digest)
+        with self._errors(key):
+            try:
+                response = self.client.get_object(
+                    Bucket=self.bucket, Key=key, Range=f"bytes=0-{max(length, 1) - 1}"
+                )
+            except BotoClientError as exc:
+                if _code(exc) == "NoSuchKey":
+                    raise FileNotFoundError(
+                        errno.ENOENT, "no such object", self.url(digest)
+                    ) from None
+                if _code(exc) == "InvalidRange":  # an empty object has no byte 0
+                    return b"", 0
+                raise
+            head = bytes(response["Body"].read())
+        total = str(response.get("ContentRange", "")).rpartition("/")[2]
+        return head[:length], int(total) if total.isdigit() else len(head)
+
     def url(self, digest: str) -> str:
         return f"{SCHEME}{self.bucket}/{self._key(digest)}"
 
@@ -285,7 +303,7 @@ class S3Storage:
     def write_file(self, name: str, data: bytes) -> None:
         # A PUT replaces the whole object at once: readers see the old or the new
         # manifest, never a mix, as after a rename in a directory.
-        self._put(self.prefix + name, data, SHORT_LIVED)
+        self._put(self.prefix + name, data, SIGNED_DOCUMENT)
 
     def sync(self) -> None:
         # Nothing to flush: S3 acknowledges a PUT only once the object is stored
@@ -300,3 +318,8 @@ class S3Storage:
 
     def end_writes(self) -> None:
         pass
+
+    temporaries_removed = 0  # a PUT writes no temporary object
+
+    def sweep_temporaries(self, older_than: float) -> tuple[int, int]:
+        return 0, 0

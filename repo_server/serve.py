@@ -23,13 +23,12 @@ from cvmfs_format.manifest import MANIFEST_FILE
 from cvmfs_format.objects import is_hash
 from cvmfs_format.whitelist import WHITELIST_FILE
 from repo_server.gateway import Gateway
-
-IMMUTABLE = "public, max-age=31536000, immutable"
+from repo_server.http_caching import IMMUTABLE, SIGNED_DOCUMENT_MAX_AGE_S
 
 
 def cache_control(relpath: str, ttl: int) -> str | None:
     if relpath in (MANIFEST_FILE, WHITELIST_FILE):
-        return f"public, max-age={min(ttl, 60)}"
+        return f"public, max-age={min(ttl, SIGNED_DOCUMENT_MAX_AGE_S)}"
     parts = relpath.split("/")
     if len(parts) == 3 and parts[0] == "data" and is_hash(parts[1] + parts[2]):
         return IMMUTABLE

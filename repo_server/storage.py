@@ -29,6 +29,7 @@ class LocalStorage:
         self.txn = root / TXN_DIR
         self._marked = False  # this process has said it may leave temporary files
         self._young_leftovers = 0
+        self.temporaries_removed = 0  # by this object's sweeps, for gc's report
 
     def create_layout(self) -> None:
         self.txn.mkdir(parents=True, exist_ok=True)
@@ -87,6 +88,7 @@ class LocalStorage:
                             removed += 1
                         else:
                             left += 1
+        self.temporaries_removed += removed
         return removed, left
 
     def _path(self, digest: str) -> str:
@@ -128,6 +130,10 @@ class LocalStorage:
     def get_object(self, digest: str) -> bytes:
         with open(self._path(digest), "rb") as f:
             return f.read()
+
+    def object_head(self, digest: str, length: int) -> tuple[bytes, int]:
+        with open(self._path(digest), "rb") as f:
+            return f.read(length), os.fstat(f.fileno()).st_size
 
     def iter_objects(self) -> Iterator[tuple[str, int]]:
         data = self.root / "data"

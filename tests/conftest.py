@@ -8,6 +8,7 @@ import random
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ import requests
 from cvmfs_client.fetcher import DirectoryFetcher
 from cvmfs_client.repository import RepositoryReader
 from cvmfs_format.signed import load_public_key_pem
+from cvmfs_format.trust import Floor, TrustedState
 from repo_server.nginx import repository_server, standalone
 from repo_server.repository import LocalRepository
 
@@ -28,9 +30,11 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(autouse=True)
-def _private_stat_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test gets its own publisher stat cache, never the user's."""
+def _private_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test gets its own publisher stat cache and client state (remembered
+    revisions), never the user's or another test's."""
     monkeypatch.setenv("CVMBUILD_CACHE_DIR", str(tmp_path / "statcache"))
+    monkeypatch.setenv("CVMFS_CLIENT_STATE_DIR", str(tmp_path / "client-state"))
 
 
 @dataclass
@@ -84,10 +88,19 @@ MiB = 1024 * 1024
 Tree = dict[str, bytes]  # relpath inside the published prefix -> content
 
 
-def open_reader(repo: Repo, **kwargs: object) -> RepositoryReader:
-    """A verifying reader of the repository directory, pinned to its master public key."""
+NO_FLOOR = Floor()  # a client that has seen no revision of the repository yet
+
+
+def trust_for(repo: Repo, floor: Floor = NO_FLOOR) -> TrustedState:
+    """A client's trust in the repository: its master public key and name pinned."""
     key = load_public_key_pem(repo.pub.read_bytes(), str(repo.pub))
-    reader = RepositoryReader(DirectoryFetcher(str(repo.dir)), key, **kwargs)  # type: ignore[arg-type]
+    return TrustedState(key, repo.name, floor)
+
+
+def open_reader(repo: Repo, floor: Floor = NO_FLOOR, **kwargs: object) -> RepositoryReader:
+    """A verifying reader of the repository directory, pinned to its master public key
+    and name."""
+    reader = RepositoryReader(DirectoryFetcher(str(repo.dir)), trust_for(repo, floor), **kwargs)  # type: ignore[arg-type]
     reader.load_manifest()
     return reader
 
@@ -143,6 +156,17 @@ def write_build_tree(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
     return tree
+
+
+def backdate_history(repo: LocalRepository, seconds: int) -> None:
+    """Make every revision of the history look published `seconds` earlier, as releases
+    of weeks ago: gc keeps revisions that clients may still read, replaced minutes ago."""
+
+    def shift(db: sqlite3.Connection) -> None:
+        db.execute("UPDATE revisions SET published = published - ?", (seconds,))
+
+    with repo.lock():
+        repo.rewrite_history(shift)
 
 
 def free_port() -> int:

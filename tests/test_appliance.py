@@ -346,7 +346,8 @@ class Served:
 
 @pytest.fixture(scope="session")
 def served_repository(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """A repository with a small program at /sw/hello/1.0, served on the loopback."""
+    """The recipe's repository (sw.example.org) with a small program at /sw/hello/1.0,
+    served on the loopback."""
     base = tmp_path_factory.mktemp("appliance-repo")
     src = base / "hello"
     (src / "bin").mkdir(parents=True)
@@ -354,11 +355,11 @@ def served_repository(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serv
         "import platform\nprint('hello from the repository on', platform.node())\n"
     )
     env = {"CVMBUILD_CACHE_DIR": str(base / "statcache")}
-    run_cli("repo-server", "init", base / "repo", "--name", "test.example.org")
+    run_cli("repo-server", "init", base / "repo", "--name", "sw.example.org")
     run_cli("cvmbuild", "publish", src, "--repo", base / "repo", "--path", "/sw/hello/1.0", env=env)
     with serving(base / "repo", base / "serve.log") as url:
         port = url.rsplit(":", 1)[1]
-        yield Served(f"http://10.0.2.2:{port}", base / "repo.keys" / "test.example.org.pub")
+        yield Served(f"http://10.0.2.2:{port}", base / "repo.keys" / "sw.example.org.pub")
 
 
 @pytest.fixture(scope="session")
@@ -608,7 +609,7 @@ def test_appliance_boots_mounts_the_repository_and_runs_its_program(
     )  # fmt: skip
     log = console.read_text() if console.exists() else ""
     assert result.returncode == 0, (result.stderr.decode(), log[-3000:])
-    assert "mounted test.example.org revision 1" in result.stdout.decode()
+    assert "mounted sw.example.org revision 1" in result.stdout.decode()
     assert "job exit 0" in result.stdout.decode()
     assert "hello from the repository on cvm-thin" in log
 

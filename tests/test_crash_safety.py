@@ -8,8 +8,8 @@ byte, and running the same publish again finishes the job.
 from __future__ import annotations
 
 import os
-import socket
 import random
+import socket
 import subprocess
 import time
 from dataclasses import dataclass

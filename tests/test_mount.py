@@ -18,8 +18,7 @@ import pytest
 from cvmfs_client.fetcher import DirectoryFetcher
 from cvmfs_client.repository import RepositoryReader
 from cvmfs_format.objects import object_path
-from cvmfs_format.signed import load_public_key_pem
-from tests.conftest import Repo, mounted, run_cli, serving
+from tests.conftest import Repo, mounted, run_cli, serving, trust_for
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or shutil.which("fusermount") is None,
@@ -162,8 +161,7 @@ def test_a_tampered_object_is_an_io_error_for_that_file_only(
     published: tuple[Repo, Path], tmp_path: Path
 ) -> None:
     repo, src = published
-    key = load_public_key_pem(repo.pub.read_bytes(), str(repo.pub))
-    reader = RepositoryReader(DirectoryFetcher(str(repo.dir)), key)
+    reader = RepositoryReader(DirectoryFetcher(str(repo.dir)), trust_for(repo))
     digest = reader.lookup("/sw/1.0/lib/pkg/__init__.py").hash
     assert digest is not None
     obj = repo.dir / object_path(digest)
@@ -377,8 +375,7 @@ def test_reading_a_large_file_sequentially_fetches_the_next_chunks_ahead(
     published: tuple[Repo, Path], tmp_path: Path
 ) -> None:
     repo, src = published
-    key = load_public_key_pem(repo.pub.read_bytes(), str(repo.pub))
-    reader = RepositoryReader(DirectoryFetcher(str(repo.dir)), key)
+    reader = RepositoryReader(DirectoryFetcher(str(repo.dir)), trust_for(repo))
     chunks = reader.catalog_for_dir("/sw/1.0/lib/pkg").chunks("/sw/1.0/lib/pkg/data.bin")
     assert len(chunks) >= 5
     cache = tmp_path / "cache"

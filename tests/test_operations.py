@@ -24,9 +24,10 @@ from cvmfs_format.objects import content_hash, encode_object, object_path
 from cvmfs_format.signed import encode_public_key, key_fingerprint, load_public_key_pem
 from repo_server import keys
 from repo_server.storage import LocalStorage
-from tests.conftest import BIN, Repo, open_reader, publish, run_cli
+from tests.conftest import BIN, Repo, backdate_history, open_reader, publish, run_cli
 
 HOUR = 3600
+WEEK = 7 * 24 * HOUR
 
 
 def write_tree(src: Path, files: dict[str, bytes]) -> Path:
@@ -248,6 +249,7 @@ def test_gc_after_several_revisions_keeps_check_green_and_removes_the_rest(
     repo: Repo, tmp_path: Path
 ) -> None:
     own = {n: release(repo, tmp_path / "src", n) for n in (1, 2, 3, 4)}
+    backdate_history(repo.open(), WEEK)  # no client reads the old ones any more
     before = stored_objects(repo)
 
     out = repo_server("gc", repo.dir, "--keep-revisions", 2, "--grace", 0)
@@ -277,6 +279,7 @@ def test_gc_keeps_tagged_revisions(repo: Repo, tmp_path: Path) -> None:
     own1 = release(repo, tmp_path / "src", 1, "--tag", "stable")
     release(repo, tmp_path / "src", 2)
     release(repo, tmp_path / "src", 3)
+    backdate_history(repo.open(), WEEK)
 
     out = repo_server("gc", repo.dir, "--keep-revisions", 1, "--grace", 0)
 
@@ -340,6 +343,7 @@ def test_gc_waits_for_a_running_publish(repo: Repo, tmp_path: Path) -> None:
 def test_gc_dry_run_changes_nothing_and_predicts_the_real_run(repo: Repo, tmp_path: Path) -> None:
     release(repo, tmp_path / "src", 1)
     release(repo, tmp_path / "src", 2)
+    backdate_history(repo.open(), WEEK)
     before = snapshot(repo)
 
     dry = repo_server("gc", repo.dir, "--keep-revisions", 1, "--grace", 0, "--dry-run")

@@ -17,7 +17,7 @@ import zstandard
 
 from cvmfs_format.catalog_writer import CatalogBuilder
 from cvmfs_format.pack import API, PACK_LIMIT, encode_pack
-from repo_server.gateway import Leases
+from repo_server.leases import Leases
 from repo_server.tokens import Token
 from tests.conftest import (
     BIN,

@@ -153,8 +153,8 @@ def test_a_replayed_older_manifest_is_refused(repo: Repo, source: str, tmp_path:
     result = replicate(source, mirror, repo)
     assert result.returncode == 1
     err = result.stderr.decode()
-    assert "serves revision 1, older than the mirror's revision 2" in err
-    assert "replayed" in err
+    assert "revision 1 is older than revision 2 already seen" in err
+    assert "replayed" in err and "unchanged (still revision 2)" in err
     assert (mirror / "manifest").read_bytes() == current
 
 

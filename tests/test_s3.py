@@ -20,16 +20,28 @@ from typing import Any
 
 import pytest
 import requests
+import zstandard
 
 from cvmfs_client.fetcher import fetcher_for
 from cvmfs_client.repository import RepositoryReader
-from cvmfs_format.objects import object_path
+from cvmfs_format.objects import (
+    HEADER_BYTES,
+    content_hash,
+    declared_content_size,
+    encode_object,
+    object_path,
+)
 from cvmfs_format.signed import load_public_key_pem
+from cvmfs_format.trust import TrustedState
 from repo_server import s3_storage
+from repo_server.repository import LocalRepository
 from repo_server.s3_storage import S3Storage, make_client
+from repo_server.storage import LocalStorage
 from tests.conftest import (
     BIN,
     MiB,
+    Repo,
+    backdate_history,
     free_port,
     mounted,
     read_back,
@@ -156,7 +168,7 @@ def publish(src: Path, repo: S3Repo, path: str, *extra: str) -> str:
 def open_reader(repo: S3Repo) -> RepositoryReader:
     """A verifying reader of the bucket's HTTP endpoint, pinned to the master key."""
     key = load_public_key_pem(repo.pub.read_bytes(), str(repo.pub))
-    reader = RepositoryReader(fetcher_for(repo.url), key)
+    reader = RepositoryReader(fetcher_for(repo.url), TrustedState(key, repo.pub.stem))
     reader.load_manifest()
     return reader
 
@@ -344,6 +356,7 @@ def test_gc_deletes_from_the_bucket_what_no_kept_revision_reaches(
     assert old is not None
     (src / "VERSION").write_text("2.0\n")
     publish(src, s3_repo, "/sw")
+    backdate_history(LocalRepository.on_s3(s3_repo.storage(), s3_repo.keys), 7 * 86400)
 
     gc = ("repo-server", "gc", s3_repo.location, "--keep-revisions", "1", "--grace", "0")
     run_cli(*gc, *s3_repo.options)
@@ -405,3 +418,21 @@ def test_missing_answers_the_same_by_listing_and_by_head(
     assert s3_repo.storage().missing(one) == one - stored
     listed = dict(fresh.iter_objects())
     assert stored <= set(listed) and all(listed[d] == len(by_digest[d]) for d in stored)
+
+
+def test_both_storages_read_an_object_header_without_the_rest(s3_repo: S3Repo, repo: Repo) -> None:
+    """What the publish gateway reads to learn a stored object's content size."""
+    compressor = zstandard.ZstdCompressor(level=3)
+    objects = {
+        content: encode_object(content, compressor)
+        for content in (b"", b"raw and short", bytes(1 << 20))
+    }
+    for storage in (s3_repo.storage(), LocalStorage(repo.dir)):
+        for content, stored in objects.items():
+            digest = content_hash(content)
+            storage.put_object(digest, stored)
+            head, size = storage.object_head(digest, HEADER_BYTES)
+            assert (head, size) == (stored[:HEADER_BYTES], len(stored))
+            assert declared_content_size(head, size) == len(content)
+        with pytest.raises(FileNotFoundError):
+            storage.object_head("0" * 64, HEADER_BYTES)

@@ -19,6 +19,7 @@ from cvmfs_format.errors import CvmfsError, FormatError, NotFoundError, Verifica
 from cvmfs_format.manifest import Manifest
 from cvmfs_format.objects import object_path
 from cvmfs_format.signed import SIGNATURE_PREFIX, attach_signature, key_fingerprint
+from cvmfs_format.trust import Floor
 from repo_server.keys import KeyFiles, load_private_key
 from tests.conftest import Repo, open_reader, publish, read_back, run_cli
 
@@ -320,9 +321,9 @@ def test_an_older_manifest_than_already_seen_is_refused(published: Repo, tmp_pat
     """A stale mirror or an attacker replays revision 1 to a client that has seen 2."""
     (published.dir / "manifest").write_bytes(publish_revision_2(published, tmp_path))
     with pytest.raises(VerificationError, match="refusing to go back"):
-        open_reader(published, min_revision=2)
+        open_reader(published, Floor(2))
     # Without a memory of revision 2 it is a genuine, if old, revision.
-    assert open_reader(published, min_revision=1).manifest == current_manifest(published)
+    assert open_reader(published, Floor(1)).manifest == current_manifest(published)
 
 
 def test_a_reader_never_goes_back_to_a_revision_older_than_it_has_seen(
