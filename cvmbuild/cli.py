@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 from cvmbuild.appliance.cli import add_subcommands as add_appliance_subcommands
+from cvmbuild.chunking import ChunkPolicy
 from cvmbuild.errors import BuildError
-from cvmbuild.ingest import DEFAULT_LEVEL, ChunkPolicy
+from cvmbuild.ingest import DEFAULT_LEVEL
 from cvmbuild.layout import DEFAULT_MAX_ENTRIES
 from cvmbuild.publish import PublishOptions, publish
 from cvmbuild.settings import PublishSettings, resolve

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import sys
 import threading
 import time
@@ -13,8 +15,9 @@ from typing import TYPE_CHECKING
 
 import zstandard
 
+from cvmbuild.chunking import ChunkPolicy
 from cvmbuild.errors import BuildError
-from cvmbuild.ingest import DEFAULT_LEVEL, ChunkPolicy, FileContent, Ingestor
+from cvmbuild.ingest import DEFAULT_LEVEL, FileContent, Ingestor
 from cvmbuild.layout import DEFAULT_MAX_ENTRIES, build_catalogs
 from cvmbuild.scan import SourceEntry, scan
 from cvmbuild.statcache import StatCache
@@ -188,7 +191,18 @@ def _session(location: str, prefix: str, options: PublishOptions) -> Iterator[Se
         return
     with repo.lock():
         repo.head()  # fail before any work if keys or signatures are wrong
-        yield _LocalSession(repo)
+        try:
+            yield _LocalSession(repo)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            served = repo.head_unverified().revision
+            what = os.strerror(exc.errno).lower()
+            raise BuildError(
+                f"{repo.location}: {what} while publishing; the repository still serves "
+                f"revision {served}; free space there and publish again (what this publish "
+                "stored is reused)"
+            ) from exc
 
 
 def publish(
@@ -196,6 +210,7 @@ def publish(
 ) -> PublishSummary:
     """Publish src at prefix into the repository at location (a directory or a URL)."""
     start = time.monotonic()
+    started_ns = time.time_ns()
     prefix = normalize(prefix)
     compressor = zstandard.ZstdCompressor(level=options.level)
     with _session(location, prefix, options) as session:
@@ -211,7 +226,10 @@ def publish(
         )
         with _progress(options.progress, sum(e.size for e in to_read)) as advance:
             ingestor.progress = advance
-            contents.update(ingestor.ingest(to_read))
+            ingested = ingestor.ingest(to_read)
+        contents.update((relpath, content) for relpath, (_, content) in ingested.items())
+        # A file that changed since the scan was read as it is now: describe that.
+        entries = [ingested[e.relpath][0] if e.relpath in ingested else e for e in entries]
         layout = build_catalogs(
             session.storage,
             prefix,
@@ -224,7 +242,7 @@ def publish(
         )
         revision, commit_bytes = session.commit(layout.subtree, options, compressor)
         if not options.dry_run:
-            cache.save(entries, contents, layout.catalogs)
+            cache.save(entries, contents, layout.catalogs, written_since=started_ns, warn=_warn)
     files = [e for e in entries if e.is_file]
     return PublishSummary(
         revision=revision,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cvmbuild.errors import SourceError
+from cvmbuild.errors import SourceChanged, SourceError
+
+DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,18 @@ class SourceEntry:
     @property
     def is_file(self) -> bool:
         return stat.S_ISREG(self.mode)
+
+
+def kind_name(mode: int) -> str:
+    """What a file that is not a regular file is, for messages."""
+    return {
+        stat.S_IFDIR: "directory",
+        stat.S_IFLNK: "symbolic link",
+        stat.S_IFSOCK: "socket",
+        stat.S_IFIFO: "fifo",
+        stat.S_IFCHR: "character device",
+        stat.S_IFBLK: "block device",
+    }.get(stat.S_IFMT(mode), "special file")
 
 
 def _check_utf8(text: str, path: str, what: str) -> None:
@@ -76,37 +91,59 @@ def scan(
     if not stat.S_ISDIR(top.st_mode):
         raise SourceError(f"{src}: not a directory")
     result = [_entry("", src, top)]
-    stack = [("", src)]
+    stack = [("", src, top)]
     while stack:
-        rel, path = stack.pop()
-        try:
-            with os.scandir(path) as it:
-                children = sorted(it, key=lambda e: e.name)
-        except OSError as exc:
-            raise SourceError(f"{path}: cannot read directory ({exc.strerror})") from exc
+        rel, path, seen = stack.pop()
         subdirs = []
-        for child in children:
-            _check_utf8(child.name, child.path, "name")
-            st = child.stat(follow_symlinks=False)
+        parent = path if path.endswith("/") else f"{path}/"  # os.path.join, once a directory
+        for name, st in _list_directory(path, seen):
+            child_path = parent + name
+            _check_utf8(name, child_path, "name")
             kind = stat.S_IFMT(st.st_mode)
             if kind not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK):
-                what = {
-                    stat.S_IFSOCK: "socket",
-                    stat.S_IFIFO: "fifo",
-                    stat.S_IFCHR: "character device",
-                    stat.S_IFBLK: "block device",
-                }.get(kind, "special file")
+                what = kind_name(st.st_mode)
                 if skip_special:
-                    warn(f"warning: skipping {what} {child.path}")
+                    warn(f"warning: skipping {what} {child_path}")
                     continue
                 raise SourceError(
-                    f"{child.path}: is a {what}, which a repository cannot hold "
+                    f"{child_path}: is a {what}, which a repository cannot hold "
                     "(remove it or pass --skip-special)"
                 )
-            child_rel = f"{rel}/{child.name}" if rel else child.name
-            entry = _entry(child_rel, child.path, st)
+            child_rel = f"{rel}/{name}" if rel else name
+            entry = _entry(child_rel, child_path, st)
             result.append(entry)
             if entry.is_dir:
-                subdirs.append((child_rel, child.path))
+                subdirs.append((child_rel, child_path, st))
         stack.extend(reversed(subdirs))
     return result
+
+
+def _list_directory(path: str, seen: os.stat_result) -> list[tuple[str, os.stat_result]]:
+    """(name, lstat) of each entry of the directory the scan saw at path, sorted by name.
+
+    Opened without following a link and checked to be that directory: one swapped for a
+    symlink to a directory outside the tree after its parent was listed is not entered.
+    """
+    try:
+        fd = os.open(path, DIRECTORY_FLAGS)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise SourceChanged(path, "it is no longer a directory") from exc
+        if exc.errno == errno.ENOENT:
+            raise SourceChanged(path, "it was removed") from exc
+        raise SourceError(f"{path}: cannot read directory ({exc.strerror})") from exc
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (seen.st_dev, seen.st_ino):
+            raise SourceChanged(path, "another directory took its place")
+        with os.scandir(fd) as it:
+            # stat() works relative to fd, so it must happen while fd is open.
+            return sorted(((e.name, e.stat(follow_symlinks=False)) for e in it), key=_by_name)
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read directory ({exc.strerror})") from exc
+    finally:
+        os.close(fd)
+
+
+def _by_name(item: tuple[str, os.stat_result]) -> str:
+    return item[0]

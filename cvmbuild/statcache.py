@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from cvmbuild.ingest import FileContent
@@ -38,6 +39,7 @@ def cache_dir() -> Path:
 
 
 StatKey = tuple[int, int, int, int]
+RACY_NS = 1_000_000_000  # more than any file system's timestamp granularity
 
 
 def _stat_key(entry: SourceEntry) -> StatKey:
@@ -84,30 +86,35 @@ class StatCache:
         entries: list[SourceEntry],
         contents: dict[str, FileContent],
         catalogs: dict[str, NestedRef],
+        *,
+        written_since: int = 0,
+        warn: Callable[[str], None] = print,
     ) -> None:
-        """Replace the cache with this publish's state (skipped if nothing changed)."""
-        unchanged = (
-            catalogs == self.catalogs
-            and len(self.files) == len(contents)
-            and all(
-                self.files.get(e.relpath) == (_stat_key(e), contents[e.relpath])
-                for e in entries
-                if e.relpath in contents
-            )
-        )
-        if unchanged:
-            return
-        rows = []
+        """Replace the cache with this publish's state (skipped if nothing changed).
+
+        A file whose mtime or ctime is not well before written_since (when the publish
+        began, in ns) is left out: a write in the same clock tick as its read would
+        leave its stat unchanged, and the next publish must read it again ("racy git").
+        """
+        racy_from = written_since - RACY_NS if written_since else None
+        files: dict[str, tuple[StatKey, FileContent]] = {}
         for entry in entries:
             content = contents.get(entry.relpath)
             if content is None:
                 continue
+            if racy_from is not None and max(entry.mtime_ns, entry.ctime_ns) >= racy_from:
+                continue
+            files[entry.relpath] = (_stat_key(entry), content)
+        if files == self.files and catalogs == self.catalogs:
+            return
+        rows = []
+        for relpath, (key, content) in files.items():
             chunks = (
                 json.dumps([[c.offset, c.size, c.hash] for c in content.chunks])
                 if content.chunks
                 else None
             )
-            rows.append((entry.relpath, *_stat_key(entry), content.hash, chunks))
+            rows.append((relpath, *key, content.hash, chunks))
         db = sqlite3.connect(":memory:")
         db.executescript(SCHEMA)
         with db:
@@ -121,4 +128,10 @@ class StatCache:
             )
         data = db.serialize()
         db.close()
-        write_atomic(self.path, data)
+        try:
+            write_atomic(self.path, data)
+        except OSError as exc:  # the publish is done; a cache only saves time
+            warn(
+                f"warning: cannot save the stat cache {self.path} ({exc.strerror}); "
+                "the next publish reads every file again"
+            )

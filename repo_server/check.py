@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 from cvmfs_format.catalog import Catalog, NestedRef, TreeStats
 from cvmfs_format.catalog_rules import nested_catalog_problems, validate_catalog
-from cvmfs_format.errors import CvmfsError, FormatError
+from cvmfs_format.errors import CvmfsError, FormatError, VerificationError
 from cvmfs_format.objects import ObjectRef, decode_object, max_stored_size
+from repo_server.damage import name_damage
 from repo_server.loading import load_catalog
 from repo_server.repository import LocalRepository
 from repo_server.rotation import rotation_warnings
@@ -21,6 +22,12 @@ class CheckReport:
     objects: int = 0
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # clients read fine; the operator acts
+    # Objects whose stored bytes are not what their name says: digest -> content size
+    # (None for catalogs). `check --repair` moves them to the quarantine.
+    corrupt: dict[str, int | None] = field(default_factory=dict)
+    content_damaged: bool = False  # a file or chunk object: publishing stores it again
+    # A catalog or the history is damaged: publishing does not bring those back.
+    structure_damaged: bool = False
 
 
 def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
@@ -39,6 +46,7 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
         history = repo.history(head)
     except (CvmfsError, OSError) as exc:
         report.problems.append(f"history {head.history_hash}: {exc}")
+        report.structure_damaged = True
         roots = [(head.revision, ObjectRef.catalog(head.root_hash, head.root_size))]
     else:
         records = {r.revision: r for r in history.revisions()}
@@ -65,15 +73,24 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
             report.problems.append("history and manifest disagree on the head's root catalog")
     seen_catalogs: set[str] = set()
     objects: dict[str, int] = {}
+    damaged: dict[str, str] = {}  # digest -> problem, for catalogs and objects alike
     for revision, root in roots:
         report.revisions.append(revision)
-        walk_catalogs(repo, root, seen_catalogs, objects, report.problems)
+        walk_catalogs(repo, root, seen_catalogs, objects, report.problems, damaged, report.corrupt)
     report.catalogs = len(seen_catalogs)
     report.objects = len(objects)
+    report.structure_damaged |= bool(damaged)  # so far only catalogs
     with ThreadPoolExecutor() as pool:
-        for problem in pool.map(lambda item: _verify_object(repo, *item), objects.items()):
+        for digest, problem, corrupt in pool.map(
+            lambda item: _verify_object(repo, *item), objects.items()
+        ):
             if problem:
-                report.problems.append(problem)
+                damaged[digest] = problem
+                report.content_damaged = True
+                if corrupt:
+                    report.corrupt[digest] = objects[digest]
+    # Unreadable catalogs and bad objects, each with the paths that use it.
+    report.problems.extend(name_damage(repo, roots, damaged))
     return report
 
 
@@ -83,10 +100,13 @@ def walk_catalogs(
     seen: set[str],
     objects: dict[str, int],
     problems: list[str],
+    damaged: dict[str, str] | None = None,
+    corrupt: dict[str, int | None] | None = None,
 ) -> None:
     """Add the catalogs below the root catalog to seen and the objects their entries and
     chunks name to objects (hash -> content size); catalogs that are unreadable or break
-    the rules (catalog_rules.validate_catalog) to problems."""
+    the rules (catalog_rules.validate_catalog) to problems; given damaged, the unreadable
+    ones go there by digest instead (and to corrupt if their bytes fail verification)."""
     stack: list[tuple[ObjectRef, NestedRef | None]] = [(root, None)]
     while stack:
         ref, row = stack.pop()
@@ -96,7 +116,13 @@ def walk_catalogs(
         try:
             catalog = load_catalog(repo.storage, ref)
         except (CvmfsError, OSError) as exc:
-            problems.append(f"catalog {ref.digest}: {exc}")
+            problem = f"catalog {ref.digest}: {exc}"
+            if damaged is None:
+                problems.append(problem)
+            else:
+                damaged[ref.digest] = problem
+            if corrupt is not None and isinstance(exc, VerificationError):
+                corrupt[ref.digest] = None
             continue
         if row is not None:
             problems.extend(nested_catalog_problems(row, catalog, ref.size))
@@ -126,17 +152,21 @@ def catalog_objects(catalog: Catalog) -> dict[str, int]:
     return {named.digest: named.size for named in checked.objects}
 
 
-def _verify_object(repo: LocalRepository, digest: str, size: int) -> str | None:
+def _verify_object(repo: LocalRepository, digest: str, size: int) -> tuple[str, str | None, bool]:
+    """(digest, the problem or None, whether the stored bytes are corrupt)."""
     try:
         stored = repo.storage.get_object(digest)
         if len(stored) > max_stored_size(size):
-            return f"object {digest}: stored size {len(stored)} too large for {size} bytes"
+            too_large = f"object {digest}: stored size {len(stored)} too large for {size} bytes"
+            return digest, too_large, False
         decode_object(stored, digest, size)
     except FileNotFoundError:
-        return f"object {digest}: missing"
+        return digest, f"object {digest}: missing", False
+    except VerificationError as exc:
+        return digest, str(exc), True
     except (CvmfsError, OSError) as exc:
-        return str(exc)
-    return None
+        return digest, str(exc), False
+    return digest, None, False
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from cvmfs_format.objects import ObjectRef
 from cvmfs_format.signed import format_time
 from cvmfs_format.trust import pinned_name
 from repo_server import check as check_mod
+from repo_server import damage, operations, rotation
 from repo_server import diff as diff_mod
 from repo_server import gc as gc_mod
-from repo_server import operations, rotation
 from repo_server.errors import RepoError
 from repo_server.http_caching import SIGNED_DOCUMENT_MAX_AGE_S
 from repo_server.loading import load_catalog
@@ -87,7 +87,14 @@ def _token_revoke(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    report = check_mod.check(_repo(args), all_revisions=args.all)
+    repo = _repo(args)
+    moved: list[str] = []
+    if args.repair:
+        with repo.lock():  # no publish may reuse an object while it is moved away
+            report = check_mod.check(repo, all_revisions=args.all)
+            moved = damage.quarantine_corrupt(repo, report.corrupt)
+    else:
+        report = check_mod.check(repo, all_revisions=args.all)
     for problem in report.problems:
         print(problem)
     for warning in report.warnings:
@@ -98,7 +105,23 @@ def _check(args: argparse.Namespace) -> int:
         f"check {verdict}: revisions {revs}; {report.catalogs} catalogs, "
         f"{report.objects} objects, {len(report.problems)} problems"
     )
+    if args.repair:
+        _repair_advice(report, moved)
     return 1 if report.problems else 0
+
+
+def _repair_advice(report: check_mod.CheckReport, moved: list[str]) -> None:
+    for where in moved:
+        print(f"moved to {where}")
+    if moved:
+        print(f"repair: {len(moved)} objects that fail verification moved out of the served tree")
+    if report.content_damaged:
+        print("repair: publish the files named above again to store their objects, then check")
+    if report.structure_damaged:
+        print(
+            "repair: a damaged catalog or history does not come back by publishing; copy "
+            'it from a mirror or a backup (docs/OPERATING.md, "Repairing damage")'
+        )
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -328,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     p = command("check", _check, "verify every reachable catalog, object and signature")
     p.add_argument("--all", action="store_true", help="check every revision in the history")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="move objects that fail verification to quarantine/, so that publishing the "
+        "files named again stores them",
+    )
     command("info", _info, "show name, revision and sizes")
     command("tags", _tags, "list tags")
     command("resign", _resign, "re-sign the current manifest with a fresh expiry")

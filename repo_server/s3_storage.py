@@ -280,6 +280,17 @@ class S3Storage:
         with self._lock:
             self._present.discard(digest)
 
+    def quarantine_object(self, digest: str) -> str:
+        """Copy an object to quarantine/ under the prefix, then delete it from data/."""
+        key = self._key(digest)
+        target = f"{self.prefix}quarantine/{digest}"
+        with self._errors(key):
+            self.client.copy_object(
+                Bucket=self.bucket, Key=target, CopySource={"Bucket": self.bucket, "Key": key}
+            )
+        self.delete_object(digest)
+        return f"{SCHEME}{self.bucket}/{target}"
+
     def object_mtime(self, digest: str) -> float:
         head = self._head(self._key(digest))
         if head is None:

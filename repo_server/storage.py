@@ -13,10 +13,11 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from cvmfs_format.durable import TMP_PREFIX, write_atomic, writer_is_gone
+from cvmfs_format.durable import TMP_PREFIX, sync_directory, write_atomic, writer_is_gone
 from cvmfs_format.objects import object_path, verify_stored
 
 TXN_DIR = "txn"
+QUARANTINE_DIR = "quarantine"  # objects `check --repair` found damaged, kept for inspection
 DIRTY_MARKER = "dirty"
 LIST_DIR_AT = 16  # asked about this many objects of one data/xx/, list it instead of stat
 STALE_TMP_S = 600  # an object's temporary file older than this was left by a crash
@@ -145,6 +146,20 @@ class LocalStorage:
 
     def delete_object(self, digest: str) -> None:
         os.unlink(self._path(digest))
+
+    def quarantine_object(self, digest: str) -> str:
+        """Move an object to quarantine/ (served by nothing; see docs/OPERATING.md,
+        "Repairing damage"): a publish then finds it missing and stores it again."""
+        directory = self.root / QUARANTINE_DIR
+        directory.mkdir(exist_ok=True)
+        target = directory / digest
+        n = 1
+        while target.exists():  # damaged again after an earlier repair: keep both
+            target, n = directory / f"{digest}.{n}", n + 1
+        os.rename(self._path(digest), target)
+        sync_directory(directory)
+        sync_directory(os.path.dirname(self._path(digest)))
+        return str(target)
 
     def object_mtime(self, digest: str) -> float:
         return os.stat(self._path(digest)).st_mtime

@@ -315,6 +315,16 @@ def test_check_is_green_and_finds_a_tampered_object(s3_repo: S3Repo, tmp_path: P
     assert err.startswith("error: ")
     assert client(s3_repo, "cat", "/sw/geometry.xml") == b"<detector/>\n"
 
+    # The repair path: the forged object goes to quarantine/, a publish stores it again.
+    result = run_cli(*check, "--repair", check=False)
+    quarantined = f"{PREFIX}/quarantine/{digest}"
+    assert f"moved to s3://{s3_repo.bucket}/{quarantined}" in result.stdout.decode()
+    kept = s3_repo.s3().get_object(Bucket=s3_repo.bucket, Key=quarantined)["Body"].read()
+    assert kept == b"print('forged')\n"
+    publish(src, s3_repo, "/sw")
+    assert run_cli(*check).stdout.decode().startswith("check ok")
+    assert client(s3_repo, "cat", "/sw/reco.py") == b"print('reconstruct')\n" * 50
+
 
 def test_check_reports_a_deleted_object_as_missing(
     s3_repo: S3Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
