@@ -94,4 +94,3 @@ def verify(data: bytes, whitelist: Whitelist, now: float) -> Manifest:
             "`repo-server resign`)"
         )
     return manifest
-

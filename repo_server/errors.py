@@ -11,6 +11,5 @@ class KeyError_(RepoError):
     """A key file is missing, unreadable or of the wrong kind."""
 
 
-
 class ObjectMissing(RepoError):
     """An object the verified chain names is not in the repository's storage."""
