@@ -401,7 +401,7 @@ def test_missing_answers_the_same_by_listing_and_by_head(
     storage = s3_repo.storage()
     # Spread over many data/xx/ directories, and many in one of them (data/ab/).
     contents = [f"{i}".encode() for i in range(256)]
-    contents += [c for i in range(20000) if hashlib.sha256(c := b"ab%d" % i).hexdigest() < "ac"]
+    contents += [c for i in range(10000) if hashlib.sha256(c := b"ab%d" % i).hexdigest() < "ac"]
     by_digest = {hashlib.sha256(c).hexdigest(): c for c in contents}
     digests = list(by_digest)
     stored = set(digests[::3])
