@@ -118,20 +118,27 @@ def scan(
     return result
 
 
+def open_as_scanned(path: str, flags: int, swapped: str, what: str) -> int:
+    """An fd on what the scan saw at path, opened with flags (which never follow a link
+    nor block); what happened to it in the meantime as SourceChanged (swapped: how a
+    link or a thing of another kind in its place reads)."""
+    try:
+        return os.open(path, flags)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO):
+            raise SourceChanged(path, swapped) from exc
+        if exc.errno == errno.ENOENT:
+            raise SourceChanged(path, "it was removed") from exc
+        raise SourceError(f"{path}: cannot read {what} ({exc.strerror})") from exc
+
+
 def _list_directory(path: str, seen: os.stat_result) -> list[tuple[str, os.stat_result]]:
     """(name, lstat) of each entry of the directory the scan saw at path, sorted by name.
 
     Opened without following a link and checked to be that directory: one swapped for a
     symlink to a directory outside the tree after its parent was listed is not entered.
     """
-    try:
-        fd = os.open(path, DIRECTORY_FLAGS)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise SourceChanged(path, "it is no longer a directory") from exc
-        if exc.errno == errno.ENOENT:
-            raise SourceChanged(path, "it was removed") from exc
-        raise SourceError(f"{path}: cannot read directory ({exc.strerror})") from exc
+    fd = open_as_scanned(path, DIRECTORY_FLAGS, "it is no longer a directory", "directory")
     try:
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != (seen.st_dev, seen.st_ino):

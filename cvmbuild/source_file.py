@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import os
 import stat
 from collections.abc import Iterator
 
 from cvmbuild.errors import SourceChanged, SourceError
-from cvmbuild.scan import SourceEntry, kind_name
+from cvmbuild.scan import SourceEntry, kind_name, open_as_scanned
 
 # O_NOFOLLOW: a file swapped for a symlink is not followed (the run published a
 # root-only file so); O_NONBLOCK: a file swapped for a fifo does not hang the publish
@@ -32,16 +31,9 @@ def changed(entry: SourceEntry, how: str) -> SourceError:
 @contextlib.contextmanager
 def open_scanned(entry: SourceEntry) -> Iterator[tuple[int, os.stat_result]]:
     """The file the scan saw at entry.abspath, open for reading, with its fstat."""
-    try:
-        fd = os.open(entry.abspath, OPEN_FLAGS)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise changed(entry, "it is now a symbolic link") from exc
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-            raise changed(entry, "it was removed") from exc
-        if exc.errno == errno.ENXIO:
-            raise changed(entry, "it is now a socket") from exc
-        raise SourceError(f"{entry.abspath}: cannot read ({exc.strerror})") from exc
+    fd = open_as_scanned(
+        entry.abspath, OPEN_FLAGS, "it, or a directory above it, is now a link or a socket", "file"
+    )
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
