@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from cvmfs_client.content import open_content, pieces
 from cvmfs_format import paths
 from cvmfs_format.catalog import Catalog, Chunk, Entry, NestedRef
-from cvmfs_format.catalog_rules import check_nested_catalog
+from cvmfs_format.catalog_rules import check_nested_catalog, check_root_catalog
 from cvmfs_format.errors import CvmfsError, NotFoundError
 from cvmfs_format.history import History
 from cvmfs_format.manifest import MANIFEST_FILE, Manifest
@@ -236,8 +236,9 @@ class RepositoryReader:
     def root_catalog(self) -> Catalog:
         if not self._view.root[0]:
             self.load_manifest()
-        digest, size = self._view.root
-        return self.catalog(digest, size)
+        catalog = self.catalog(*self._view.root)
+        check_root_catalog(catalog)
+        return catalog
 
     def catalog_for_dir(self, dirpath: str) -> Catalog:
         """The catalog that lists the children of dirpath, loading nested ones on the way."""
@@ -245,7 +246,7 @@ class RepositoryReader:
         catalog = view.catalogs.get(dirpath)
         if catalog is not None:
             return catalog
-        catalog = self.catalog(*view.root) if view.root[0] else self.root_catalog()
+        catalog = self.root_catalog()
         while True:
             ref: NestedRef | None = catalog.nested_for(dirpath)
             if ref is None:

@@ -188,6 +188,12 @@ def check_nested_row(row: Row, root: str, digest: str) -> None:
         raise FormatError(f"{where}: statistics {counts!r} are not counts")
 
 
+def check_root_catalog(catalog: Catalog) -> None:
+    """A revision's root catalog describes the whole tree: it is rooted at /."""
+    if catalog.root != "/":
+        raise FormatError(f"root catalog {catalog.digest} is rooted at {catalog.root}, not /")
+
+
 def check_nested_catalog(ref: NestedRef, child: Catalog) -> None:
     """A nested catalog as its parent's row names it: rooted where the row says."""
     if child.root != ref.path:

@@ -6,7 +6,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from cvmfs_format.catalog import Catalog, NestedRef, TreeStats
-from cvmfs_format.catalog_rules import nested_catalog_problems, validate_catalog
+from cvmfs_format.catalog_rules import (
+    check_root_catalog,
+    nested_catalog_problems,
+    validate_catalog,
+)
 from cvmfs_format.errors import CvmfsError, FormatError, VerificationError
 from cvmfs_format.objects import ObjectRef, decode_object, max_stored_size
 from repo_server.damage import name_damage
@@ -126,8 +130,11 @@ def walk_catalogs(
             continue
         if row is not None:
             problems.extend(nested_catalog_problems(row, catalog, ref.size))
-        elif catalog.root != "/":
-            problems.append(f"catalog {ref.digest}: a root catalog rooted at {catalog.root}")
+        else:
+            try:
+                check_root_catalog(catalog)
+            except FormatError as exc:
+                problems.append(str(exc))
         checked = validate_catalog(catalog)
         problems.extend(f"catalog {ref.digest}: {problem}" for problem in checked.problems)
         for named in checked.objects:

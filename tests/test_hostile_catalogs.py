@@ -191,7 +191,9 @@ def test_a_valid_catalog_of_every_kind_passes_all_three(tmp_path: Path, repo: Re
     assert tree["big"] == b"x" * 300 + b"y" * 300 and tree["sub/f"] == b"abc"
 
 
-def test_check_finds_a_revision_whose_root_catalog_is_rooted_elsewhere(repo: Repo) -> None:
+def test_a_revision_whose_root_catalog_is_rooted_elsewhere_is_refused_by_check_and_readers(
+    repo: Repo,
+) -> None:
     bag = ObjectBag()
     top = one_file(bag)
     bag.store_into(repo)
@@ -201,4 +203,7 @@ def test_check_finds_a_revision_whose_root_catalog_is_rooted_elsewhere(repo: Rep
 
     result = run_cli("repo-server", "check", repo.dir, check=False)
     assert result.returncode == 1
-    assert f"catalog {top.hash}: a root catalog rooted at {TOP}" in result.stdout.decode()
+    says = f"root catalog {top.hash} is rooted at {TOP}, not /"
+    assert says in result.stdout.decode()
+    listed = run_cli("cvmfs-client", "ls", repo.dir, "/", "--key", repo.pub, check=False)
+    assert listed.returncode == 1 and says in listed.stderr.decode()
