@@ -344,3 +344,21 @@ def serving_nginx(root: Path, work: Path) -> Iterator[Nginx]:
         yield Nginx(f"http://127.0.0.1:{port}", proc, work / "access.log")
     finally:
         stop(proc)
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of size (e.g. "32m") mounted at where for the block, to fill a disk on
+    purpose; the test is skipped unless this runs as root and may mount."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)

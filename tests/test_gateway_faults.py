@@ -33,6 +33,7 @@ from tests.conftest import (
     read_tree,
     run_cli,
     serving_process,
+    small_tmpfs,
     write_build_tree,
 )
 from tests.publish_api import Api, ObjectBag, make_token
@@ -294,19 +295,8 @@ def test_two_simultaneous_commits_on_one_lease_make_one_revision(
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 32 MiB tmpfs mounted for the test (needs root)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(disk)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", "32m") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def fill(disk: Path) -> Path:

@@ -20,7 +20,7 @@ import pytest
 
 from cvmfs_format.objects import decode_object
 from repo_server.repository import LocalRepository
-from tests.conftest import BIN, MiB, Repo, open_reader, read_tree, run_cli
+from tests.conftest import BIN, MiB, Repo, open_reader, read_tree, run_cli, small_tmpfs
 
 CHANGED = "changed while publishing"
 
@@ -339,15 +339,9 @@ def test_a_file_swapped_for_a_fifo_fails_fast_and_releases_the_lock(
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mountpoint = tmp_path / "disk"
-    mountpoint.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mountpoint)], check=True)
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+    """A 16 MiB tmpfs mounted for the test (needs root)."""
+    with small_tmpfs(tmp_path / "disk", "16m") as disk:
+        yield disk
 
 
 def test_a_full_disk_stops_the_publish_with_one_line_and_keeps_the_last_revision(
