@@ -21,9 +21,9 @@ _serial = itertools.count()  # next() on it is atomic under the GIL
 
 
 def temporary_name() -> str:
-    """A name for a file in progress that says who writes it:
-    .tmp-<pid>@<host>-<random>, unique within the process by a serial number (a name
-    from secrets each time cost 3% of a cold publish)."""
+    """A name for a file in progress that says who writes it: .tmp-<pid>@<host>-<id>,
+    the id a random one per process and a serial number (a name from secrets each time
+    cost 3% of a cold publish)."""
     return f"{TMP_PREFIX}{os.getpid()}@{_HOST}-{_RUN}{next(_serial)}"
 
 
