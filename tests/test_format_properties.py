@@ -27,6 +27,7 @@ from cvmfs_format.objects import (
     decode_object,
     encode_object,
     max_stored_size,
+    verify_stored,
 )
 from cvmfs_format.signed import attach_signature, encode_public_key, key_fingerprint
 from cvmfs_format.whitelist import Whitelist
@@ -196,6 +197,41 @@ def test_a_zstd_header_claiming_terabytes_is_refused_before_allocating() -> None
     for size in (len(content), None):
         with pytest.raises(VerificationError, match="declares"):
             decode_object(bytes(stored), content_hash(content), size)
+
+
+@pytest.mark.parametrize("after", [b"junk", b"\x00", "a second frame"])
+def test_anything_after_the_zstd_frame_makes_the_object_invalid(after: object) -> None:
+    """One rule on every decoding path: what follows a frame is never silently ignored
+    (zstd's one-shot decompress() would ignore it)."""
+    content = b"import numpy\n" * 100
+    tail = COMPRESSOR.compress(b"x") if after == "a second frame" else after
+    assert isinstance(tail, bytes)
+    stored = encode_object(content, COMPRESSOR) + tail
+    with pytest.raises(VerificationError, match="data after its zstd frame"):
+        decode_object(stored, content_hash(content), len(content))
+    with pytest.raises(VerificationError, match="data after its zstd frame"):
+        verify_stored(stored, content_hash(content))
+
+
+def test_a_frame_cut_short_is_refused() -> None:
+    content = b"import numpy\n" * 1000
+    stored = encode_object(content, COMPRESSOR)
+    with pytest.raises(VerificationError, match="cut short"):
+        decode_object(stored[:-4], content_hash(content), len(content))
+
+
+def test_a_frame_that_does_not_declare_its_size_is_decoded_in_bounded_pieces() -> None:
+    """Without a declared size a frame is fed to zstd 1 KiB at a time, so a bomb is
+    refused once it passes the bound, and honest content still decodes."""
+    undeclared = zstandard.ZstdCompressor(level=3, write_content_size=False)
+    content = bytes(range(256)) * 40_000  # 10 MB, compressible
+    stored = undeclared.compress(content)
+    assert zstandard.frame_content_size(stored) == -1
+    assert decode_object(stored, content_hash(content), len(content)) == content
+    assert verify_stored(stored, content_hash(content)) == len(content)
+    bomb = undeclared.compress(bytes(1 << 30))  # 1 GiB of zeros in a few KiB
+    with pytest.raises(VerificationError, match="more than the expected"):
+        verify_stored(bomb, content_hash(b"tiny"))
 
 
 # -- catalogs -------------------------------------------------------------------------

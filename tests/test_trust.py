@@ -290,3 +290,34 @@ def test_replicate_gives_up_on_a_trickling_source_within_its_timeout(
     with serving(repo.dir, tmp_path / "source.log") as source:
         run_cli("repo-server", "replicate", source, mirror, "--key", repo.pub)
     assert (mirror / "manifest").read_bytes() == (repo.dir / "manifest").read_bytes()
+
+
+def test_a_damaged_remembered_revision_is_one_line_saying_what_to_do(
+    tmp_path: Path, repo: Repo
+) -> None:
+    release(tmp_path, repo, "1.0")
+    run_cli("cvmfs-client", "ls", repo.dir, "/sw", "--key", repo.pub)
+    (floor,) = (tmp_path / "client-state").glob("floor-*")
+    floor.write_text("garbage\n")
+    result = run_cli("cvmfs-client", "ls", repo.dir, "/sw", "--key", repo.pub, check=False)
+    assert result.returncode == 1
+    assert result.stderr.decode().startswith(f"error: {floor}: not a remembered revision")
+    assert b"remove it to trust the server again" in result.stderr
+
+
+def test_replicate_refuses_to_turn_a_mirror_of_one_repository_into_another(
+    tmp_path: Path, repo: Repo, sibling: Repo
+) -> None:
+    release(tmp_path, repo, "1.0")
+    mirror = tmp_path / "mirror"
+    with serving(repo.dir, tmp_path / "source.log") as url:
+        bad = run_cli("repo-server", "replicate", url, mirror, "--key", repo.pub,
+                      "--timeout", "0", check=False)  # fmt: skip
+        assert bad.returncode == 1 and b"--timeout must be more than 0" in bad.stderr
+        run_cli("repo-server", "replicate", url, mirror, "--key", repo.pub)
+    before = (mirror / "manifest").read_bytes()
+    with serving(sibling.dir, tmp_path / "sibling.log") as url:
+        result = run_cli("repo-server", "replicate", url, mirror, "--key", sibling.pub, check=False)
+    assert result.returncode == 1
+    assert b"holds repository 'test.example.org', not 'other.example.org'" in result.stderr
+    assert (mirror / "manifest").read_bytes() == before
