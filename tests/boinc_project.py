@@ -35,6 +35,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 PLATFORM = "x86_64-pc-linux-gnu"
+RESULT_COMPUTE_ERROR = 3  # the client's result states (client/result.h)
+RESULT_FILES_UPLOADED = 5
+RESULT_ABORTED = 6
 
 
 @dataclass(frozen=True)
@@ -64,11 +67,13 @@ class EmulatedJob:
     inputs: tuple[InputFile, ...] = ()
     outputs: tuple[OutputFile, ...] = ()
     command_line: str = ""
-    # Bounds the client enforces: fpops_bound/flops is the time limit, memory and disk
-    # are checked while it runs; generous so that a loaded test machine never trips them.
+    # Bounds, generous so that a loaded test machine never trips them: fpops_bound/flops
+    # is the time limit and the slot's disk use is checked against disk_bound while the
+    # task runs; memory_bound only gates the start (7.20.5 never aborts on it,
+    # client/app_control.cpp), and a VM task's working set includes QEMU's.
     rsc_fpops_est: float = 1e10
     rsc_fpops_bound: float = 1e16
-    rsc_memory_bound: float = 256e6
+    rsc_memory_bound: float = 1e9
     rsc_disk_bound: float = 4e9
     delay_bound: float = 86400
 
@@ -86,7 +91,7 @@ class Report:
 
     result_name: str
     exit_status: int
-    state: int  # the client's RESULT state: 5 = files uploaded, 3 = compute error
+    state: int  # the client's result state (client/result.h)
     stderr_out: str
     elapsed_s: float
 

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.boinc_project import EmulatedJob, InputFile, OutputFile, scheduler_emulator
+from tests.boinc_project import (
+    RESULT_FILES_UPLOADED,
+    EmulatedJob,
+    InputFile,
+    OutputFile,
+    scheduler_emulator,
+)
 from tests.boinc_running import anonymous_app_info, running_client
 
 APP = "cvm-emutest"
@@ -52,5 +58,6 @@ def test_emulator_takes_a_job_through_the_whole_loop_with_the_real_client(tmp_pa
         assert job.name in project.sent
         report = project.reports[job.result_name]
         assert report.exit_status == 0, client.log_tail()
+        assert report.state == RESULT_FILES_UPLOADED
         assert "emulator test app: wrote 16 characters" in report.stderr_out
         assert project.uploads[job.output_name(job.outputs[0])] == b"HELLO VOLUNTEER\n"
