@@ -21,6 +21,11 @@ but version.xml carries a content hash (sha256, 12 hex digits) in its name.
         cvm_userdata_<h>.toml   logical name user-data, copied to shared/ (copy_to_shared)
         NAME_<h>.vdi            sticky, gzip for download; a multiattach parent disk
 
+Work units for the VirtualBox variant: vboxwrapper copies `copy_to_guest` inputs from
+the slot into shared/ (so the input template gives them `<copy_file/>`), and the job
+leaves its `copy_from_guest` outputs in shared/, so the result template names them
+`shared/NAME` with `<copy_file/>`.
+
 The second VirtualBox directory links to the first one's files (update_versions
 follows links, as LHC@home's release script relies on). A macOS vboxwrapper given
 with --vboxwrapper adds an x86_64-apple-darwin__VBOXPLAN directory.
