@@ -1,7 +1,10 @@
 """The real BOINC client (7.20.5, Debian's boinc-client) attached to the scheduler
-emulator: its own data directory, --allow_multiple_clients, a free GUI RPC port, no
-CPU benchmarks, no GPUs, no project list fetch, preferences that never suspend for
-other load, and --exit_when_idle; stopped by PID at the end, whatever happens.
+emulator (tests/boinc_project.py) with an anonymous-platform app: started and stopped by
+tests/boinc_client.py's BoincClient (own data directory, --allow_multiple_clients, a
+free GUI RPC port, its own password, stopped by PID), configured here for a project
+that is reached over the network: no unsigned_apps_ok (which turns off all transfers),
+no CPU benchmarks, no GPUs, no project list fetch, preferences that never suspend for
+other load, and exit_when_idle (which also reports results at once).
 """
 
 from __future__ import annotations
@@ -9,14 +12,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.boinc_client import PASSWORD, BoincClient, free_port, processes_under
 from tests.boinc_project import PLATFORM, attach_anonymous
-from tests.conftest import free_port
 
 CC_CONFIG = """\
 <cc_config>
@@ -44,7 +46,8 @@ GLOBAL_PREFS = """\
   <suspend_cpu_usage>0</suspend_cpu_usage>
   <cpu_usage_limit>100</cpu_usage_limit>
   <max_ncpus_pct>100</max_ncpus_pct>
-  <leave_apps_in_memory>1</leave_apps_in_memory>
+  <run_on_batteries>1</run_on_batteries>
+  <idle_time_to_run>0</idle_time_to_run>
 </global_preferences>
 """
 
@@ -74,64 +77,50 @@ def anonymous_app_info(
 
 @dataclass
 class RunningClient:
-    dir: Path
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
+    client: BoincClient
+
+    @property
+    def dir(self) -> Path:
+        return self.client.root
+
+    @property
+    def log(self) -> Path:
+        return self.client.log_file
 
     def wait_exit(self, timeout: float) -> int:
         """The client's exit status once it exited by itself (exit_when_idle)."""
+        assert self.client.process is not None
         try:
-            return self.proc.wait(timeout=timeout)
+            return self.client.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             raise AssertionError(
                 f"the BOINC client did not finish within {timeout:.0f} s:\n{self.log_tail()}"
             ) from None
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no client log)"
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop the client and every task it started (its process group), by PID."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)  # the client quits its tasks on SIGTERM
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    try:  # tasks the client left behind in its group
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        return "\n".join(self.client.log().splitlines()[-lines:])
 
 
 @contextmanager
 def running_client(
     data_dir: Path, master_url: str, app_files: list[Path], app_info: Path
 ) -> Iterator[RunningClient]:
+    """A client attached to the project at master_url with the anonymous-platform app
+    (app_info.xml and its files); stopped at the end, and no process left under its
+    directory (leftovers are killed by PID and fail the test), as tests/boinc_client.py."""
     data_dir.mkdir(parents=True)
     (data_dir / "cc_config.xml").write_text(CC_CONFIG)
     (data_dir / "global_prefs_override.xml").write_text(GLOBAL_PREFS)
-    (data_dir / "gui_rpc_auth.cfg").write_text("emulator-test\n")
+    (data_dir / "gui_rpc_auth.cfg").write_text(PASSWORD + "\n")
     attach_anonymous(data_dir, master_url, app_files, app_info)
-    port = free_port()
-    log = data_dir / "client.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            ["boinc", "--dir", str(data_dir), "--allow_multiple_clients",
-             "--gui_rpc_port", str(port), "--no_info_fetch", "--skip_cpu_benchmarks",
-             "--no_gpus", "--exit_when_idle"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
-    started = time.monotonic()
+    client = BoincClient(data_dir, free_port())
     try:
-        yield RunningClient(data_dir, proc, port, log)
+        client.start()
+        yield RunningClient(client)
     finally:
-        _stop(proc)
-        print(f"BOINC client ran {time.monotonic() - started:.1f} s")
+        client.stop()
+        leftovers = processes_under(data_dir)
+        for pid in leftovers:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert not leftovers, f"processes left behind by the client: {leftovers}"

@@ -1,6 +1,7 @@
 """The scheduler emulator (tests/boinc_project.py) with the real BOINC client 7.20.5:
 a small Python app on the BOINC API binding, under the anonymous platform, goes
-attach → download → run → upload → report, and the emulator sees it all."""
+attach → download → run → upload → report, and the emulator sees it all; then the same
+with the wrapper zipapp `export --format boinc` ships, running a plain-wrapper job."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmbuild.boinc.zipapp import build_zipapp
 from tests.boinc_project import (
     RESULT_FILES_UPLOADED,
     EmulatedJob,
@@ -61,3 +63,37 @@ def test_emulator_takes_a_job_through_the_whole_loop_with_the_real_client(tmp_pa
         assert report.state == RESULT_FILES_UPLOADED
         assert "emulator test app: wrote 16 characters" in report.stderr_out
         assert project.uploads[job.output_name(job.outputs[0])] == b"HELLO VOLUNTEER\n"
+
+
+@pytest.mark.slow  # the client's own delays: about 25 s
+def test_the_wrapper_zipapp_runs_a_plain_wrapper_job_through_the_whole_loop(
+    tmp_path: Path,
+) -> None:
+    app = tmp_path / "app"
+    app.mkdir()
+    wrapper = build_zipapp(app / "cvm_vmwrapper_test.pyz")
+    (app / "cvm_job_test.xml").write_text(
+        "<job_desc><task><application>/bin/sh</application>"
+        "<command_line>-c 'tr a-z A-Z'</command_line>"
+        "<stdin_filename>in.txt</stdin_filename><stdout_filename>out.txt</stdout_filename>"
+        "</task></job_desc>\n"
+    )
+    app_info = anonymous_app_info(
+        app / "app_info.xml", "cvm-wrapped", 100, wrapper.name,
+        {"cvm_job_test.xml": "job.xml"},
+    )  # fmt: skip
+    job = EmulatedJob(
+        name="wrapped1",
+        app_name="cvm-wrapped",
+        version_num=100,
+        inputs=(InputFile("wrapped1_in.txt", b"hello from the host\n", "in.txt"),),
+        outputs=(OutputFile("out.txt"),),
+    )
+    files = [wrapper, app / "cvm_job_test.xml"]
+    with scheduler_emulator([job]) as project:
+        with running_client(tmp_path / "client", project.master_url, files, app_info) as client:
+            client.wait_exit(timeout=240)
+
+        report = project.reports[job.result_name]
+        assert (report.exit_status, report.state) == (0, RESULT_FILES_UPLOADED), report.stderr_out
+        assert project.uploads[job.output_name(job.outputs[0])] == b"HELLO FROM THE HOST\n"

@@ -22,6 +22,7 @@ from cvmbuild.appliance.export import ExportResult, _check_budget
 from cvmbuild.appliance.exporters import ExportContext, export, qemu_img
 from cvmbuild.appliance.guest_agent import parse_user_data
 from cvmbuild.appliance.recipe import load_recipe, parse_recipe
+from cvmbuild.boinc import jobfile
 from tests.boinc_project import scheduler_emulator
 from tests.boinc_running import running_client
 from tests.conftest import run_cli
@@ -191,6 +192,19 @@ def test_the_job_file_carries_the_recipe_s_vm_job_and_repository(bundle: Bundle)
     assert user == {
         "repository": {"url": "http://10.0.2.2:8000", "public_key": PEM, "proxy": "DIRECT"}
     }
+
+
+def test_the_wrapper_reads_the_job_file_as_the_recipe_says(bundle: Bundle) -> None:
+    path = bundle.qemu / logical(version_files(bundle.qemu), "vm_job.xml")
+    job = jobfile.parse(path.read_bytes(), str(path))
+    assert job == jobfile.VmJob(
+        image="vm_image.qcow2", memory_size_mb=768, cpus=2, job_duration=3600,
+        minimum_heartbeat_interval=600, minimum_checkpoint_interval=600,
+        enable_vm_savestate_usage=True, enable_network=True,
+        command_line="python3 /cvmfs/sw.example.org/sw/hello/1.0/bin/hello.py > result.txt",
+        user_data=ET.parse(path).getroot().findtext("user_data", "").strip(),
+        copy_to_guest=("input.dat",), copy_from_guest=("result.txt",), output_disk_mb=1024,
+    )  # fmt: skip
 
 
 def test_app_info_runs_the_qemu_version_under_the_anonymous_platform(bundle: Bundle) -> None:

@@ -51,6 +51,7 @@ from cvmbuild.appliance.boot import user_data
 from cvmbuild.appliance.errors import ApplianceError
 from cvmbuild.appliance.exporters import ExportContext, qcow2, vdi
 from cvmbuild.appliance.recipe import Recipe, boinc_version_num
+from cvmbuild.boinc.zipapp import build_zipapp
 
 LINUX = "x86_64-pc-linux-gnu"
 WINDOWS = "windows_x86_64"
@@ -275,8 +276,6 @@ def _write_hashed(directory: Path, stem: str, suffix: str, text: str) -> Path:
 
 
 def _qemu_variant(context: ExportContext, directory: Path) -> list[AppFile]:
-    from cvmbuild.boinc.zipapp import build_zipapp  # the wrapper's own package
-
     recipe = context.recipe
     image = qcow2.export(dataclasses.replace(context, output=directory))[0]
     image = _hashed(image, context.name, ".qcow2")
