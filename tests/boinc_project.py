@@ -344,6 +344,18 @@ def escape_project_url(url: str) -> str:
     return escaped[:-1] if escaped.endswith("_") else escaped
 
 
+def exported_app(bundle: Path) -> tuple[list[Path], Path]:
+    """The anonymous-platform app of an `export --format boinc` bundle (NAME.boinc/):
+    the files its app_info.xml names, found in the app version directories, and the
+    app_info.xml itself: what attach_anonymous installs."""
+    app_info = bundle / "app_info.xml"
+    names = re.findall(r"<file_info>\s*<name>([^<]+)</name>", app_info.read_text())
+    found = {p.name: p for p in (bundle / "apps").glob("*/*/*/*") if p.name in names}
+    missing = set(names) - set(found)
+    assert not missing, f"{app_info} names files the bundle lacks: {sorted(missing)}"
+    return [found[n] for n in names], app_info
+
+
 def attach_anonymous(
     data_dir: Path, master_url: str, app_files: list[Path], app_info: Path
 ) -> Path:

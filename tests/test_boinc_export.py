@@ -23,7 +23,7 @@ from cvmbuild.appliance.exporters import ExportContext, export, qemu_img
 from cvmbuild.appliance.guest_agent import parse_user_data
 from cvmbuild.appliance.recipe import load_recipe, parse_recipe
 from cvmbuild.boinc import jobfile
-from tests.boinc_project import scheduler_emulator
+from tests.boinc_project import exported_app, scheduler_emulator
 from tests.boinc_running import running_client
 from tests.conftest import run_cli
 
@@ -357,11 +357,10 @@ def test_each_image_of_the_bundle_must_fit_the_budget(bundle: Bundle) -> None:
 def test_the_real_client_takes_the_exported_app_under_the_anonymous_platform(
     bundle: Bundle, tmp_path: Path
 ) -> None:
-    files = [p for p in bundle.qemu.iterdir() if p.name != "version.xml"]
+    files, app_info = exported_app(bundle.root)
+    assert {p.parent for p in files} == {bundle.qemu}
     with scheduler_emulator([]) as project:
-        with running_client(
-            tmp_path / "client", project.master_url, files, bundle.root / "app_info.xml"
-        ) as client:
+        with running_client(tmp_path / "client", project.master_url, files, app_info) as client:
             client.wait_exit(timeout=180)  # asked for work, got none, idle: exits
     log = client.log.read_text()
     assert "Found app_info.xml; using anonymous platform" in log
