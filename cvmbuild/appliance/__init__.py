@@ -5,4 +5,4 @@ into the formats hypervisors and clouds import; `boot` tries an image under QEMU
 """
 
 # Every image format `cvmbuild export` writes (cvmbuild/appliance/exporters/).
-FORMATS = ("raw", "qcow2", "vdi", "vmdk", "ova", "hdd", "vhd", "ami")
+FORMATS = ("raw", "qcow2", "vdi", "vmdk", "ova", "hdd", "vhd", "ami", "boinc")

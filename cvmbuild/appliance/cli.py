@@ -26,6 +26,7 @@ def _export(args: argparse.Namespace) -> int:
             endpoint_url=args.endpoint_url,
             region=args.region,
             keep_work=args.keep_work,
+            vboxwrappers=tuple(Path(p) for p in args.vboxwrapper),
         )
     )
     for fmt, paths in result.images.items():
@@ -79,6 +80,14 @@ def add_subcommands(sub: Any) -> None:
     p.add_argument("--output", required=True, help="directory for the images")
     p.add_argument("--endpoint-url", help="ami: the EC2/EBS endpoint (default AWS's)")
     p.add_argument("--region", help="ami: the AWS region (default from the AWS environment)")
+    p.add_argument(
+        "--vboxwrapper",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="boinc: ship this vboxwrapper binary (BOINC's; Windows, Linux or macOS, "
+        "recognised by its header) as the VirtualBox variant's main program; repeatable",
+    )
     p.add_argument("--keep-work", action="store_true", help="keep the rootfs and disk parts")
     p.add_argument("-v", "--verbose", action="store_true", help="log every external command")
     console.add_debug(p, subcommand=True)

@@ -94,6 +94,24 @@ class Vm:
 
 
 @dataclass(frozen=True)
+class Boinc:
+    """`export --format boinc`: the BOINC application and its job file (vm_job.xml,
+    vbox_job.xml); guest memory and CPUs come from [vm]."""
+
+    app_name: str = ""  # the BOINC app's name; "" means [appliance] name
+    version: str = "1.00"  # the app version directory; version_num = 100 * major + minor
+    plan_class: str = "qemu"  # the QEMU variant's plan class (the project defines it)
+    vbox_plan_class: str = "vbox64"  # the VirtualBox variant's
+    job_duration: int = 0  # seconds; >0: the VM is stopped (success) then, progress by time
+    minimum_heartbeat_interval: int = 600  # seconds without a sign of life: the task failed
+    minimum_checkpoint_interval: int = 600  # seconds between two saved VM states
+    output_disk_mb: int = 1024  # the disk the job's directory lives on (QEMU variant)
+    enable_network: bool = True
+    copy_to_guest: list[str] = field(default_factory=list)  # work unit inputs (logical names)
+    copy_from_guest: list[str] = field(default_factory=list)  # the job's outputs, uploaded
+
+
+@dataclass(frozen=True)
 class Recipe:
     path: Path
     text: str  # recorded in the image
@@ -103,6 +121,7 @@ class Recipe:
     repository: list[Repository] = field(default_factory=list)
     job: Job = field(default_factory=Job)
     vm: Vm = field(default_factory=Vm)
+    boinc: Boinc = field(default_factory=Boinc)
 
     def apt_sources(self) -> list[str]:
         """mmdebstrap's mirror arguments: the release, its updates and security."""
@@ -116,8 +135,10 @@ class Recipe:
         return (self.path.parent / repo.public_key) if repo.public_key else None
 
 
-_TABLES = {"appliance": Appliance, "base": Base, "kernel": Kernel, "job": Job, "vm": Vm}
+_TABLES = {"appliance": Appliance, "base": Base, "kernel": Kernel, "job": Job, "vm": Vm,
+           "boinc": Boinc}  # fmt: skip
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_BOINC_VERSION = re.compile(r"^([0-9]{1,3})\.([0-9]{2})$")
 
 
 class _Locator:
@@ -244,6 +265,28 @@ def _validate(recipe: Recipe, locator: _Locator) -> None:
         key = recipe.public_key_file(repo)
         if key is not None and not key.is_file():
             fail("repository", i, "public_key", f"{key} does not exist")
+    _validate_boinc(recipe.boinc, partial(fail, "boinc", None))
+
+
+def _validate_boinc(boinc: Boinc, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
+    if not _BOINC_VERSION.match(boinc.version):
+        fail("version", 'write it as MAJOR.MINOR with two decimals, e.g. "1.00" (version_num 100)')
+    if boinc.app_name and not _NAME.match(boinc.app_name):
+        fail("app_name", "use letters, digits, '.', '_' and '-'")
+    for key in ("plan_class", "vbox_plan_class"):
+        value = getattr(boinc, key)
+        # update_versions splits the directory PLATFORM__PLANCLASS on "__"
+        if not _NAME.match(value) or "__" in value:
+            fail(key, "use letters, digits, '.', '_' and '-', and no '__'")
+    if boinc.job_duration < 0:
+        fail("job_duration", "must be 0 (no limit) or a number of seconds")
+    for key in ("minimum_heartbeat_interval", "minimum_checkpoint_interval", "output_disk_mb"):
+        if getattr(boinc, key) <= 0:
+            fail(key, "must be positive")
+    for key in ("copy_to_guest", "copy_from_guest"):
+        for name in getattr(boinc, key):
+            if not _NAME.match(name):
+                fail(key, f"{name!r} is not a plain file name (letters, digits, '.', '_', '-')")
 
 
 def parse_formats(text: str) -> list[str]:
@@ -265,6 +308,14 @@ def load_recipe(path: str | Path) -> Recipe:
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from exc
     return parse_recipe(text, path)
+
+
+def boinc_version_num(version: str) -> int:
+    """BOINC's version number of an app version directory name ("1.00" -> 100), as
+    update_versions computes it."""
+    match = _BOINC_VERSION.match(version)
+    assert match, version  # validated with the recipe
+    return 100 * int(match.group(1)) + int(match.group(2))
 
 
 def mount_point(repo: Repository) -> str:

@@ -23,6 +23,7 @@ class ExportContext:
     content_hash: str  # of the rootfs: seeds identifiers that must be stable
     endpoint_url: str | None = None  # ami: an EC2/EBS endpoint (moto in the tests)
     region: str | None = None
+    vboxwrappers: tuple[Path, ...] = ()  # boinc: the operator's vboxwrapper binaries
 
     @property
     def name(self) -> str:
