@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from cvmbuild.appliance import boot
 from cvmfs_client.fetcher import DirectoryFetcher
 from cvmfs_client.repository import RepositoryReader
 from cvmfs_format.signed import load_public_key_pem
@@ -362,3 +363,54 @@ def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+# -- the appliance (tests that boot it under QEMU) ----------------------------------
+
+
+def needs_build_host() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("building an appliance needs root (mmdebstrap --mode=root)")
+    missing = [t for t in ("mmdebstrap", "mksquashfs", "qemu-img", "syslinux", "mcopy")
+               if shutil.which(t) is None]  # fmt: skip
+    if missing:
+        pytest.fail(f"missing tools {missing}: run.sh installs them (SYSTEM_PACKAGES)")
+
+
+@dataclass
+class Served:
+    url: str  # as the guest sees it, through QEMU's user network
+    key: Path
+
+    def user_data(self, job: str) -> str:
+        """Guest user data that mounts this repository and runs job."""
+        return boot.user_data(self.url, self.key.read_text(), None, job)
+
+
+@pytest.fixture(scope="session")
+def served_repository(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The recipe's repository (sw.example.org) with a small program at /sw/hello/1.0,
+    served on the loopback."""
+    base = tmp_path_factory.mktemp("appliance-repo")
+    src = base / "hello"
+    (src / "bin").mkdir(parents=True)
+    (src / "bin" / "hello.py").write_text(
+        "import platform\nprint('hello from the repository on', platform.node())\n"
+    )
+    env = {"CVMBUILD_CACHE_DIR": str(base / "statcache")}
+    run_cli("repo-server", "init", base / "repo", "--name", "sw.example.org")
+    run_cli("cvmbuild", "publish", src, "--repo", base / "repo", "--path", "/sw/hello/1.0", env=env)
+    with serving(base / "repo", base / "serve.log") as url:
+        port = url.rsplit(":", 1)[1]
+        yield Served(f"http://10.0.2.2:{port}", base / "repo.keys" / "sw.example.org.pub")
+
+
+@pytest.fixture(scope="session")
+def thin_qcow2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default recipe exported as qcow2 from this tree (its guest agent), once."""
+    needs_build_host()
+    out = tmp_path_factory.mktemp("thin-qcow2")
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "thin.toml"
+    run_cli("cvmbuild", "export", "--recipe", recipe, "--format", "qcow2", "--output", out,
+            timeout=1500)  # fmt: skip
+    return out / "cvm-thin.qcow2"

@@ -30,7 +30,7 @@ from cvmbuild.appliance.errors import ApplianceError, RecipeError
 from cvmbuild.appliance.export import ExportResult, _check_budget
 from cvmbuild.appliance.exporters import ami, hdd, ova
 from cvmbuild.appliance.recipe import load_recipe, parse_formats, parse_recipe
-from tests.conftest import BIN, free_port, run_cli, serving
+from tests.conftest import BIN, Served, free_port, needs_build_host, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 THIN = ROOT / "recipes" / "thin.toml"
@@ -329,39 +329,6 @@ def test_fat_label_reads_a_config_drive(tmp_path: Path) -> None:
 # -- the built appliance (once per session) --------------------------------------------
 
 
-def _needs_build_host() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("building an appliance needs root (mmdebstrap --mode=root)")
-    missing = [t for t in ("mmdebstrap", "mksquashfs", "qemu-img", "syslinux", "mcopy")
-               if shutil.which(t) is None]  # fmt: skip
-    if missing:
-        pytest.fail(f"missing tools {missing}: run.sh installs them (SYSTEM_PACKAGES)")
-
-
-@dataclass
-class Served:
-    url: str  # as the guest sees it, through QEMU's user network
-    key: Path
-
-
-@pytest.fixture(scope="session")
-def served_repository(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """The recipe's repository (sw.example.org) with a small program at /sw/hello/1.0,
-    served on the loopback."""
-    base = tmp_path_factory.mktemp("appliance-repo")
-    src = base / "hello"
-    (src / "bin").mkdir(parents=True)
-    (src / "bin" / "hello.py").write_text(
-        "import platform\nprint('hello from the repository on', platform.node())\n"
-    )
-    env = {"CVMBUILD_CACHE_DIR": str(base / "statcache")}
-    run_cli("repo-server", "init", base / "repo", "--name", "sw.example.org")
-    run_cli("cvmbuild", "publish", src, "--repo", base / "repo", "--path", "/sw/hello/1.0", env=env)
-    with serving(base / "repo", base / "serve.log") as url:
-        port = url.rsplit(":", 1)[1]
-        yield Served(f"http://10.0.2.2:{port}", base / "repo.keys" / "sw.example.org.pub")
-
-
 @pytest.fixture(scope="session")
 def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
@@ -406,7 +373,7 @@ class Built:
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory, moto_endpoint: str) -> Built:
     """`cvmbuild export` of the default recipe in every format, once."""
-    _needs_build_host()
+    needs_build_host()
     out = tmp_path_factory.mktemp("appliance")
     started = time.monotonic()
     result = run_cli(
