@@ -354,6 +354,9 @@ def test_a_job_saved_mid_way_continues_from_its_checkpoint_and_finishes(
     first.prepare(user_data, inputs)
     first.start()
     watch = Console(first)
+    watch.until(lambda line: line.startswith("count 3"))
+    periodic_s = first.checkpoint()  # a periodic checkpoint: the job goes on counting
+    assert first.has_checkpoint and first.exited() is None
     watch.until(lambda line: line.startswith("count 5"))
     saved_s = first.save_and_quit()
     assert first.exited() is not None and first.has_checkpoint
@@ -385,9 +388,9 @@ def test_a_job_saved_mid_way_continues_from_its_checkpoint_and_finishes(
     assert got.read_text() == "".join(f"{i}\n" for i in range(1, n + 1))
     base_bytes = thin_qcow2.stat().st_blocks * 512
     print(
-        f"\nsavevm {saved_s:.2f} s, restore {restore_s:.2f} s, VM state {vm_state_bytes / MiB:.1f}"
-        f" MiB, overlay {overlay_bytes / MiB:.1f} MiB after the save"
-        f" ({overlay_bytes / base_bytes:.0%} of the {base_bytes / MiB:.1f} MiB base)"
+        f"\ncheckpoint {periodic_s:.2f} s, savevm {saved_s:.2f} s, restore {restore_s:.2f} s,"
+        f" VM state {vm_state_bytes / MiB:.1f} MiB, overlay {overlay_bytes / MiB:.1f} MiB"
+        f" after the save ({overlay_bytes / base_bytes:.0%} of the {base_bytes / MiB:.1f} MiB base)"
     )
 
 
