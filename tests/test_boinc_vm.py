@@ -134,6 +134,35 @@ def test_output_files_are_found_by_name_whatever_their_case() -> None:
     assert fat_paths(listing) == {"result.txt": "Result.TXT", "sub/b.txt": "sub/b.txt"}
 
 
+def _fat_file(image: Path, path: str) -> bytes:
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    command = ["mtype", "-i", str(image), f"::/{path}"]
+    return subprocess.run(command, check=True, capture_output=True, env=env).stdout
+
+
+def test_a_prepared_slot_has_the_overlay_the_config_drive_and_an_empty_output_disk(
+    tmp_path: Path,
+) -> None:
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    (tmp_path / "data.bin").write_bytes(b"\x00\x01 input")
+    slot = tmp_path / "slot"
+    slot.mkdir()
+    vm = Vm(slot, base, 512, 1, True, 32)
+    vm.prepare("[job]\ncommand = 'true'\n", {"data.bin": tmp_path / "data.bin"})
+    overlay = _qemu_img_info(slot / OVERLAY)
+    assert overlay["backing-filename"] == str(base) and overlay["format"] == "qcow2"
+    assert _fat_file(slot / CONFIG_DRIVE, "user-data") == b"[job]\ncommand = 'true'\n"
+    assert _fat_file(slot / CONFIG_DRIVE, "input/data.bin") == b"\x00\x01 input"
+    assert guest_agent.fat_label((slot / CONFIG_DRIVE).read_bytes()[:512]) == "CIDATA"
+    assert _qemu_img_info(slot / "vm_output.qcow2")["format"] == "qcow2"
+    state = (slot / STATE_FILE).read_text()
+    assert json.loads(state)["checkpoint"] is None
+    vm.prepare("other user data", {})  # a restarted task keeps its slot
+    assert (slot / STATE_FILE).read_text() == state
+    assert vm.copy_outputs({"out.txt": tmp_path / "out.txt"}) == ["out.txt"]
+
+
 def test_a_missing_base_image_is_named(tmp_path: Path) -> None:
     vm = Vm(tmp_path, tmp_path / "nope.qcow2", 512, 1, False, 16)
     with pytest.raises(VmError, match=r"nope.qcow2: no such base image"):
@@ -173,6 +202,14 @@ def test_qmp_returns_results_and_raises_qemus_own_errors(tmp_path: Path) -> None
             with pytest.raises(QmpError, match="does not support snapshots"):
                 qmp.hmp("savevm ckpt")  # HMP reports this only as text
             assert qmp.hmp("info version").strip()  # text, not an error
+            os.kill(proc.pid, signal.SIGSTOP)  # a hung QEMU
+            try:
+                with pytest.raises(QmpError, match="no answer from QEMU within 1 s"):
+                    qmp.execute("query-status", timeout=1)
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            # the late answer to the timed-out command is not taken for this one's
+            assert qmp.execute("query-name") == {}
             qmp.execute("quit")
         assert proc.wait(timeout=15) == 0
     finally:

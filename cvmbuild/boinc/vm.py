@@ -282,7 +282,10 @@ class Vm:
         try:
             run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", OUTPUT_DISK, raw.name],
                 cwd=self.slot)  # fmt: skip
-            listing = run(["mdir", "-/", "-b", "-i", raw, "::/"], env=MTOOLS_ENV)
+            # a recursive listing of an empty disk is an error, a flat one is not
+            listing = run(["mdir", "-b", "-i", raw, "::"], env=MTOOLS_ENV)
+            if listing.strip():
+                listing = run(["mdir", "-/", "-b", "-i", raw, "::"], env=MTOOLS_ENV)
             on_disk = fat_paths(listing.decode("utf-8", "replace"))
             missing = []
             for name, dest in names.items():
