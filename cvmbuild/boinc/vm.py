@@ -214,7 +214,7 @@ class Vm:
 
     def save_and_quit(self) -> float:
         """savevm, then QEMU quits; the next start restores. The seconds the save took.
-        On failure the VM is left stopped: kill it."""
+        On failure (VmError) the VM runs on, without a checkpoint: kill it."""
         seconds = self._savevm()
         self.kill()
         return seconds
@@ -229,7 +229,10 @@ class Vm:
             # savevm drops an older snapshot of that name before it writes the new one
             self._write_state({**state, "checkpoint": None})
             if not self._paused:
-                self._execute("cont")
+                try:
+                    self._execute("cont")
+                except VmError:
+                    pass  # the failed save is the news
             raise VmError(f"saving the VM: {exc}") from exc
         self._write_state({**state, "checkpoint": CHECKPOINT})
         return time.monotonic() - started
@@ -242,12 +245,14 @@ class Vm:
                 try:
                     self._qmp.execute("quit", timeout=QUIT_TIMEOUT_S)
                 except QmpError:
-                    pass  # it may close the monitor before it answers
-            try:
-                proc.wait(timeout=QUIT_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
+                    pass  # it may close its monitor before it answers
+                try:
+                    proc.wait(timeout=QUIT_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    pass
+            if proc.poll() is None:
                 proc.kill()
-                proc.wait()
+            proc.wait()
         self._close_qmp()
 
     def exited(self) -> int | None:
