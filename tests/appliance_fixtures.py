@@ -16,14 +16,15 @@ from pathlib import Path
 import pytest
 import requests
 
+from cvmbuild.appliance import boot
 from tests.conftest import BIN, free_port, run_cli, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 THIN = ROOT / "recipes" / "thin.toml"
-ALL_FORMATS = ["raw", "qcow2", "vdi", "vmdk", "ova", "hdd", "vhd", "ami"]
+ALL_FORMATS = ["raw", "qcow2", "vdi", "vmdk", "ova", "hdd", "vhd", "ami", "boinc"]
 
 
-def _needs_build_host() -> None:
+def needs_build_host() -> None:
     if os.geteuid() != 0:
         pytest.skip("building an appliance needs root (mmdebstrap --mode=root)")
     missing = [t for t in ("mmdebstrap", "mksquashfs", "qemu-img", "syslinux", "mcopy")
@@ -36,6 +37,10 @@ def _needs_build_host() -> None:
 class Served:
     url: str  # as the guest sees it, through QEMU's user network
     key: Path
+
+    def user_data(self, job: str) -> str:
+        """Guest user data that mounts this repository and runs job."""
+        return boot.user_data(self.url, self.key.read_text(), None, job)
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +105,7 @@ class Built:
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory, moto_endpoint: str) -> Built:
     """`cvmbuild export` of the default recipe in every format, once."""
-    _needs_build_host()
+    needs_build_host()
     out = tmp_path_factory.mktemp("appliance")
     started = time.monotonic()
     result = run_cli(
@@ -108,3 +113,9 @@ def built(tmp_path_factory: pytest.TempPathFactory, moto_endpoint: str) -> Built
         "--output", out, "--endpoint-url", moto_endpoint, env=AWS_ENV, timeout=1500,
     )  # fmt: skip
     return Built(out, result.stderr.decode(), result.stdout.decode(), time.monotonic() - started)
+
+
+@pytest.fixture(scope="session")
+def thin_qcow2(built: Built) -> Path:
+    """The default recipe as qcow2, from the one session build."""
+    return built.image("qcow2")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import queue
-import re
 import subprocess
 import sys
 import tarfile
@@ -22,8 +21,9 @@ from cvmbuild.appliance.errors import BootError
 from cvmbuild.appliance.exporters import qemu_img
 from cvmbuild.appliance.exporters.hdd import image_file_name
 from cvmbuild.appliance.process import require, run
+from cvmbuild.boinc import console
 
-MARK = "CVMAPPLIANCE:"
+MARK = console.MARK
 OVMF = Path("/usr/share/ovmf/OVMF.fd")  # package ovmf
 # Disk bus and NIC per hardware profile: QEMU/KVM, VirtualBox (SATA), VMware (IDE).
 HARDWARE = {
@@ -88,28 +88,28 @@ def user_data(
 def feed(result: BootResult, line: str, elapsed: float) -> None:
     """Update result with one console line (pure: the markers the agent prints)."""
     result.console.append(line)
-    at = line.find(MARK)
-    if at < 0:
+    event = console.parse(line)
+    if event is None:
         if result.in_job:
             result.job_output.append(line)
         return
-    message = line[at + len(MARK) :].strip()
-    if m := re.match(r"mounted (\S+) revision (\d+)", message):
-        result.repositories.append((m.group(1), int(m.group(2))))
-        result.seconds_to_mount = elapsed
-    elif m := re.match(r"job exit (-?\d+)", message):
-        result.job_exit = int(m.group(1))
-        result.in_job = False
-        result.seconds_to_result = elapsed
-    elif message.startswith("job start"):
-        result.job_output = []
-        result.in_job = True
-    elif message.startswith("error:"):
-        result.error = message[len("error:") :].strip()
-        result.seconds_to_result = elapsed
-    elif message.startswith("no job to run"):
-        result.no_job = True
-        result.seconds_to_result = elapsed
+    match event:
+        case console.Mounted(name, revision):
+            result.repositories.append((name, revision))
+            result.seconds_to_mount = elapsed
+        case console.JobExit(status):
+            result.job_exit = status
+            result.in_job = False
+            result.seconds_to_result = elapsed
+        case console.JobStart():
+            result.job_output = []
+            result.in_job = True
+        case console.Error(text):
+            result.error = text
+            result.seconds_to_result = elapsed
+        case console.NoJob():
+            result.no_job = True
+            result.seconds_to_result = elapsed
 
 
 def qemu_command(

@@ -4,7 +4,16 @@ from cvmbuild): contextualise, mount the repositories with cvmfs-client, run the
 Settings: /etc/cvmappliance/appliance.json (from the recipe), overridden by user data
 (a config drive labelled CIDATA with a `user-data` file, or EC2 instance metadata),
 overridden in turn by the kernel command line (cvm.repo_url=, cvm.proxy=, cvm.job64=).
-Progress goes to the console as `CVMAPPLIANCE: ...` lines that `cvmbuild boot` reads.
+Progress goes to the console as `CVMAPPLIANCE: ...` lines that `cvmbuild boot` and the
+BOINC VM wrapper read (the protocol: cvmbuild/boinc/console.py).
+
+The job runs in its own directory (env CVM_JOB_DIR): the FAT output disk labelled CVMOUT
+when there is one (the VM wrapper copies the job's outputs off it), under vboxwrapper the
+shared folder, else a plain directory; files under the config drive's input/ are copied
+into it first. The job reports progress by writing a fraction to CVM_PROGRESS_FILE.
+Under vboxwrapper (a vboxsf share named `shared`) the agent also keeps its guest
+contract: user data from shared/user-data, shared/heartbeat touched, shared/progress
+written, the job's exit code in shared/shutdown.
 """
 
 from __future__ import annotations
@@ -14,16 +23,31 @@ import binascii
 import ctypes
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 import urllib.request
 from dataclasses import dataclass, field, replace
 
 SETTINGS_FILE = "/etc/cvmappliance/appliance.json"
-MARK = "CVMAPPLIANCE:"
+MARK = "CVMAPPLIANCE:"  # the protocol's host side: cvmbuild/boinc/console.py
+JOB_DIR = "/run/job"
+OUTPUT_LABEL = "CVMOUT"
+HEARTBEAT_S = 30
+PROGRESS_POLL_S = 5
+# vboxwrapper's guest contract: the share's name and mount point, and the file names
+# the BOINC app's vbox_job.xml gives as heartbeat_filename, fraction_done_filename and
+# completion_trigger_file.
+VBOX_SHARE = "shared"
+VBOX_MOUNT = "/shared"
+VBOX_HEARTBEAT = "heartbeat"
+VBOX_PROGRESS = "progress"
+VBOX_SHUTDOWN = "shutdown"
 USER_DATA_KEYS = {
     "repository": {"url", "proxy", "public_key", "name", "mount_point"},
     "job": {"command", "then"},
@@ -158,11 +182,51 @@ def parse_stats(raw: bytes) -> tuple[str, int]:
     return str(stats.get("repository", "")), int(stats.get("revision", 0))
 
 
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def parse_progress(text: str) -> float | None:
+    """The job's progress: the last number in its progress file (as vboxwrapper reads
+    fraction_done_filename), kept within 0..1; None while there is none."""
+    numbers = _NUMBER.findall(text)
+    if not numbers:
+        return None
+    return min(1.0, max(0.0, float(numbers[-1])))
+
+
+def completion_text(status: int, message: str = "") -> str:
+    """vboxwrapper's completion_trigger_file: the exit code on line 1, then is_notice
+    and a message for the volunteer."""
+    return f"{status}\n" + (f"0\n{message}\n" if message else "")
+
+
+@dataclass(frozen=True)
+class JobPlace:
+    """Where the job runs: its directory, the output disk mounted there (to unmount
+    after the job) and vboxwrapper's shared directory when there is one."""
+
+    dir: str = JOB_DIR
+    output_device: str | None = None
+    shared: str | None = None
+
+    @property
+    def progress_file(self) -> str:
+        return os.path.join(self.dir, ".progress")
+
+    def environment(self, base: dict[str, str]) -> dict[str, str]:
+        return {**base, "CVM_JOB_DIR": self.dir, "CVM_PROGRESS_FILE": self.progress_file}
+
+
 # -- the edges: console, devices, network, processes ---------------------------------
 
 
+_say_lock = threading.Lock()
+
+
 def say(message: str) -> None:
-    print(f"{MARK} {message}", flush=True)
+    with _say_lock:  # the heartbeat thread talks too: one whole line per write
+        sys.stdout.write(f"{MARK} {message}\n")
+        sys.stdout.flush()
 
 
 def _run(command: list[str]) -> None:
@@ -182,25 +246,128 @@ def early_mounts() -> None:
         subprocess.run(["mount", "-t", fstype, "-o", options, fstype, target], check=False)
 
 
-def config_drive_user_data() -> tuple[str, str] | None:
+def fat_device(wanted: str) -> str | None:
+    """The block device holding a FAT file system with this label."""
     for name in sorted(os.listdir("/sys/class/block")):
         try:
             with open(f"/dev/{name}", "rb") as device:
                 label = fat_label(device.read(512))
         except OSError:
             continue
-        if label is None or label.upper() != "CIDATA":
-            continue
-        os.makedirs("/run/cidata", exist_ok=True)
-        _run(["mount", "-t", "vfat", "-o", "ro", f"/dev/{name}", "/run/cidata"])
+        if label is not None and label.upper() == wanted:
+            return f"/dev/{name}"
+    return None
+
+
+def config_drive_user_data(job_dir: str) -> tuple[str, str] | None:
+    """User data from the CIDATA drive; its input/ files are copied into job_dir
+    while it is mounted."""
+    device = fat_device("CIDATA")
+    if device is None:
+        return None
+    os.makedirs("/run/cidata", exist_ok=True)
+    _run(["mount", "-t", "vfat", "-o", "ro", device, "/run/cidata"])
+    try:
+        if os.path.isdir("/run/cidata/input"):
+            copy_tree("/run/cidata/input", job_dir)
         try:
             with open("/run/cidata/user-data", encoding="utf-8") as f:
-                return f.read(), f"config drive /dev/{name}"
+                return f.read(), f"config drive {device}"
         except FileNotFoundError:
             return None
-        finally:
-            subprocess.run(["umount", "/run/cidata"], check=False)
-    return None
+    finally:
+        subprocess.run(["umount", "/run/cidata"], check=False)
+
+
+def copy_tree(source: str, target: str) -> None:
+    """Contents only: a FAT target takes neither owners nor modes."""
+    for root, _dirs, files in os.walk(source):
+        into = os.path.join(target, os.path.relpath(root, source))
+        os.makedirs(into, exist_ok=True)
+        for name in files:
+            shutil.copyfile(os.path.join(root, name), os.path.join(into, name))
+
+
+def prepare_job_place() -> JobPlace:
+    """vboxwrapper's shared folder, else the CVMOUT output disk, else a plain directory."""
+    if os.path.exists("/dev/vboxguest"):
+        os.makedirs(VBOX_MOUNT, exist_ok=True)
+        mounted = subprocess.run(["mount", "-t", "vboxsf", VBOX_SHARE, VBOX_MOUNT],
+                                 capture_output=True)  # fmt: skip
+        if mounted.returncode == 0:
+            return JobPlace(dir=VBOX_MOUNT, shared=VBOX_MOUNT)
+    os.makedirs(JOB_DIR, exist_ok=True)
+    device = fat_device(OUTPUT_LABEL)
+    if device is None:
+        return JobPlace()
+    _run(["mount", "-t", "vfat", device, JOB_DIR])
+    return JobPlace(output_device=device)
+
+
+# Held while the progress file is open, so that unmounting the job's directory never
+# meets it busy.
+_job_dir_lock = threading.Lock()
+
+
+def finish_job_place(place: JobPlace, status: int) -> None:
+    """Make the job's results durable where the host reads them."""
+    if place.output_device is not None:
+        os.sync()
+        os.chdir("/")
+        with _job_dir_lock:
+            _run(["umount", place.dir])
+        say("outputs written")
+    if place.shared is not None:
+        write_file(os.path.join(place.shared, VBOX_SHUTDOWN), completion_text(status))
+
+
+def write_file(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+class Liveness(threading.Thread):
+    """The agent's heartbeat every 30 s and the job's progress, relayed to the console
+    (and to vboxwrapper's files under a shared folder)."""
+
+    def __init__(self, place: JobPlace) -> None:
+        super().__init__(name="liveness", daemon=True)
+        self.place = place
+        self.reported: float | None = None
+
+    def run(self) -> None:
+        next_beat = 0.0
+        while True:
+            try:
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + HEARTBEAT_S
+                    self.beat()
+                self.relay_progress()
+            except OSError as exc:  # a full or vanished share must not stop the beat
+                say(f"liveness: {exc}")
+            time.sleep(PROGRESS_POLL_S)
+
+    def beat(self) -> None:
+        say("heartbeat")
+        if self.place.shared is not None:
+            path = os.path.join(self.place.shared, VBOX_HEARTBEAT)
+            with open(path, "a"):
+                pass
+            os.utime(path)
+
+    def relay_progress(self) -> None:
+        try:
+            with _job_dir_lock, open(self.place.progress_file, errors="replace") as f:
+                fraction = parse_progress(f.read())
+        except FileNotFoundError:
+            return
+        if fraction is None or fraction == self.reported:
+            return
+        self.reported = fraction
+        say(f"progress {fraction:.4f}")
+        if self.place.shared is not None:
+            write_file(os.path.join(self.place.shared, VBOX_PROGRESS), f"{fraction:.4f}\n")
 
 
 def on_ec2() -> bool:
@@ -239,10 +406,25 @@ def imds_user_data(base: str = IMDS) -> tuple[str, str] | None:
         raise
 
 
-def contextualise() -> Settings:
+def shared_user_data(place: JobPlace) -> tuple[str, str] | None:
+    if place.shared is None:
+        return None
+    path = os.path.join(place.shared, "user-data")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(), path
+    except FileNotFoundError:
+        return None
+
+
+def contextualise(place: JobPlace) -> Settings:
     with open(SETTINGS_FILE, encoding="utf-8") as f:
         settings = settings_from_json(f.read())
-    found = config_drive_user_data() or (imds_user_data() if on_ec2() else None)
+    found = (
+        shared_user_data(place)
+        or config_drive_user_data(place.dir)
+        or (imds_user_data() if on_ec2() else None)
+    )
     if found is not None:
         text, source = found
         settings = apply_overrides(settings, parse_user_data(text, source))
@@ -282,10 +464,11 @@ def mount_repository(repo: RepoSettings) -> None:
     say(f"mounted {name} revision {revision} at {repo.mount_point}")
 
 
-def run_job(command: str) -> int:
+def run_job(command: str, place: JobPlace) -> int:
     say(f"job start: {command}")
     started = time.monotonic()
-    status = subprocess.run(["/bin/sh", "-c", command]).returncode
+    env = place.environment(dict(os.environ))
+    status = subprocess.run(["/bin/sh", "-c", command], cwd=place.dir, env=env).returncode
     sys.stdout.flush()
     say(f"job exit {status} after {time.monotonic() - started:.1f} s")
     return status
@@ -313,20 +496,31 @@ def main() -> int:
     os.environ.setdefault("HOME", "/root")
     os.environ.setdefault("LANG", "C.UTF-8")
     then = "poweroff"
+    place: JobPlace | None = None
     try:
         early_mounts()
         say(f"agent started, uptime {open('/proc/uptime').read().split()[0]} s")
-        settings = contextualise()
+        place = prepare_job_place()
+        liveness = Liveness(place)
+        liveness.start()
+        settings = contextualise(place)
         then = settings.then
         socket.sethostname(settings.hostname)
         for repo in settings.repositories:
             mount_repository(repo)
         if settings.job:
-            run_job(settings.job)
+            status = run_job(settings.job, place)
+            liveness.relay_progress()  # the last fraction may be younger than the poll
+            finish_job_place(place, status)
         else:
             say("no job to run")
     except Exception as exc:  # PID 1 must report, never die with a traceback
         say(f"error: {exc}")
+        if place is not None and place.shared is not None:
+            try:
+                write_file(os.path.join(place.shared, VBOX_SHUTDOWN), completion_text(1, str(exc)))
+            except OSError:
+                pass
     if then == "stay" or os.getpid() != 1:
         if os.getpid() == 1:
             stay()

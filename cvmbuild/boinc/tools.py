@@ -1,0 +1,64 @@
+"""The one way the VM wrapper runs the short-lived tools it needs (qemu-img, mkfs.fat,
+mtools): stderr captured, a failure raised as ToolError with the tool's own message,
+and a missing tool named with the Debian package that brings it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+
+log = logging.getLogger("cvmbuild.boinc")
+
+TOOL_PACKAGES = {
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-img": "qemu-utils",
+    "mkfs.fat": "dosfstools",
+    "mcopy": "mtools",
+    "mmd": "mtools",
+    "mdir": "mtools",
+}
+
+
+class ToolError(Exception):
+    """An external tool is missing or failed; the message says which and why."""
+
+
+def require(*tools: str) -> None:
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        packages = sorted({TOOL_PACKAGES.get(tool, tool) for tool in missing})
+        raise ToolError(
+            f"{', '.join(missing)} not found: install it with "
+            f"`apt-get install {' '.join(packages)}`"
+        )
+
+
+def run(
+    command: Sequence[str | os.PathLike[str]],
+    *,
+    cwd: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> bytes:
+    """Run command to completion and return its stdout."""
+    args = [os.fspath(a) for a in command]
+    log.info("+ %s", shlex.join(args))
+    try:
+        result = subprocess.run(
+            args,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            cwd=cwd,
+            env={**os.environ, **env} if env is not None else None,
+        )
+    except FileNotFoundError as exc:
+        require(args[0])
+        raise ToolError(f"{args[0]}: {exc.strerror}") from exc
+    if result.returncode != 0:
+        message = result.stderr.decode(errors="replace").strip()
+        tail = "\n".join(message.splitlines()[-10:]) or "(no output on stderr)"
+        raise ToolError(f"{os.path.basename(args[0])} exited {result.returncode}: {tail}")
+    return result.stdout
