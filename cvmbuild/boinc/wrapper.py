@@ -15,6 +15,7 @@ import sys
 from cvmbuild.boinc.api import EXIT_INIT_FAILURE, BoincApi, BoincApiError
 from cvmbuild.boinc.host_tasks import run_host_job
 from cvmbuild.boinc.jobfile import HostJob, JobFileError, VmJob, parse
+from cvmbuild.boinc.vm_task import run_vm
 
 JOB_FILES = ("vm_job.xml", "job.xml")
 
@@ -53,13 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         api.finish(EXIT_INIT_FAILURE, f"bad job file: {exc}")
     if isinstance(job, HostJob):
         run_host_job(api, job)
-    try:
-        from cvmbuild.boinc.vm_task import run_vm
-    except ImportError as exc:
-        api.finish(
-            EXIT_INIT_FAILURE,
-            f"this wrapper build cannot run <vm_job> files ({exc}); use one with VM support",
-        )
     run_vm(api, job)
     raise AssertionError("run_vm returned")  # it finishes or exits temporarily
 
