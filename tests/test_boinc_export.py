@@ -203,6 +203,7 @@ def test_the_wrapper_reads_the_job_file_as_the_recipe_says(bundle: Bundle) -> No
         enable_vm_savestate_usage=True, enable_network=True,
         command_line="python3 /cvmfs/sw.example.org/sw/hello/1.0/bin/hello.py > result.txt",
         user_data=ET.parse(path).getroot().findtext("user_data", "").strip(),
+        user_data_file="user-data",
         copy_to_guest=("input.dat",), copy_from_guest=("result.txt",), output_disk_mb=1024,
     )  # fmt: skip
 

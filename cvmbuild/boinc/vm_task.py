@@ -8,6 +8,7 @@ the I/O around it. Job-file tags are explained in docs/BOINC.md.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import os
@@ -205,8 +206,9 @@ def run_vm(api: BoincApi, job: VmJob) -> NoReturn:
     vm = Vm(slot, base, job.memory_size_mb, cpus, job.enable_network, job.output_disk_mb)
     try:
         override = None
-        if job.user_data_file:
-            override = Path(api.resolve(job.user_data_file)).read_text()
+        if job.user_data_file:  # a work unit's own, when it has one
+            with contextlib.suppress(FileNotFoundError):
+                override = Path(api.resolve(job.user_data_file)).read_text()
         inputs = {name: Path(api.resolve(name)) for name in job.copy_to_guest}
         vm.prepare(user_data(job, override), inputs)
         restoring = vm.has_checkpoint

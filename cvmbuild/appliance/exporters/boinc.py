@@ -184,6 +184,7 @@ def vm_job_xml(recipe: Recipe) -> str:
         ("output_disk_mb", b.output_disk_mb),
         ("command_line", recipe.job.command),
         ("user_data", job_user_data(recipe, with_job=False)),
+        ("user_data_file", USER_DATA),
     ]
     values += [("copy_to_guest", name) for name in b.copy_to_guest]
     values += [("copy_from_guest", name) for name in b.copy_from_guest]
