@@ -50,6 +50,7 @@ from xml.sax.saxutils import escape
 from cvmbuild.appliance.boot import user_data
 from cvmbuild.appliance.errors import ApplianceError
 from cvmbuild.appliance.exporters import ExportContext, qcow2, vdi
+from cvmbuild.appliance.guest_agent import VBOX_HEARTBEAT, VBOX_PROGRESS, VBOX_SHUTDOWN
 from cvmbuild.appliance.recipe import Recipe, boinc_version_num
 from cvmbuild.boinc.zipapp import build_zipapp
 
@@ -64,8 +65,6 @@ JOB_FILE = "vm_job.xml"  # the logical names the wrappers resolve
 IMAGE = "vm_image.qcow2"
 VBOX_JOB_FILE = "vbox_job.xml"  # vboxwrapper's JOB_FILENAME
 USER_DATA = "user-data"  # read by the guest agent from vboxwrapper's shared directory
-# vboxwrapper's guest contract, in its shared directory (the guest agent honours it)
-VBOX_HEARTBEAT, VBOX_PROGRESS, VBOX_COMPLETION = "heartbeat", "progress", "shutdown"
 
 
 @dataclass(frozen=True)
@@ -205,7 +204,7 @@ def vbox_job_xml(recipe: Recipe, vdi_name: str, with_user_data: bool) -> str:
         ("heartbeat_filename", VBOX_HEARTBEAT),
         ("minimum_heartbeat_interval", b.minimum_heartbeat_interval),
         ("fraction_done_filename", VBOX_PROGRESS),
-        ("completion_trigger_file", VBOX_COMPLETION),
+        ("completion_trigger_file", VBOX_SHUTDOWN),
         ("minimum_checkpoint_interval", b.minimum_checkpoint_interval),
         ("enable_vm_savestate_usage", True),
     ]
