@@ -8,9 +8,12 @@ Structure layouts and calls follow BOINC 7.20's `api/boinc_api.h`; the C++-only 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import os
+import sys
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +111,19 @@ def read_init_data(path: Path) -> InitData:
     return InitData(**values)  # type: ignore[arg-type]
 
 
+def log(message: str) -> None:
+    """One line in the task's stderr.txt, stamped like the BOINC library's own lines."""
+    print(f"{time.strftime('%H:%M:%S')} ({os.getpid()}): {message}", file=sys.stderr, flush=True)
+
+
+def _flush() -> None:
+    # The library exits with exit(3), which flushes C stdio but not Python's buffers.
+    # A closed or broken stream has nothing left worth saving.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+
+
 def _load(name: str) -> ctypes.CDLL:
     try:
         return ctypes.CDLL(name)
@@ -124,6 +140,7 @@ class BoincApi:
     def __init__(self, library: str | None = None):
         self.lib = _load(library or LIBRARY)
         self.base = _load(RESOLVE_LIBRARY)
+        self._client_pid: int | None = None
         lib = self.lib
         lib.boinc_init_options.argtypes = [ctypes.POINTER(_Options)]
         lib.boinc_get_status.argtypes = [ctypes.POINTER(_Status)]
@@ -147,18 +164,26 @@ class BoincApi:
             main_program=1,
             check_heartbeat=1,
             handle_process_control=1,
-            send_status_msgs=1,
+            # 0 as in BOINC's wrapper and vboxwrapper: with 1 the library's timer
+            # thread reports this process's own CPU time every second, racing
+            # report_status (one message slot) with the task's real figures.
+            send_status_msgs=0,
             direct_process_action=0,
         )
         rc = self.lib.boinc_init_options(ctypes.byref(options))
         if rc != 0:
             raise BoincApiError(f"boinc_init_options failed with status {rc}")
+        # The client forks us directly; the library looks for it only every 10 s.
+        self._client_pid = None if self.is_standalone() else os.getppid()
 
     def status(self) -> BoincStatus:
         raw = _Status()
         self.lib.boinc_get_status(ctypes.byref(raw))
+        orphaned = self._client_pid is not None and os.getppid() != self._client_pid
         return BoincStatus(
-            no_heartbeat=bool(raw.no_heartbeat),
+            # A new parent means the client died (the library would notice within
+            # 10 s, measured 10.3 s to a dead wrapper; this takes one poll).
+            no_heartbeat=bool(raw.no_heartbeat) or orphaned,
             suspended=bool(raw.suspended),
             quit_request=bool(raw.quit_request),
             reread_init_data_file=bool(raw.reread_init_data_file),
@@ -192,7 +217,11 @@ class BoincApi:
         self.lib.boinc_checkpoint_completed()
 
     def finish(self, status: int, message: str | None = None, is_notice: bool = False) -> NoReturn:
-        """Report the task done (status 0) or failed, and exit the process."""
+        """Report the task done (status 0) or failed, and exit the process. The message
+        also goes to stderr (the slot's stderr.txt, which the project receives)."""
+        if message is not None:
+            log(message)
+        _flush()
         if message is None:
             self.lib.boinc_finish(status)
         else:
@@ -201,5 +230,7 @@ class BoincApi:
 
     def temporary_exit(self, delay_s: int, reason: str, is_notice: bool = False) -> NoReturn:
         """Exit so that the client restarts the task after delay_s seconds."""
+        log(f"temporary exit ({reason}); restart in {delay_s} s")
+        _flush()
         self._temporary_exit(delay_s, reason.encode(), is_notice)
         os._exit(0)  # not reached
