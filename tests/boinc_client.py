@@ -18,6 +18,7 @@ import ctypes
 import functools
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,10 +42,11 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class AppFile:
-    """A file of the app version: physical name, content, logical name in the slot."""
+    """A file of the app version: physical name, content (or a file to copy, e.g. an
+    image), logical name in the slot."""
 
     name: str
-    data: bytes
+    data: bytes | Path
     open_name: str = ""
     executable: bool = False
     main_program: bool = False
@@ -113,7 +115,10 @@ def write_project(root: Path, files: list[AppFile], outputs: list[str], prefs: P
     project = root / "projects" / PROJECT_DIR
     project.mkdir(parents=True)
     for file in files:
-        (project / file.name).write_bytes(file.data)
+        if isinstance(file.data, Path):
+            shutil.copyfile(file.data, project / file.name)
+        else:
+            (project / file.name).write_bytes(file.data)
         (project / file.name).chmod(0o755 if file.executable else 0o644)
     output_names = [f"{RESULT}_{index}" for index in range(len(outputs))]
     state = (
@@ -154,15 +159,17 @@ def _die_with_test(parent: int) -> None:
         os._exit(1)
 
 
-def wait_until(check: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Poll `check` until it returns something other than None/False."""
+def wait_until(check: Callable[[], T | None], timeout: float, what: str | Callable[[], str]) -> T:
+    """Poll `check` until it returns something other than None/False; `what` (or what
+    it returns, at the timeout: e.g. the client's log) explains a timeout."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+            reason = what if isinstance(what, str) else what()
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {reason}")
         time.sleep(0.25)
 
 
@@ -234,7 +241,7 @@ class BoincClient:
         wait_until(
             lambda: self.rpc("--get_cc_status", check=False).returncode == 0,
             30,
-            f"the BOINC client's GUI RPC on port {self.port}\n{self.log()}",
+            lambda: f"the BOINC client's GUI RPC on port {self.port}\n{self.log()}",
         )
 
     def rpc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -269,7 +276,7 @@ class BoincClient:
         return task if "exit_status" in task else None
 
     def wait_finished(self, timeout: float) -> dict[str, str]:
-        return wait_until(self.finished, timeout, f"the task to end\n{self.log()}")
+        return wait_until(self.finished, timeout, lambda: f"the task to end\n{self.log()}")
 
     def log(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""

@@ -5,6 +5,8 @@ restart, abort, a killed client, a failing task, a bad job file."""
 from __future__ import annotations
 
 import ast
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -269,7 +271,8 @@ def test_standalone_job_skips_finished_tasks_and_honours_stdio_and_time_limit(
 ) -> None:
     """Run from the source tree without a client: the checkpoint file says one task
     is done, so the job starts at the second; its stdio go to the named files; the
-    third outlives its time limit, is stopped and counts as done (BOINC's rule)."""
+    third outlives its time limit, is stopped and counts as done (BOINC's rule); what
+    the fourth leaves running in the background is killed when it exits."""
     (tmp_path / "job.xml").write_text(
         "<job_desc>"
         "<task><application>/bin/sh</application><command_line>-c 'exit 9'</command_line>"
@@ -280,19 +283,33 @@ def test_standalone_job_skips_finished_tasks_and_honours_stdio_and_time_limit(
         "<stderr_filename>err.txt</stderr_filename></task>"
         "<task><application>/bin/sleep</application><command_line>600</command_line>"
         "<time_limit>1</time_limit></task>"
+        "<task><application>/bin/sh</application>"
+        "<command_line>-c 'sleep 600 &amp; echo $! > background.pid'</command_line></task>"
         "</job_desc>"
     )
     (tmp_path / "wrapper_checkpoint.txt").write_text("1 0.000000 0.000000\n")
     (tmp_path / "in.txt").write_text("shout\n")
     started = time.monotonic()
-    run = subprocess.run(
-        [sys.executable, "-m", "cvmbuild.boinc.wrapper"], cwd=tmp_path, capture_output=True
-    )
+    background = tmp_path / "background.pid"
+    try:
+        # stdio to files: a pipe would wait for a background process left alive
+        with open(tmp_path / "console.txt", "wb") as console:
+            run = subprocess.run(
+                [sys.executable, "-m", "cvmbuild.boinc.wrapper"],
+                cwd=tmp_path,
+                stdout=console,
+                stderr=console,
+                timeout=60,
+            )
+    finally:
+        if background.exists() and alive(pid := int(background.read_text())):
+            os.kill(pid, signal.SIGKILL)
     assert run.returncode == 0, (tmp_path / "stderr.txt").read_text()
     assert time.monotonic() - started < 30
     assert (tmp_path / "out.txt").read_text() == "SHOUT\n"
     assert (tmp_path / "err.txt").read_text() == "oops\n"
-    assert (tmp_path / "wrapper_checkpoint.txt").read_text().startswith("3 ")
+    assert (tmp_path / "wrapper_checkpoint.txt").read_text().startswith("4 ")
+    assert not alive(int(background.read_text()))
     assert "reached its time limit of 1 s" in (tmp_path / "stderr.txt").read_text()
 
 
@@ -331,6 +348,7 @@ def test_task_reports_progress_and_its_output_reaches_the_project(tmp_path: Path
         task = client.wait_finished(60)
         assert task["exit_status"] == "0"
         assert (client.project_dir / "wu1_0_0").read_text() == "A counted to 16\n"
+        assert float(task["final CPU time"]) > 0  # the task's, from report_status
         assert len(payload.starts()) == 1
 
 
@@ -400,6 +418,16 @@ def test_killed_client_takes_the_wrapper_and_its_task_along(tmp_path: Path) -> N
         wait_until(lambda: not alive(pid) and not alive(wrapper), 15, "wrapper and task to go")
         print(f"wrapper and task gone {time.monotonic() - started:.1f} s after kill -9")
         assert not processes_under(client.root)
+
+
+def test_task_dies_with_a_killed_wrapper(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG: even a wrapper killed outright leaves no task behind."""
+    log = tmp_path / "log"
+    job = host_job(task_xml(log, 400, 0.25, "A"))
+    with wrapper_job(tmp_path, job) as (client, payload):
+        pid, wrapper = wait_until(lambda: payload.started("A"), 30, "the task to start")
+        os.kill(wrapper, signal.SIGKILL)
+        wait_until(lambda: not alive(pid), 5, "the task to die with its wrapper")
 
 
 def test_failing_task_gives_its_exit_code_to_the_result(tmp_path: Path) -> None:

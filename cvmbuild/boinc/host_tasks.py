@@ -145,15 +145,15 @@ class TaskProcess:
         return cls(process)
 
     def poll(self) -> int | None:
-        """The task's wait status once it has exited, else None."""
+        """The task's wait status once it has exited, else None. What it left running
+        in its group is killed first, while its zombie still holds the group's id."""
         if self.status is None:
-            pid, status, usage = os.wait4(self.pid, os.WNOHANG)
-            if pid == 0:
+            if os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
                 return None
-            self.status = status
-            self.process.returncode = os.waitstatus_to_exitcode(status)  # reaped here
+            self._signal_group(signal.SIGKILL)
+            _, self.status, usage = os.wait4(self.pid, 0)
+            self.process.returncode = os.waitstatus_to_exitcode(self.status)  # reaped here
             self.cpu_time = max(self.cpu_time, usage.ru_utime + usage.ru_stime)
-            self._signal_group(signal.SIGKILL)  # what it left running in the background
         return self.status
 
     def wait(self, timeout: float) -> None:
@@ -184,9 +184,8 @@ class TaskProcess:
         self._signal_group(signal.SIGCONT)
         self.wait(KILL_GRACE_S)
         self._signal_group(signal.SIGKILL)
-        if self.status is None:
-            _, self.status, _ = os.wait4(self.pid, 0)
-            self.process.returncode = os.waitstatus_to_exitcode(self.status)
+        while self.poll() is None:  # SIGKILL takes a moment
+            time.sleep(0.01)
 
     def _signal_group(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):  # the group is empty already
@@ -196,7 +195,7 @@ class TaskProcess:
 def _open(api: BoincApi, files: contextlib.ExitStack, logical: str, mode: str) -> IO[bytes] | None:
     if not logical:
         return None
-    return files.enter_context(open(api.resolve(logical), mode))  # noqa: SIM115
+    return files.enter_context(open(api.resolve(logical), mode))
 
 
 def exit_status(wait_status: int) -> int:

@@ -12,7 +12,6 @@ import contextlib
 import enum
 import json
 import os
-import sys
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from cvmbuild.boinc.api import (
     EXIT_INIT_FAILURE,
     BoincApi,
     BoincStatus,
+    log,
     read_init_data,
 )
 from cvmbuild.boinc.jobfile import VmJob
@@ -164,11 +164,6 @@ def user_data(job: VmJob, override_text: str | None) -> str:
 # -- the I/O around it ---------------------------------------------------------------
 
 
-def log(message: str) -> None:
-    """To stderr.txt in the slot, which the client sends back with the result."""
-    print(f"{time.strftime('%H:%M:%S')} vm_task: {message}", file=sys.stderr, flush=True)
-
-
 def _cpu_seconds(pid: int | None) -> float:
     """QEMU's user + system CPU time (what the task costs the volunteer)."""
     if pid is None:
@@ -221,7 +216,7 @@ def run_vm(api: BoincApi, job: VmJob) -> NoReturn:
     seen = Seen(last_line=now, last_checkpoint=now, elapsed_before=elapsed, running_since=now)
     seen.progress = progress
     checkpoint_cpu = cpu_before
-    log(f"{'restored the VM from its checkpoint' if restoring else 'booting the VM'}")
+    log("vm_task: restored the VM from its checkpoint" if restoring else "vm_task: booting the VM")
     while True:
         now = time.monotonic()
         for line in vm.new_console_lines():
@@ -234,7 +229,7 @@ def run_vm(api: BoincApi, job: VmJob) -> NoReturn:
         status = api.status()
         action = decide(job, status, seen, now, vm.exited() is not None, api.time_to_checkpoint())
         if action is not None:
-            log(action.value)
+            log(f"vm_task: {action.value}")
         if action is Act.ABORT:
             vm.kill()
             api.finish(EXIT_ABORTED_BY_CLIENT, "aborted by the client")
@@ -252,7 +247,7 @@ def run_vm(api: BoincApi, job: VmJob) -> NoReturn:
             api.checkpoint_completed()
             checkpoint_cpu = cpu
             seen.last_checkpoint = time.monotonic()
-            log(f"checkpoint saved in {seconds:.1f} s")
+            log(f"vm_task: checkpoint saved in {seconds:.1f} s")
         elif action in (Act.JOB_DONE, Act.LEASE_OVER):
             _finish(api, job, vm, seen, slot, lease_over=action is Act.LEASE_OVER)
         elif action is Act.VM_GONE:
@@ -281,7 +276,7 @@ def _save_and_exit(
             api.checkpoint_completed()
             api.temporary_exit(RESTART_DELAY_S, f"VM state saved in {seconds:.1f} s")
         except VmError as exc:
-            log(f"saving the VM failed ({exc}); it restarts from the beginning")
+            log(f"vm_task: saving the VM failed ({exc}); it restarts from the beginning")
     vm.kill()
     api.temporary_exit(RESTART_DELAY_S, "VM stopped; it restarts from its last checkpoint")
 
