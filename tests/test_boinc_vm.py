@@ -27,6 +27,7 @@ from cvmbuild.appliance import guest_agent
 from cvmbuild.boinc import console
 from cvmbuild.boinc.qmp import Qmp, QmpError
 from cvmbuild.boinc.vm import CONFIG_DRIVE, OVERLAY, STATE_FILE, Vm, VmError, fat_paths, qemu_argv
+from cvmbuild.boinc.vm_task import start_vm
 from tests.appliance_fixtures import Served
 from tests.conftest import running, wait_gone
 
@@ -430,6 +431,27 @@ def test_a_job_saved_mid_way_continues_from_its_checkpoint_and_finishes(
         f" VM state {vm_state_bytes / MiB:.1f} MiB, overlay {overlay_bytes / MiB:.1f} MiB"
         f" after the save ({overlay_bytes / base_bytes:.0%} of the {base_bytes / MiB:.1f} MiB base)"
     )
+
+
+@pytest.mark.slow
+def test_a_saved_state_that_does_not_restore_costs_the_checkpoint_not_the_task(
+    thin_qcow2: Path, tmp_path: Path, vms: list[Vm]
+) -> None:
+    """A QEMU upgraded between two runs, or a damaged overlay: -loadvm fails, and the
+    wrapper boots the VM afresh rather than failing the task."""
+    slot = tmp_path / "slot"
+    vm = _vm(slot, thin_qcow2)
+    vms.append(vm)
+    vm.prepare("", {})
+    state = json.loads((slot / STATE_FILE).read_text())
+    (slot / STATE_FILE).write_text(json.dumps({**state, "checkpoint": "ckpt"}))  # no such
+    assert vm.has_checkpoint
+    with pytest.raises(VmError):
+        vm.start()
+    vm.kill()
+    start_vm(vm, restoring=True)
+    assert not vm.has_checkpoint and vm.exited() is None
+    Console(vm).until(lambda line: "agent started" in line)
 
 
 PARENT = """\

@@ -205,6 +205,11 @@ class Vm:
         self._execute("cont")
         self._paused = False
 
+    def forget_checkpoint(self) -> None:
+        """The next start boots cold (a saved state this QEMU cannot restore is no use;
+        the next savevm overwrites the old snapshot)."""
+        self._write_state({**self._read_state(), "checkpoint": None})
+
     def checkpoint(self) -> float:
         """savevm while the VM stays up (it is stopped for the save); the seconds taken."""
         seconds = self._savevm()

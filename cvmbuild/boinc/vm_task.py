@@ -207,7 +207,7 @@ def run_vm(api: BoincApi, job: VmJob) -> NoReturn:
         inputs = {name: Path(api.resolve(name)) for name in job.copy_to_guest}
         vm.prepare(user_data(job, override), inputs)
         restoring = vm.has_checkpoint
-        vm.start()
+        start_vm(vm, restoring)
     except (OSError, ValueError, VmError) as exc:
         vm.kill()
         api.finish(EXIT_INIT_FAILURE, f"cannot start the VM: {exc}")
@@ -262,6 +262,20 @@ def run_vm(api: BoincApi, job: VmJob) -> NoReturn:
             )
         api.report_status(cpu, checkpoint_cpu, fraction_done(job, seen, now))
         time.sleep(TICK_S)
+
+
+def start_vm(vm: Vm, restoring: bool) -> None:
+    """Start the VM; a saved state that does not restore (QEMU upgraded in between, a
+    damaged overlay) costs the work since the checkpoint, not the task: boot cold."""
+    try:
+        vm.start()
+    except VmError as exc:
+        if not restoring:
+            raise
+        log(f"vm_task: the saved VM did not restore ({exc}); booting it afresh")
+        vm.kill()
+        vm.forget_checkpoint()
+        vm.start()
 
 
 def _save_and_exit(
