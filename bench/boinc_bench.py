@@ -98,6 +98,7 @@ def base_image(bundle: Path) -> Path:
 def direct(base: Path, slot: Path, user_data: str) -> dict[str, float]:
     """QEMU started here: its start to the job's first output line, and the disk the
     finished task used beyond the base image."""
+    slot.mkdir()
     vm = Vm(slot, base, 512, 1, True, 1024)
     vm.prepare(user_data, {})
     lines: list[str] = []
@@ -142,6 +143,7 @@ def under_boinc(bundle: Path, work: Path, user_data: str) -> dict[str, float]:
 
 
 def checkpoint(base: Path, slot: Path, user_data: str) -> dict[str, float]:
+    slot.mkdir()
     vm = Vm(slot, base, 512, 1, True, 1024)
     vm.prepare(user_data, {})
     lines: list[str] = []

@@ -56,6 +56,8 @@ def run(
         )
     except FileNotFoundError as exc:
         require(args[0])
+        if cwd is not None and not os.path.isdir(cwd):
+            raise ToolError(f"{args[0]}: the directory {os.fspath(cwd)} does not exist") from exc
         raise ToolError(f"{args[0]}: {exc.strerror}") from exc
     if result.returncode != 0:
         message = result.stderr.decode(errors="replace").strip()
