@@ -8,10 +8,10 @@ from __future__ import annotations
 import tomllib
 
 import pytest
-from cvmbuild.boinc.jobfile import VmJob
 
 from cvmbuild.boinc import console
 from cvmbuild.boinc.api import EXIT_CHILD_FAILED, BoincStatus
+from cvmbuild.boinc.jobfile import VmJob
 from cvmbuild.boinc.vm_task import Act, Seen, decide, exit_status, fraction_done, user_data
 
 RUNNING = BoincStatus()
