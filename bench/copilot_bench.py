@@ -1,0 +1,254 @@
+"""The Co-Pilot manager under load: one manager (copilot-manager serve), Redis on the
+loopback (appendonly, fsync on every write), N agent processes polling it.
+
+Two parts:
+- dispatch: N processes speak protocol v1 as agents do (get a job, report it done over
+  one kept-alive connection each; the job's own run is a sleep of --job-ms, 0 = agents
+  back to back), through --jobs jobs, while one agent process is killed with SIGKILL
+  every --kill-every seconds and replaced (its leased job must come back when its lease
+  expires). Reports dispatches per second, get-job latency (median, p99), and checks
+  that every job ended done, none was lost and none was reported done twice.
+- agent cost: the real agent (python3 -m cvmbuild.appliance.copilot_agent, host form)
+  runs --agent-jobs jobs of `true` one after another; its time per job beyond the
+  command's own (`sh -c true` timed alone) is what a job costs the agent.
+
+    .venv/bin/python bench/copilot_bench.py [--agents 200] [--jobs 10000] [--output FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from publish_bench import emit, machine_header  # noqa: E402
+
+from tests.copilot_fixtures import Manager, manager_process, redis_server  # noqa: E402
+
+API = "/copilot/v1"
+TARGETS = {"rate": 500.0, "p99_ms": 50.0}
+LEASE_S = 5  # the shortest lease the manager accepts: killed agents' jobs come back soon
+
+
+def agent_worker(port: int, token: str, name: str, job_ms: int, out: str) -> None:
+    """One polling agent: get a job, hold it job_ms, report it done; forever (the parent
+    kills it). Every get-job's latency and every accepted done go to `out`."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    ask = json.dumps({"agent": name, "resources": {"cpus": 1, "memory_mb": 512}}).encode()
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def call(path: str, body: bytes) -> tuple[int, bytes]:
+        connection.request("POST", API + path, body=body, headers=headers)
+        answer = connection.getresponse()
+        return answer.status, answer.read()
+
+    while True:
+        started = time.perf_counter()
+        status, body = call("/jobs/get", ask)
+        latency_ms = (time.perf_counter() - started) * 1000
+        if status == 204:
+            os.write(fd, f"idle {latency_ms:.3f}\n".encode())
+            time.sleep(0.2)
+            continue
+        if status != 200:
+            os.write(fd, f"error {status}\n".encode())
+            time.sleep(0.5)
+            continue
+        offer = json.loads(body)
+        job, lease = offer["job"]["id"], offer["lease"]["id"]
+        os.write(fd, f"get {latency_ms:.3f} {time.time():.6f}\n".encode())
+        if job_ms:
+            time.sleep(job_ms / 1000)
+        report = json.dumps({"lease": lease, "exit_code": 0, "outputs": {}}).encode()
+        status, _ = call(f"/jobs/{job}/done", report)
+        if status == 200:
+            os.write(fd, f"done {job}\n".encode())
+
+
+def dispatch(manager: Manager, work: Path, agents: int, jobs: int, job_ms: int,
+             kill_every: float) -> dict[str, Any]:  # fmt: skip
+    logs = work / f"agents-{job_ms}ms"
+    logs.mkdir()
+    batch = [{"command": "true", "lease_s": LEASE_S, "max_attempts": 1000}] * 500
+    ids: list[str] = []
+    while len(ids) < jobs:
+        ids += manager.submit(*batch[: jobs - len(ids)])
+    context = multiprocessing.get_context("fork")
+    workers: dict[int, multiprocessing.process.BaseProcess] = {}
+    serial = 0
+
+    def spawn() -> None:
+        nonlocal serial
+        serial += 1
+        out = str(logs / f"a{serial}.log")
+        proc = context.Process(
+            target=agent_worker,
+            args=(manager.port, manager.agent_token, f"bench-{serial}", job_ms, out),
+            daemon=True,
+        )
+        proc.start()
+        workers[serial] = proc
+
+    started = time.time()
+    for _ in range(agents):
+        spawn()
+    kills = 0
+    next_kill = time.monotonic() + kill_every
+    deadline = time.monotonic() + 1800
+    try:
+        while True:
+            counts = manager.status()["counts"]
+            if counts.get("done", 0) + counts.get("failed", 0) >= jobs:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the queue did not drain: {counts}")
+            if kill_every and time.monotonic() >= next_kill:
+                victim = random.choice(list(workers))
+                pid = workers.pop(victim).pid
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+                kills += 1
+                spawn()
+                next_kill += kill_every
+            time.sleep(0.05)
+        finished = time.time()
+    finally:
+        for proc in workers.values():
+            proc.kill()
+        for proc in workers.values():
+            proc.join()
+    gets: list[float] = []
+    get_times: list[float] = []
+    done: dict[str, int] = {}
+    for log in logs.iterdir():
+        for line in log.read_text().splitlines():
+            kind, _, rest = line.partition(" ")
+            if kind == "get":
+                latency, at = rest.split()
+                gets.append(float(latency))
+                get_times.append(float(at))
+            elif kind == "done":
+                done[rest] = done.get(rest, 0) + 1
+    states = {job_id: manager.job(job_id)["state"] for job_id in random.sample(ids, 200)}
+    counts = manager.status()["counts"]
+    gets.sort()
+    return {
+        "job_ms": job_ms,
+        "agents": agents,
+        "jobs": jobs,
+        "seconds": finished - started,
+        "rate": len(get_times) / (max(get_times) - min(get_times)),
+        "p50_ms": gets[len(gets) // 2],
+        "p99_ms": gets[int(len(gets) * 0.99)],
+        "kills": kills,
+        "leases_lost": len(get_times) - jobs,  # get-jobs beyond one per job: requeues
+        "done_reported": len(done),
+        "done_twice": sum(1 for n in done.values() if n > 1),
+        "done_in_manager": counts.get("done", 0),
+        "failed": counts.get("failed", 0),
+        "lost": jobs - counts.get("done", 0) - counts.get("failed", 0),
+        "sample_not_done": sum(1 for s in states.values() if s != "done"),
+    }
+
+
+def agent_cost(manager: Manager, work: Path, n: int) -> dict[str, float]:
+    """The real agent, one job after another: its seconds per job beyond `true`'s own."""
+    token = work / "agent.token"
+    token.write_text(manager.agent_token)
+    manager.submit(*[{"command": "true", "lease_s": 60}] * n)
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "cvmbuild.appliance.copilot_agent", "--url", manager.url,
+         "--token-file", str(token), "--work", str(work / "agent-work"), "--idle-exit", "1",
+         "--name", "bench-real"],
+        cwd=ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    total = time.perf_counter() - started
+    command_started = time.perf_counter()
+    for _ in range(n):
+        subprocess.run(["/bin/sh", "-c", "true"], check=True)
+    command = (time.perf_counter() - command_started) / n
+    return {"per_job_s": total / n, "command_s": command, "overhead_s": total / n - command}
+
+
+def report(rows: list[dict[str, Any]], cost: dict[str, float], work: Path) -> str:
+    lines = [
+        "",
+        "### Co-Pilot manager: dispatch under agent kills (bench/copilot_bench.py)",
+        "",
+        *machine_header(work),
+        "- one manager process, redis-server on a unix socket (appendonly, appendfsync "
+        "always), the agents on the same 2 cores; lease 5 s; one agent killed (SIGKILL) "
+        "and replaced every kill interval",
+        "",
+        "| agents | job length | jobs | dispatches/s | get-job median | get-job p99 "
+        "| agents killed | requeued | lost | done twice | target |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['agents']} | {r['job_ms']} ms | {r['jobs']} | {r['rate']:.0f} | "
+            f"{r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | {r['kills']} | "
+            f"{r['leases_lost']} | {r['lost']} | {r['done_twice']} | >= 500/s, p99 <= 50 ms, "
+            "0 lost, 0 twice |"
+        )
+    lines += [
+        "",
+        f"The real agent (host form), {cost['n']:.0f} jobs of `true` one after another: "
+        f"{cost['per_job_s'] * 1000:.1f} ms per job, of which the command itself "
+        f"{cost['command_s'] * 1000:.1f} ms: the agent costs "
+        f"{cost['overhead_s'] * 1000:.1f} ms per job (get, directory, lease thread, done).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--agents", type=int, default=200)
+    parser.add_argument("--jobs", type=int, default=10000)
+    parser.add_argument(
+        "--job-ms", type=int, action="append",
+        help="each job's length in the polling agents, ms (repeatable; default 0 and 250)",
+    )  # fmt: skip
+    parser.add_argument("--kill-every", type=float, default=1.0, help="seconds between kills")
+    parser.add_argument("--agent-jobs", type=int, default=200)
+    parser.add_argument("--output", type=Path, help="append the report to this file")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="copilot-bench-") as tmp:
+        work = Path(tmp)
+        rows = []
+        for job_ms in args.job_ms or [0, 250]:
+            run_dir = work / f"run-{job_ms}"
+            with redis_server(run_dir / "redis") as redis:
+                with manager_process(redis, run_dir / "manager") as manager:
+                    row = dispatch(manager, run_dir, args.agents, args.jobs, job_ms,
+                                   args.kill_every)  # fmt: skip
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+                    rows.append(row)
+        with redis_server(work / "cost" / "redis") as redis:
+            with manager_process(redis, work / "cost" / "manager") as manager:
+                cost = agent_cost(manager, work / "cost", args.agent_jobs)
+                cost["n"] = args.agent_jobs
+                print(json.dumps(cost), file=sys.stderr, flush=True)
+        emit(report(rows, cost, work), args.output)
+    failures = [r for r in rows if r["lost"] or r["done_twice"] or r["failed"]]
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
