@@ -26,7 +26,7 @@ from cvmfs_format.trust import Floor, TrustedState
 from repo_server.nginx import repository_server, standalone
 from repo_server.repository import LocalRepository
 
-pytest_plugins = ["tests.appliance_fixtures"]
+pytest_plugins = ["tests.appliance_fixtures", "tests.copilot_fixtures"]
 
 BIN = Path(sys.executable).parent
 

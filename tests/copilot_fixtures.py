@@ -141,6 +141,14 @@ class Manager:
     def tokens(self) -> Path:
         return self.dir / "tokens"
 
+    def share_tokens(self, other: Manager) -> None:
+        """Accept other's tokens (managers behind one Redis share a token directory)."""
+        self.tokens.mkdir(parents=True, exist_ok=True)
+        for role in ("agent", "submitter"):
+            name = f"{role}.json"
+            (self.tokens / name).write_bytes((other.tokens / name).read_bytes())
+        self.agent_token, self.submitter_token = other.agent_token, other.submitter_token
+
     @property
     def log(self) -> Path:
         return self.dir / "manager.log"
@@ -217,9 +225,17 @@ class Manager:
 
 @contextlib.contextmanager
 def manager_process(
-    redis: RedisServer, directory: Path, outputs: str | None = None, *extra: str, **env: str
+    redis: RedisServer,
+    directory: Path,
+    outputs: str | None = None,
+    *extra: str,
+    tokens_of: Manager | None = None,
+    **env: str,
 ) -> Iterator[Manager]:
+    """A manager for the block; with tokens_of, it takes that manager's tokens."""
     manager = Manager(redis, directory, outputs or str(directory / "outputs"), list(extra), env)
+    if tokens_of is not None:
+        manager.share_tokens(tokens_of)
     try:
         manager.start()
         yield manager
