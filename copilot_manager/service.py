@@ -140,7 +140,7 @@ class Service:
         body = await self._object(request)
         progress = body.get("progress")
         if progress is not None and not (
-            isinstance(progress, int | float) and math.isfinite(progress)
+            isinstance(progress, int | float) and math.isfinite(progress) and 0 <= progress <= 1
         ):
             raise ApiError(400, '"progress" must be a number from 0 to 1')
         renewed = await self.queue.heartbeat(
