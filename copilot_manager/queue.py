@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from copilot_manager import queue_scripts as lua
 from copilot_manager.jobs import JobSpec, Resources
@@ -54,9 +56,18 @@ class RedisQueue:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "copilot:") -> RedisQueue:
-        """redis://HOST:PORT/DB or unix:///PATH; connections are pooled."""
+        """redis://HOST:PORT/DB or unix:///PATH; connections are pooled.
+
+        No retries inside redis-py: a script whose connection broke may have run, and
+        running it again (a second submit, a second lease) is not the caller's intent.
+        The request fails with 503 instead and the client decides (done and heartbeat
+        are idempotent for the agent)."""
         client = aioredis.Redis.from_url(
-            url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5
+            url,
+            decode_responses=True,
+            socket_timeout=10,
+            socket_connect_timeout=5,
+            retry=Retry(NoBackoff(), 0),
         )
         return cls(client, prefix)
 

@@ -399,7 +399,8 @@ def test_a_manager_killed_mid_run_loses_nothing_acknowledged(manager: Manager) -
         thread.join(timeout=30)
     for job_id in acknowledged:
         assert manager.job(job_id)["state"] == "queued"
-    assert manager.status()["counts"]["queued"] == len(acknowledged)
+    # One submission may have been queued while its answer was lost with the manager.
+    assert 0 <= manager.status()["counts"]["queued"] - len(acknowledged) <= 1
     # The agent that held a lease across the restart carries on.
     beat = manager.agent("POST", f"/jobs/{leased_id}/heartbeat", json={"lease": lease})
     assert beat.status_code == 200
@@ -440,13 +441,9 @@ def test_redis_restarted_mid_run_loses_nothing_acknowledged(
     for job_id in acknowledged:
         assert manager.job(job_id)["state"] == "queued"
     counts = manager.status()["counts"]
-    assert counts == {
-        "queued": len(acknowledged) + 1,
-        "running": 1,
-        "done": 1,
-        "failed": 0,
-        "cancelled": 0,
-    }
+    # Job c, and perhaps one submission stored just before Redis died, its answer lost.
+    assert 1 <= counts.pop("queued") - len(acknowledged) <= 2
+    assert counts == {"running": 1, "done": 1, "failed": 0, "cancelled": 0}
     assert job_b["id"] == ids[1]
 
 
