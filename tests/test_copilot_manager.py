@@ -115,6 +115,9 @@ def test_a_submitted_job_runs_its_input_and_its_output_is_kept(
     assert final["outputs"] == {"count.txt": {"sha256": sha(b"3000\n"), "size": 5}}
     output = manager.submitter("GET", f"/jobs/{job_id}/outputs/count.txt")
     assert output.content == b"3000\n"
+    shown = manager.cli("status", job_id).stdout.decode()
+    assert f"job {job_id}: done, attempt 1 of 3, agent vm-1\n" in shown
+    assert f"output count.txt\t5\t{final['outputs']['count.txt']['sha256']}\n" in shown
     # The agent's report lost on the way and sent again: the same answer, nothing changed.
     again = manager.agent(
         "POST", f"/jobs/{job_id}/done", json={"lease": lease["id"], "exit_code": 1}
@@ -142,6 +145,30 @@ def test_a_failing_command_or_a_missing_output_fails_the_job(manager: Manager) -
     first, second = manager.job(ids[0]), manager.job(ids[1])
     assert first["exit_code"] == 3 and first["outputs"] == {"r": {"sha256": sha(b"x"), "size": 1}}
     assert second["message"] == "r was not uploaded"
+
+
+def test_a_job_from_flags_names_its_repository(manager: Manager, tmp_path: Path) -> None:
+    key = tmp_path / "sw.example.org.pub"
+    key.write_text("-----BEGIN PUBLIC KEY-----\nMCow\n-----END PUBLIC KEY-----\n")
+    out = manager.cli(
+        "submit", "--command", "hello.py", "--repository", "http://repo.example.org/sw",
+        "--key", str(key), "--repo-path", "/sw/hello/1.0", "--max-attempts", "2",
+    )  # fmt: skip
+    job, _ = get_job(manager)
+    assert job["id"] == out.stdout.decode().strip() and job["max_attempts"] == 2
+    assert job["repositories"] == [
+        {
+            "name": "sw.example.org",
+            "url": "http://repo.example.org/sw",
+            "public_key": key.read_text(),
+            "paths": ["/sw/hello/1.0"],
+        }
+    ]
+    bad = manager.cli("submit", "--command", "x", "--input", str(tmp_path / "nope"), check=False)
+    assert (
+        bad.returncode == 1
+        and bad.stderr.decode() == f"error: input {tmp_path}/nope: no such file\n"
+    )
 
 
 def test_a_job_file_in_toml_submits_several_jobs(manager: Manager, tmp_path: Path) -> None:
@@ -190,6 +217,8 @@ def test_a_bad_token_is_401_and_a_token_of_the_wrong_kind_403(manager: Manager) 
     assert bad.status_code == 400 and is_one_line_error(bad)
     huge = manager.agent("POST", get, data=b"{" + b" " * (2 << 20) + b"}")
     assert huge.status_code == 413 and is_one_line_error(huge)
+    nowhere = manager.agent("GET", "/jobs/1/nothing")
+    assert nowhere.status_code == 404 and is_one_line_error(nowhere)
 
     revoked = manager.cli(
         "token",
