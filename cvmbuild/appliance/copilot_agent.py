@@ -259,6 +259,7 @@ class Agent:
         self.rng = rng or random.Random()
 
     def run(self) -> int:
+        os.makedirs(self.config.work_dir, exist_ok=True)
         idle_since = time.monotonic()
         attempt = 0
         while True:
@@ -292,7 +293,6 @@ class Agent:
         """One job, from its lease to its report (or abandon)."""
         job_id, lease = offer.job_id, offer.lease.id
         self.say(f"copilot job {job_id} start")
-        os.makedirs(self.config.work_dir, exist_ok=True)
         job_dir = tempfile.mkdtemp(prefix="job-", dir=self.config.work_dir)
         progress = self.progress_file or os.path.join(job_dir, ".progress")
         if self.progress_file:
@@ -533,7 +533,6 @@ def main(argv: list[str] | None = None) -> int:
             work_dir=os.path.abspath(args.work), name=args.name or default_name(),
             idle_exit_s=max(0.0, args.idle_exit), cvmfs_root=os.path.abspath(args.cvmfs_root),
         )  # fmt: skip
-        os.makedirs(config.work_dir, exist_ok=True)
         # SIGTERM unwinds like an exception, so that the running job is killed first.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
         client = ManagerClient(config.url, config.token)
