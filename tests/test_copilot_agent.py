@@ -41,9 +41,14 @@ from cvmbuild.appliance.copilot_protocol import (
     parse_job,
     parse_offer,
 )
+from cvmbuild.boinc.jobfile import VmJob
+from cvmbuild.boinc.vm import Vm
+from cvmbuild.boinc.vm_task import user_data
+from tests.appliance_fixtures import Served
 from tests.boinc_client import processes_under
 from tests.conftest import mounted, run_cli, serving
 from tests.copilot_fixtures import Manager, manager_process, redis_server
+from tests.test_boinc_vm import Console
 
 EXAMPLE_JOB: dict[str, Any] = {
     "id": "17",
@@ -165,9 +170,24 @@ def test_copilot_user_data_turns_the_appliance_into_an_agent() -> None:
     assert config_from_user_data({"url": "http://m", "token": "t", "name": "vm7"}, "x", "/w", "d")
 
 
+def test_a_boinc_work_unit_brings_the_token_to_the_job_files_copilot_url() -> None:
+    job = VmJob(
+        copilot_url="http://copilot.example.org:8080", user_data="[copilot]\nidle_exit_s = 600\n"
+    )
+    work_unit = '[copilot]\ntoken = "agent-token-of-this-batch"\n'
+    text = user_data(job, work_unit)
+    settings = guest_agent.apply_overrides(
+        guest_agent.Settings(), guest_agent.parse_user_data(text, "config drive")
+    )
+    assert settings.copilot is not None
+    assert settings.copilot.url == "http://copilot.example.org:8080"
+    assert settings.copilot.token == "agent-token-of-this-batch"
+    assert settings.copilot.idle_exit_s == 600.0
+
+
 # -- agents as processes against the real manager ------------------------------------
 
-REPO = "sw.example.org"
+REPO = "tools.example.org"  # not the recipe's sw.example.org: the agent mounts it
 # The repository's program: reads in.txt if the job has one, reports its progress in
 # steps over SECONDS, and writes result.txt.
 WORK_PY = """\
@@ -366,7 +386,7 @@ def test_eight_agents_work_through_a_queue_of_repository_jobs(
 def test_a_job_of_an_agent_killed_mid_job_is_finished_by_another_once(
     manager: Manager, software: Software, tmp_path: Path
 ) -> None:
-    [job_id] = manager.submit({"command": f"{WORK} 7 6", "repositories": [software.repository()],
+    [job_id] = manager.submit({"command": f"{WORK} 7 3", "repositories": [software.repository()],
                                "outputs": ["result.txt"], "lease_s": 6})  # fmt: skip
     with fleet(manager, tmp_path / "agents", software) as agents:
         first = agents.start("first", idle_exit=600)
@@ -508,3 +528,55 @@ def test_an_agent_with_a_bad_token_stops_with_one_clear_line(
     assert len(lines) == 1, lines
     assert lines[0].startswith("copilot-agent: error: the manager refused this agent's token")
     assert ("401" if token != "submitter" else "403") in lines[0]
+
+
+# -- the appliance under QEMU ----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def appliance_image(request: pytest.FixtureRequest) -> Path:
+    """The default recipe as qcow2: the session's build, or CVMBUILD_TEST_QCOW2 (an image
+    built from this tree) to try guest agent changes without building every format."""
+    prebuilt = os.environ.get("CVMBUILD_TEST_QCOW2")
+    return Path(prebuilt) if prebuilt else Path(request.getfixturevalue("thin_qcow2"))
+
+
+@pytest.mark.slow
+def test_an_appliance_pulls_jobs_from_the_manager_until_idle(
+    manager: Manager, software: Software, served_repository: Served, appliance_image: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    guest = {**software.repository(), "url": software.url.replace("127.0.0.1", "10.0.2.2")}
+    data = b"an input the appliance fetches from the manager\n"
+    ids = manager.submit(
+        {"command": f"{WORK} 1 8", "repositories": [guest], "inputs": [upload_input(manager, data)],
+         "outputs": ["result.txt"], "lease_s": 9},
+        {"command": f"{WORK} 2", "repositories": [guest], "outputs": ["result.txt"]},
+    )  # fmt: skip
+    port = manager.url.rsplit(":", 1)[1]
+    user_data = served_repository.user_data("") + (
+        f'[copilot]\nurl = "http://10.0.2.2:{port}"\ntoken = "{manager.agent_token}"\n'
+        'idle_exit_s = "10"\nname = "appliance"\n'
+    )
+    (tmp_path / "slot").mkdir()
+    vm = Vm(tmp_path / "slot", appliance_image, memory_mb=512, cpus=1, network=True,
+            output_disk_mb=64)  # fmt: skip
+    try:
+        vm.prepare(user_data, {})
+        vm.start()
+        watch = Console(vm)
+        assert watch.until_exited(timeout=400) == 0, watch.tail()
+    finally:
+        vm.kill()
+    jobs = {i: manager.job(i) for i in ids}
+    assert [j["state"] for j in jobs.values()] == ["done", "done"], jobs
+    assert {j["agent"] for j in jobs.values()} == {"appliance"}
+    assert hashes(jobs[ids[0]]) == {"result.txt": sha(result_of(1, data))}
+    assert output(manager, ids[1], "result.txt") == result_of(2)
+    said = [line[line.index("CVMAPPLIANCE:") :] for line in watch.lines if "CVMAPPLIANCE:" in line]
+    assert f"CVMAPPLIANCE: mounted {REPO} revision 1 at /cvmfs/{REPO}" in said
+    for job_id in ids:
+        assert f"CVMAPPLIANCE: copilot job {job_id} start" in said
+        assert f"CVMAPPLIANCE: copilot job {job_id} exit 0" in said
+    assert any(line.startswith("CVMAPPLIANCE: progress ") for line in said)
+    assert any(line.startswith("CVMAPPLIANCE: job exit 0 after") for line in said)
