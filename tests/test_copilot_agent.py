@@ -84,6 +84,7 @@ def test_a_job_as_the_manager_hands_it_out_is_understood() -> None:
         ({"outputs": ["in.txt"]}, "distinct names"),
         ({"inputs": [{**EXAMPLE_JOB["inputs"][0], "sha256": "A" * 64}]}, "lowercase hex"),
         ({"inputs": [{**EXAMPLE_JOB["inputs"][0], "size": -1}]}, "negative"),
+        ({"inputs": [{**EXAMPLE_JOB["inputs"][0], "url": "file:///etc/shadow"}]}, "http"),
         ({"environment": {"PATH=x": "y"}}, "environment"),
         ({"command": ["ls"]}, "command must be str"),
         ({"repositories": [{"name": "../x", "url": ""}]}, "not an acceptable name"),

@@ -168,7 +168,7 @@ def parse_job(data: Mapping[str, Any]) -> Job:
                 _field(r, "url", str, where, ""),
                 _field(r, "public_key", str, where, ""),
                 tuple(paths),
-            )  # fmt: skip
+            )
         )
     inputs = []
     for i in _field(data, "inputs", list, where, []):
@@ -181,7 +181,10 @@ def parse_job(data: Mapping[str, Any]) -> Job:
         size = _field(i, "size", int, f"{where}: input {name}", None)
         if size is not None and size < 0:
             raise JobError(f"{where}: input {name}: size must not be negative")
-        inputs.append(Input(name, _field(i, "url", str, f"{where}: input {name}"), digest, size))
+        url = _field(i, "url", str, f"{where}: input {name}")
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            raise JobError(f"{where}: input {name}: the url must be http:// or https://")
+        inputs.append(Input(name, url, digest, size))
     outputs = _field(data, "outputs", list, where, [])
     for name in outputs:
         _name(name if isinstance(name, str) else "", _FILE_NAME, f"{where}: output")
@@ -276,6 +279,8 @@ class ManagerClient:
     ) -> http.client.HTTPResponse:
         api = url.startswith(self.url + API)
         for _hop in range(MAX_REDIRECTS + 1):
+            if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+                raise ManagerError(f"{method} {url}: only http:// and https:// URLs are used")
             sent = dict(headers)
             if api or origin(url) in self._trusted:
                 sent["Authorization"] = f"Bearer {self.token}"
