@@ -29,8 +29,10 @@ from cvmbuild.appliance import guest_agent
 from cvmbuild.appliance.copilot_agent import (
     EXIT_NOT_RUN,
     MAX_BACKOFF_S,
+    AgentConfig,
     backoff_s,
     config_from_user_data,
+    run_in_appliance,
     shell_status,
 )
 from cvmbuild.appliance.copilot_protocol import (
@@ -529,6 +531,16 @@ def test_an_agent_with_a_bad_token_stops_with_one_clear_line(
     assert len(lines) == 1, lines
     assert lines[0].startswith("copilot-agent: error: the manager refused this agent's token")
     assert ("401" if token != "submitter" else "403") in lines[0]
+
+
+def test_in_the_appliance_a_refused_token_is_an_error_line_and_exit_2(
+    manager: Manager, tmp_path: Path
+) -> None:
+    config = AgentConfig(manager.url, "not-a-token", str(tmp_path / "work"), "vm", 600.0)
+    said: list[str] = []
+    status = run_in_appliance(config, lambda repo, path: None, said.append, str(tmp_path / "p"))
+    assert status == 2
+    assert len(said) == 1 and said[0].startswith("error: copilot: the manager refused")
 
 
 # -- the appliance under QEMU ----------------------------------------------------------
