@@ -7,6 +7,10 @@ overridden in turn by the kernel command line (cvm.repo_url=, cvm.proxy=, cvm.jo
 Progress goes to the console as `CVMAPPLIANCE: ...` lines that `cvmbuild boot` and the
 BOINC VM wrapper read (the protocol: cvmbuild/boinc/console.py).
 
+With a `[copilot]` user-data table the job is the Co-Pilot agent (copilot_agent.py, carried
+beside this file): it pulls jobs from a manager until it has been idle for idle_exit_s,
+mounting each repository a job names at /cvmfs/NAME; its exit status is the job's.
+
 The job runs in its own directory (env CVM_JOB_DIR): the FAT output disk labelled CVMOUT
 when there is one (the VM wrapper copies the job's outputs off it), under vboxwrapper the
 shared folder, else a plain directory; files under the config drive's input/ are copied
@@ -23,7 +27,6 @@ import binascii
 import ctypes
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -32,7 +35,14 @@ import threading
 import time
 import tomllib
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+
+try:
+    from cvmbuild.appliance import copilot_agent
+except ImportError:  # in the image (python3 -I): copilot_agent.py lies beside this file
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import copilot_agent  # type: ignore[no-redef]
 
 SETTINGS_FILE = "/etc/cvmappliance/appliance.json"
 MARK = "CVMAPPLIANCE:"  # the protocol's host side: cvmbuild/boinc/console.py
@@ -51,7 +61,10 @@ VBOX_SHUTDOWN = "shutdown"
 USER_DATA_KEYS = {
     "repository": {"url", "proxy", "public_key", "name", "mount_point"},
     "job": {"command", "then"},
+    "copilot": set(copilot_agent.USER_DATA_KEYS),
 }
+COPILOT_WORK = "/run/copilot"  # tmpfs: jobs may need modes and links, which FAT lacks
+parse_progress = copilot_agent.parse_progress
 
 
 class ContextError(Exception):
@@ -74,6 +87,7 @@ class Settings:
     repositories: list[RepoSettings] = field(default_factory=list)
     job: str = ""
     then: str = "poweroff"
+    copilot: copilot_agent.AgentConfig | None = None  # user data only
 
 
 def settings_from_json(text: str) -> Settings:
@@ -102,7 +116,8 @@ def settings_to_json(settings: Settings) -> str:
 
 def parse_user_data(text: str, source: str) -> dict[str, dict[str, str]]:
     """User data is TOML: [repository] url/proxy/public_key/name/mount_point, [job]
-    command/then. Anything else is refused, naming the key."""
+    command/then, [copilot] url/token/idle_exit_s/name. Anything else is refused,
+    naming the key."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -110,7 +125,8 @@ def parse_user_data(text: str, source: str) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for table, values in data.items():
         if table not in USER_DATA_KEYS or not isinstance(values, dict):
-            raise ContextError(f"{source}: unknown table [{table}] (known: repository, job)")
+            known = ", ".join(USER_DATA_KEYS)
+            raise ContextError(f"{source}: unknown table [{table}] (known: {known})")
         for key, value in values.items():
             if key not in USER_DATA_KEYS[table]:
                 known = ", ".join(sorted(USER_DATA_KEYS[table]))
@@ -158,11 +174,21 @@ def apply_overrides(settings: Settings, overrides: dict[str, dict[str, str]]) ->
             fields = {"name": name, "mount_point": f"/cvmfs/{name}", **repo}
             repos.append(RepoSettings(**fields))
     job = overrides.get("job", {})
+    copilot = settings.copilot
+    if "copilot" in overrides:
+        name = f"{settings.hostname}-{os.urandom(3).hex()}"  # volunteers' VMs share a hostname
+        try:
+            copilot = copilot_agent.config_from_user_data(
+                overrides["copilot"], "user data", COPILOT_WORK, name
+            )
+        except copilot_agent.ConfigError as exc:
+            raise ContextError(str(exc)) from None
     return replace(
         settings,
         repositories=repos,
         job=job.get("command", settings.job),
         then=job.get("then", settings.then),
+        copilot=copilot,
     )
 
 
@@ -180,18 +206,6 @@ def fat_label(boot_sector: bytes) -> str | None:
 def parse_stats(raw: bytes) -> tuple[str, int]:
     stats = json.loads(raw)
     return str(stats.get("repository", "")), int(stats.get("revision", 0))
-
-
-_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
-
-
-def parse_progress(text: str) -> float | None:
-    """The job's progress: the last number in its progress file (as vboxwrapper reads
-    fraction_done_filename), kept within 0..1; None while there is none."""
-    numbers = _NUMBER.findall(text)
-    if not numbers:
-        return None
-    return min(1.0, max(0.0, float(numbers[-1])))
 
 
 def completion_text(status: int, message: str = "") -> str:
@@ -464,14 +478,29 @@ def mount_repository(repo: RepoSettings) -> None:
     say(f"mounted {name} revision {revision} at {repo.mount_point}")
 
 
-def run_job(command: str, place: JobPlace) -> int:
+def run_job(command: str, place: JobPlace, run: Callable[[], int] | None = None) -> int:
     say(f"job start: {command}")
     started = time.monotonic()
-    env = place.environment(dict(os.environ))
-    status = subprocess.run(["/bin/sh", "-c", command], cwd=place.dir, env=env).returncode
+    if run is not None:
+        status = run()
+    else:
+        env = place.environment(dict(os.environ))
+        status = subprocess.run(["/bin/sh", "-c", command], cwd=place.dir, env=env).returncode
     sys.stdout.flush()
     say(f"job exit {status} after {time.monotonic() - started:.1f} s")
     return status
+
+
+def run_copilot(settings: Settings, place: JobPlace) -> int:
+    """The Co-Pilot agent as the appliance's job; the repositories its jobs name are
+    mounted with the proxy of the appliance's first repository."""
+    assert settings.copilot is not None
+    proxy = settings.repositories[0].proxy if settings.repositories else "DIRECT"
+
+    def mount_at(repo: copilot_agent.Repository, point: str) -> None:
+        mount_repository(RepoSettings(repo.name, repo.url, point, repo.public_key, proxy))
+
+    return copilot_agent.run_in_appliance(settings.copilot, mount_at, say, place.progress_file)
 
 
 def power_off() -> None:
@@ -508,8 +537,13 @@ def main() -> int:
         socket.sethostname(settings.hostname)
         for repo in settings.repositories:
             mount_repository(repo)
-        if settings.job:
-            status = run_job(settings.job, place)
+        copilot = settings.copilot
+        if copilot is not None or settings.job:
+            if copilot is not None:
+                what = f"copilot agent {copilot.name} for {copilot.url}"
+                status = run_job(what, place, lambda: run_copilot(settings, place))
+            else:
+                status = run_job(settings.job, place)
             liveness.relay_progress()  # the last fraction may be younger than the poll
             finish_job_place(place, status)
         else:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import cvmfs_client
 import cvmfs_format
-from cvmbuild.appliance import guest_agent
+from cvmbuild.appliance import copilot_agent, copilot_protocol, guest_agent
 from cvmbuild.appliance.errors import ApplianceError
 from cvmbuild.appliance.initramfs import AGENT_PATH
 from cvmbuild.appliance.process import run
@@ -152,7 +152,8 @@ def appliance_settings(recipe: Recipe) -> str:
 
 
 def install_appliance_files(rootfs: Rootfs, recipe: Recipe) -> list[tuple[str, str]]:
-    """cvmfs-client, mfusepy, the guest agent and the records of what the image is."""
+    """cvmfs-client, mfusepy, the guest agent (with the Co-Pilot agent) and the records
+    of what the image is."""
     tree = rootfs.tree
     site = tree / "usr/lib/python3/dist-packages"
     for package in (cvmfs_client, cvmfs_format):  # the client and the format it reads
@@ -168,6 +169,9 @@ def install_appliance_files(rootfs: Rootfs, recipe: Recipe) -> list[tuple[str, s
     write = _writer(tree)
     write("usr/bin/cvmfs-client", CLIENT_SCRIPT, 0o755)
     write(AGENT_PATH.lstrip("/"), Path(guest_agent.__file__).read_text(), 0o755)
+    for module in (copilot_agent, copilot_protocol):  # the guest agent imports them from there
+        beside = Path(AGENT_PATH).parent / Path(module.__file__).name  # type: ignore[arg-type]
+        write(str(beside).lstrip("/"), Path(module.__file__).read_text())  # type: ignore[arg-type]
     write("etc/cvmappliance/appliance.json", appliance_settings(recipe) + "\n")
     write("etc/cvmappliance/recipe.toml", recipe.text)
     ours = [
