@@ -4,7 +4,8 @@ project (tests/boinc_project.py, a scheduler emulator), runs the app `cvmbuild e
 runs a program from a repository served on the loopback, and the output is uploaded
 and reported. Then what a volunteer's machine does to a task: suspend and resume, a
 client that quits mid-job (the VM is saved and restored on its next start), abort,
-and a client killed outright. No QEMU may outlive any of it.
+and a client killed outright. Last, the paper's volunteer cloud: the appliance under
+BOINC pulls its jobs from the Co-Pilot manager. No QEMU may outlive any of it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tests.boinc_project import (
     scheduler_emulator,
 )
 from tests.boinc_running import RunningClient, running_client
+from tests.copilot_fixtures import Manager
 
 pytestmark = pytest.mark.slow  # each test boots the appliance under TCG
 
@@ -166,3 +168,52 @@ def test_a_killed_client_leaves_no_vm_running(
         wait_until(lambda: not processes_under(host.client.dir), 60, "the wrapper and QEMU to go")
         # the wrapper saw its client vanish and kept the VM's state for the next start
         assert "VM state saved" in host.stderr()
+
+
+def test_the_volunteer_cloud_a_boinc_task_runs_the_jobs_it_pulls_from_copilot(
+    built: Built, served_repository: Served, manager: Manager, tmp_path: Path
+) -> None:
+    """The paper's §8 end to end: a volunteer's BOINC client runs the appliance through
+    the VM wrapper; inside, the Co-Pilot agent pulls two jobs from the manager (outbound
+    only, to the host's loopback), runs a program from the repository for each, uploads
+    its output to the manager, and leaves when idle; the BOINC task's own result lists
+    the jobs this VM ran."""
+    repository = {
+        "name": "sw.example.org",
+        "url": served_repository.url,
+        "public_key": served_repository.key.read_text(),
+        "paths": ["/sw/hello/1.0"],
+    }
+    job = {"command": f"{HELLO} > out.txt", "repositories": [repository], "outputs": ["out.txt"]}
+    ids = manager.submit(job, job)
+    port = manager.url.rsplit(":", 1)[1]
+    copilot = (
+        f'[copilot]\nurl = "http://10.0.2.2:{port}"\ntoken = "{manager.agent_token}"\n'
+        'idle_exit_s = "10"\nname = "volunteer-1"\nsummary_file = "result.txt"\n'
+    )
+    work_unit = EmulatedJob(
+        name="cloud1",
+        app_name="cvm-thin",
+        version_num=100,
+        plan_class="qemu",
+        inputs=(
+            InputFile(
+                "cloud1_user-data",
+                (served_repository.user_data("") + copilot).encode(),
+                "user-data",
+            ),
+        ),  # fmt: skip
+        outputs=(OutputFile("result.txt"),),
+    )
+    with volunteer(built, tmp_path, work_unit) as host:
+        host.client.wait_exit(timeout=600)
+        report = host.project.reports[work_unit.result_name]
+        assert report.exit_status == 0, (report.stderr_out, host.client.log_tail())
+        summary = host.project.uploads[work_unit.output_name(work_unit.outputs[0])].decode()
+        assert sorted(summary.splitlines()) == sorted(f"{i} 0 done" for i in ids)
+        assert not host.qemu()
+    for job_id in ids:
+        state = manager.job(job_id)
+        assert (state["state"], state["agent"]) == ("done", "volunteer-1"), state
+        answer = manager.submitter("GET", f"/jobs/{job_id}/outputs/out.txt")
+        assert answer.content == b"hello from the repository on cvm-thin\n"

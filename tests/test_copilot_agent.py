@@ -167,6 +167,7 @@ def test_copilot_user_data_turns_the_appliance_into_an_agent() -> None:
         ({"url": "http://m"}, r"\[copilot\] token is missing"),
         ({"url": "ftp://m", "token": "t"}, "not an http:// or https:// URL"),
         ({"url": "http://m", "token": "t", "idle_exit_s": "soon"}, "idle_exit_s must be"),
+        ({"url": "http://m", "token": "t", "summary_file": "../x"}, "plain file name"),
     ):
         with pytest.raises(guest_agent.ContextError, match=says):
             guest_agent.apply_overrides(guest_agent.Settings(), {"copilot": table})

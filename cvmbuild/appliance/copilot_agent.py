@@ -91,7 +91,7 @@ TRIES = 5  # an input, the output locations, an upload: 1+2+4+8 s of waiting at 
 DONE_TRIES = 8  # the report outlives a manager restart of about two minutes
 EXIT_NOT_RUN = 125  # reported for a job that could not be prepared (the message says why)
 EXIT_IDLE, EXIT_UNREACHABLE, EXIT_REFUSED = 0, 1, 2
-USER_DATA_KEYS = frozenset({"url", "token", "idle_exit_s", "name"})
+USER_DATA_KEYS = frozenset({"url", "token", "idle_exit_s", "name", "summary_file"})
 PR_SET_PDEATHSIG = 1
 MiB = 1 << 20
 
@@ -140,6 +140,8 @@ class AgentConfig:
     name: str
     idle_exit_s: float = 0.0  # 0: never
     cvmfs_root: str = "/cvmfs"
+    summary_file: str = ""  # a plain name: "JOB EXIT STATE" per reported job, in the job dir
+    summary_dir: str = ""  # where summary_file goes (the appliance's job directory)
 
 
 def check_url(url: str, where: str) -> str:
@@ -165,7 +167,11 @@ def config_from_user_data(
         idle = -1.0
     if not idle >= 0:
         raise ConfigError(f"{source}: [copilot] idle_exit_s must be a number of seconds >= 0")
+    summary = table.get("summary_file", "").strip()
+    if summary and ("/" in summary or summary in (".", "..")):
+        raise ConfigError(f"{source}: [copilot] summary_file must be a plain file name")
     return AgentConfig(
+        summary_file=summary,
         url=check_url(table["url"].strip(), f"{source}: [copilot] url"),
         token=table["token"].strip(),
         work_dir=work_dir,
@@ -429,6 +435,11 @@ class Agent:
         self.say(
             f"copilot job {job_id} {state or 'reported'}" + (f": {message}" if message else "")
         )
+        if self.config.summary_file:
+            # under BOINC the task's own output: which jobs this VM ran (credit, audit)
+            path = os.path.join(self.config.summary_dir, self.config.summary_file)
+            with open(path, "a", encoding="utf-8") as summary:
+                summary.write(f"{job_id} {status} {state or 'reported'}\n")
 
     def retrying(self, what: str, call: Callable[[], T], tries: int) -> T:
         """call(), tried again after a backoff when there was no usable answer."""

@@ -500,7 +500,8 @@ def run_copilot(settings: Settings, place: JobPlace) -> int:
     def mount_at(repo: copilot_agent.Repository, point: str) -> None:
         mount_repository(RepoSettings(repo.name, repo.url, point, repo.public_key, proxy))
 
-    return copilot_agent.run_in_appliance(settings.copilot, mount_at, say, place.progress_file)
+    config = replace(settings.copilot, summary_dir=place.dir)
+    return copilot_agent.run_in_appliance(config, mount_at, say, place.progress_file)
 
 
 def power_off() -> None:
