@@ -18,8 +18,6 @@ with the wrapper (PR_SET_PDEATHSIG) if the wrapper is killed outright.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import os
 import re
 import shlex
@@ -38,6 +36,7 @@ from cvmbuild.boinc.api import (
     log,
 )
 from cvmbuild.boinc.jobfile import HostJob, HostTask
+from cvmbuild.boinc.tools import dies_with_parent
 
 CHECKPOINT_FILE = "wrapper_checkpoint.txt"
 POLL_S = 1.0
@@ -103,19 +102,6 @@ def _group_cpu_time(pgid: int) -> float:
     return ticks / _CLOCK_TICKS
 
 
-_LIBC = ctypes.CDLL(None, use_errno=True)
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent: int) -> None:
-    # Runs in the child between fork and exec; BOINC's timer thread is a C thread
-    # that never holds a Python lock, and glibc's malloc is fork-safe, so this
-    # preexec_fn does not risk the deadlock Python warns about for Python threads.
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the wrapper died before prctl took effect
-        os._exit(1)
-
-
 class TaskProcess:
     """One running task: its own process group, stopped, continued and killed whole."""
 
@@ -140,7 +126,7 @@ class TaskProcess:
                 stderr=_open(api, files, task.stderr_filename, "ab"),
                 env={**os.environ, **dict(task.setenv)},
                 process_group=0,
-                preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+                preexec_fn=dies_with_parent(),
             )
         return cls(process)
 

@@ -4,12 +4,14 @@ and a missing tool named with the Debian package that brings it."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shlex
 import shutil
+import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 log = logging.getLogger("cvmbuild.boinc")
 
@@ -64,3 +66,24 @@ def run(
         tail = "\n".join(message.splitlines()[-10:]) or "(no output on stderr)"
         raise ToolError(f"{os.path.basename(args[0])} exited {result.returncode}: {tail}")
     return result.stdout
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def dies_with_parent() -> Callable[[], None]:
+    """A preexec_fn that makes the child die (SIGKILL) when the process that starts it
+    does: neither QEMU nor a task may outlive the wrapper. prctl is looked up before
+    the fork; BOINC's timer thread is a C thread that never holds a Python lock, and
+    glibc's malloc is fork-safe, so this preexec_fn does not risk the deadlock Python
+    warns about for Python threads. PR_SET_PDEATHSIG follows the thread that forks:
+    start children from the main thread."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec

@@ -17,20 +17,17 @@ own stdout and stderr).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
 import re
-import signal
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cvmbuild.boinc.qmp import Qmp, QmpError
-from cvmbuild.boinc.tools import ToolError, require, run
+from cvmbuild.boinc.tools import ToolError, dies_with_parent, require, run
 
 OVERLAY = "vm_overlay.qcow2"
 CONFIG_DRIVE = "vm_config.img"
@@ -42,7 +39,6 @@ QEMU_LOG = "vm_qemu.log"
 CHECKPOINT = "ckpt"
 QEMU = "qemu-system-x86_64"
 MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1"}  # our images carry no partition table
-PR_SET_PDEATHSIG = 1
 START_TIMEOUT_S = 120  # QEMU up and its monitor answering, a restore included
 COMMAND_TIMEOUT_S = 10
 SAVEVM_TIMEOUT_S = 600
@@ -151,7 +147,6 @@ class Vm:
         console = self.slot / CONSOLE_LOG
         self._console_offset = console.stat().st_size if console.exists() else 0
         self._paused = False
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
         with open(self.slot / QEMU_LOG, "ab") as log:
             try:
                 self._proc = subprocess.Popen(
@@ -160,7 +155,7 @@ class Vm:
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=log,
-                    preexec_fn=_dies_with_parent(prctl, os.getpid()),
+                    preexec_fn=dies_with_parent(),
                     # A terminal's ^C must reach only the wrapper, which saves the VM.
                     start_new_session=True,
                 )
@@ -389,12 +384,3 @@ def _machine_type() -> str:
     listing = run([QEMU, "-machine", "help"]).decode()
     m = re.search(r"^pc\s.*\(alias of (\S+)\)", listing, re.MULTILINE)
     return m.group(1) if m else "pc"
-
-
-def _dies_with_parent(prctl: Callable[..., int], parent: int) -> Callable[[], None]:
-    def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
