@@ -24,6 +24,9 @@ from copilot_manager.jobs import JobSpec, Resources
 STATES = ("queued", "running", "done", "failed", "cancelled")
 SCAN = 100  # queued jobs looked at for one that fits the agent's resources
 EXPIRING_WINDOW_S = 60
+# Redis runs one script at a time: more connections than this only queue inside it.
+POOL_CONNECTIONS = 64
+POOL_WAIT_S = 30
 
 
 @dataclass(frozen=True)
@@ -62,14 +65,18 @@ class RedisQueue:
         running it again (a second submit, a second lease) is not the caller's intent.
         The request fails with 503 instead and the client decides (done and heartbeat
         are idempotent for the agent)."""
-        client = aioredis.Redis.from_url(
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            # a request waits for a free connection rather than failing: redis-py's
+            # plain asyncio pool refuses the 101st request in flight with an error
+            max_connections=POOL_CONNECTIONS,
+            timeout=POOL_WAIT_S,
             decode_responses=True,
             socket_timeout=10,
             socket_connect_timeout=5,
             retry=Retry(NoBackoff(), 0),
         )
-        return cls(client, prefix)
+        return cls(aioredis.Redis(connection_pool=pool), prefix)
 
     async def _run(self, name: str, *args: object) -> Any:
         return await self._scripts[name](keys=[], args=[self.prefix, *args])  # type: ignore[list-item]

@@ -6,6 +6,7 @@ Processes are killed and restarted to show that nothing acknowledged is lost."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import signal
@@ -381,6 +382,29 @@ def test_two_managers_on_one_redis_never_hand_out_a_job_twice(
             t.join(timeout=120)
     assert sorted(handed, key=int) == ids  # every job once, none twice
     assert manager.status()["counts"]["running"] == 300
+
+
+def test_a_fleet_larger_than_the_redis_connection_pool_is_served_not_refused(
+    manager: Manager,
+) -> None:
+    """250 agents' requests in flight at once: each waits for a Redis connection
+    rather than failing with 503 (redis-py's asyncio pool refuses beyond 100)."""
+    fleet = 250
+    ids = manager.submit(*({"command": f"job {i}"} for i in range(fleet)))
+    host, port = manager.url.removeprefix("http://").split(":")
+    connections = [http.client.HTTPConnection(host, int(port), timeout=120) for _ in range(fleet)]
+    headers = {"Authorization": f"Bearer {manager.agent_token}",
+               "Content-Type": "application/json"}  # fmt: skip
+    for n, connection in enumerate(connections):  # every request sent before any answer
+        body = json.dumps({"agent": f"a{n}"}).encode()
+        connection.request("POST", f"{API}/jobs/get", body=body, headers=headers)
+    answers = [connection.getresponse() for connection in connections]
+    statuses = [answer.status for answer in answers]
+    refused = [answer.read() for answer in answers if answer.status != 200]
+    for connection in connections:
+        connection.close()
+    assert statuses.count(200) == fleet, refused[:3]
+    assert manager.status()["counts"]["running"] == len(ids)
 
 
 def submitting(
