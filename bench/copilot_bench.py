@@ -1,5 +1,6 @@
-"""The Co-Pilot manager under load: one manager (copilot-manager serve), Redis on the
-loopback (appendonly, fsync on every write), N agent processes polling it.
+"""The Co-Pilot manager under load: one manager (copilot-manager serve, with 1 and with
+2 worker processes on its port), Redis on the loopback (appendonly, fsync on every
+write), N agent processes polling it.
 
 Two parts:
 - dispatch: N processes speak protocol v1 as agents do (get a job, report it done over
@@ -191,17 +192,18 @@ def report(rows: list[dict[str, Any]], cost: dict[str, float], work: Path) -> st
         "### Co-Pilot manager: dispatch under agent kills (bench/copilot_bench.py)",
         "",
         *machine_header(work),
-        "- one manager process, redis-server on a unix socket (appendonly, appendfsync "
-        "always), the agents on the same 2 cores; lease 5 s; one agent killed (SIGKILL) "
-        "and replaced every kill interval",
+        "- one manager (`copilot-manager serve`, 1 or 2 worker processes on its port), "
+        "redis-server on a unix socket (appendonly, appendfsync always), the agents on "
+        "the same 2 cores; lease 5 s; one agent killed (SIGKILL) and replaced every second",
         "",
-        "| agents | job length | jobs | dispatches/s | get-job median | get-job p99 "
-        "| agents killed | requeued | lost | done twice | target |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| manager workers | agents | job length | jobs | dispatches/s | get-job median "
+        "| get-job p99 | agents killed | requeued | lost | done twice | target |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['agents']} | {r['job_ms']} ms | {r['jobs']} | {r['rate']:.0f} | "
+            f"| {r['workers']} | {r['agents']} | {r['job_ms']} ms | {r['jobs']} | "
+            f"{r['rate']:.0f} | "
             f"{r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | {r['kills']} | "
             f"{r['leases_lost']} | {r['lost']} | {r['done_twice']} | >= 500/s, p99 <= 50 ms, "
             "0 lost, 0 twice |"
@@ -225,6 +227,10 @@ def main() -> int:
         "--job-ms", type=int, action="append",
         help="each job's length in the polling agents, ms (repeatable; default 0 and 250)",
     )  # fmt: skip
+    parser.add_argument(
+        "--workers", type=int, action="append",
+        help="manager processes on the one port, `serve --workers` (repeatable; default 1 and 2)",
+    )  # fmt: skip
     parser.add_argument("--kill-every", type=float, default=1.0, help="seconds between kills")
     parser.add_argument("--agent-jobs", type=int, default=200)
     parser.add_argument("--output", type=Path, help="append the report to this file")
@@ -232,14 +238,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="copilot-bench-") as tmp:
         work = Path(tmp)
         rows = []
-        for job_ms in args.job_ms or [0, 250]:
-            run_dir = work / f"run-{job_ms}"
-            with redis_server(run_dir / "redis") as redis:
-                with manager_process(redis, run_dir / "manager") as manager:
-                    row = dispatch(manager, run_dir, args.agents, args.jobs, job_ms,
-                                   args.kill_every)  # fmt: skip
-                    print(json.dumps(row), file=sys.stderr, flush=True)
-                    rows.append(row)
+        for workers in args.workers or [1, 2]:
+            for job_ms in args.job_ms or [0, 250]:
+                run_dir = work / f"run-{workers}-{job_ms}"
+                serve = ("--workers", str(workers))
+                with redis_server(run_dir / "redis") as redis:
+                    with manager_process(redis, run_dir / "manager", None, *serve) as manager:
+                        row = dispatch(manager, run_dir, args.agents, args.jobs, job_ms,
+                                       args.kill_every)  # fmt: skip
+                        row["workers"] = workers
+                        print(json.dumps(row), file=sys.stderr, flush=True)
+                        rows.append(row)
         with redis_server(work / "cost" / "redis") as redis:
             with manager_process(redis, work / "cost" / "manager") as manager:
                 cost = agent_cost(manager, work / "cost", args.agent_jobs)

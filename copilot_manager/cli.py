@@ -20,8 +20,7 @@ DEFAULT_TOKENS = "copilot-tokens"
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from copilot_manager import workers
     from copilot_manager.adapters import GenericRedisAdapter
     from copilot_manager.auth import Tokens
     from copilot_manager.outputs import open_store
@@ -31,28 +30,33 @@ def _serve(args: argparse.Namespace) -> int:
     host, sep, port = args.listen.rpartition(":")
     if not sep or not port.isdigit():
         raise ManagerError(f"--listen {args.listen!r}: expected HOST:PORT")
-    tokens = Tokens(Path(args.tokens))
-    queue = RedisQueue.from_url(args.redis, args.prefix)
-    store = open_store(args.outputs, args.endpoint_url)
+    if args.workers < 1:
+        raise ManagerError(f"--workers {args.workers}: at least 1")
     settings = Settings(
         max_upload=args.max_upload,
         retry_after_s=args.retry_after,
         redirect=args.redirect_agents,
         public_url=args.public_url,
     )
-    service = Service(queue, GenericRedisAdapter(queue), tokens, store, settings)
+    # Built here once to refuse bad settings before serving; each worker builds its own.
+    tokens, store = Tokens(Path(args.tokens)), open_store(args.outputs, args.endpoint_url)
+
+    def make_app() -> Any:
+        queue = RedisQueue.from_url(args.redis, args.prefix)
+        tokens = Tokens(Path(args.tokens))
+        store = open_store(args.outputs, args.endpoint_url)
+        return Service(queue, GenericRedisAdapter(queue), tokens, store, settings).app()
+
     counts = tokens.count()
     print(
-        f"copilot-manager on http://{host}:{port}/copilot/v1 (pid {os.getpid()}): Redis "
+        f"copilot-manager on http://{host}:{port}/copilot/v1 (pid {os.getpid()}, "
+        f"{args.workers} worker{'s' if args.workers > 1 else ''}): Redis "
         f"{args.redis}, outputs in {store.describe()}, {counts['agent']} agent and "
         f"{counts['submitter']} submitter tokens in {args.tokens}",
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(
-        service.app(), host=host.strip("[]"), port=int(port), log_level="warning",
-        access_log=False, timeout_keep_alive=30,
-    )  # fmt: skip
+    workers.serve(make_app, host.strip("[]"), int(port), args.workers)
     return 0
 
 
@@ -212,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-after", type=int, default=5, help="seconds agents wait when idle")
     p.add_argument("--redirect-agents", metavar="URL", help="send agents to this manager (307)")
     p.add_argument("--public-url", help="the URL agents reach this manager at (default: theirs)")
+    p.add_argument(
+        "--workers", type=int, default=1,
+        help="processes serving the one port (the manager is stateless: one per core)",
+    )  # fmt: skip
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("submit", help="submit jobs from a JSON/TOML file or flags; prints ids")

@@ -562,3 +562,31 @@ def test_outputs_stored_in_s3(
         assert manager.submitter("GET", f"/jobs/{job_id}/outputs/result.root").content == data
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="copilot-out")["Contents"]]
     assert len(keys) == 1 and keys[0].startswith(f"run1/jobs/{job_id}/")
+
+
+def _workers_of(pid: int) -> set[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return {int(p) for p in children.read_text().split()} if children.exists() else set()
+
+
+def test_workers_share_one_port_and_a_dead_worker_is_replaced(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """`serve --workers 2`: two processes answer on the one port (the manager holds no
+    state); a worker killed outright is replaced; stopping the manager stops them all."""
+    with manager_process(redis, tmp_path / "m", None, "--workers", "2") as manager:
+        assert manager.proc is not None
+        parent = manager.proc.pid
+        first = until("2 workers", lambda: (w := _workers_of(parent)) and len(w) == 2 and w)
+        ids = manager.submit(*({"command": f"job {i}"} for i in range(20)))
+        handed = [get_job(manager, f"a{i}")[0]["id"] for i in range(20)]
+        assert sorted(handed, key=int) == ids
+        os.kill(min(first), signal.SIGKILL)
+        again = until(
+            "a worker in place of the killed one",
+            lambda: (w := _workers_of(parent)) and len(w) == 2 and w != first and w,
+        )
+        assert max(first) in again
+        assert manager.agent("POST", "/jobs/get", json={"agent": "late"}).status_code == 204
+    for pid in again:
+        until(f"worker {pid} to stop", lambda pid=pid: not Path(f"/proc/{pid}").exists())
