@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import xml.etree.ElementTree as ET
@@ -29,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 from xml.sax.saxutils import escape
+
+from tests.conftest import free_port
 
 PROJECT_URL = "http://cvm-test.invalid/"
 PROJECT_DIR = "cvm-test.invalid"  # BOINC's escape_project_url of PROJECT_URL
@@ -55,12 +56,6 @@ class AppFile:
 @dataclass(frozen=True)
 class Prefs:
     leave_apps_in_memory: bool = False
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _file_info(name: str, executable: bool = False, present: bool = True) -> str:

@@ -17,8 +17,9 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.boinc_client import PASSWORD, BoincClient, free_port, processes_under
+from tests.boinc_client import PASSWORD, BoincClient, processes_under
 from tests.boinc_project import PLATFORM, attach_anonymous
+from tests.conftest import free_port
 
 CC_CONFIG = """\
 <cc_config>

@@ -26,24 +26,10 @@ from typing import Any
 import pytest
 import requests
 
+from tests.conftest import free_port, stop
+
 BIN = Path(sys.executable).parent
 API = "/copilot/v1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @dataclass
@@ -92,7 +78,7 @@ class RedisServer:
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None:
-            _stop(self.proc, sig)
+            stop(self.proc, sig)
             self.proc = None
 
     def restart(self, sig: int = signal.SIGTERM) -> None:
@@ -178,7 +164,7 @@ class Manager:
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None:
-            _stop(self.proc, sig)
+            stop(self.proc, sig)
             self.proc = None
 
     def restart(self, sig: int = signal.SIGTERM) -> None:
