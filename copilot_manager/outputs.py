@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from cvmfs_format.durable import sync_directory, temporary_name
+from cvmfs_format.durable import sync_directory, temporary_name, writer_is_gone
 
 CHUNK = 1 << 20
 
@@ -52,6 +52,9 @@ class LocalStore:
         self.root = Path(root)
         self.incoming = self.root / ".incoming"
         self.incoming.mkdir(parents=True, exist_ok=True)
+        for leftover in self.incoming.iterdir():  # cut off when their manager died
+            if writer_is_gone(leftover.name):
+                discard(str(leftover))
 
     def describe(self) -> str:
         return str(self.root)

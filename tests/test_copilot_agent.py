@@ -468,9 +468,12 @@ def test_an_upload_cut_off_by_a_manager_restart_is_sent_again(
         # The manager dies with part of the upload in its staging area.
         until("the upload under way", lambda: any(p.stat().st_size for p in incoming.iterdir()),
               timeout=30)  # fmt: skip
+        killed = {p.name for p in incoming.iterdir()}
         manager.stop(signal.SIGKILL)
         agent.wait_for("upload of big.bin: PUT")
         manager.start()
+        # the dead manager's staging file is swept when the next one starts
+        assert not killed & {p.name for p in incoming.iterdir()}
         job = wait_finished(manager, [job_id])[job_id]
         assert agent.exit_status() == 0
     assert job["state"] == "done", job
