@@ -24,6 +24,7 @@ from copilot_manager.jobs import JobSpec, Resources
 STATES = ("queued", "running", "done", "failed", "cancelled")
 SCAN = 100  # queued jobs looked at for one that fits the agent's resources
 EXPIRING_WINDOW_S = 60
+AGENTS_FORGOTTEN_AFTER_S = 7 * 86400  # status lists agents seen within a week
 # Redis runs one script at a time: more connections than this only queue inside it.
 POOL_CONNECTIONS = 64
 POOL_WAIT_S = 30
@@ -133,7 +134,8 @@ class RedisQueue:
         return str(await self._run("CANCEL", job_id))
 
     async def status(self, agents: int = 100) -> dict[str, Any]:
-        raw = json.loads(await self._run("STATUS", EXPIRING_WINDOW_S * 1000, agents))
+        forget_ms = AGENTS_FORGOTTEN_AFTER_S * 1000
+        raw = json.loads(await self._run("STATUS", EXPIRING_WINDOW_S * 1000, agents, forget_ms))
         now = raw["now"]
         counts = dict.fromkeys(STATES, 0)
         pairs = raw["counts"] or []

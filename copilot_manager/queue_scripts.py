@@ -208,10 +208,13 @@ move(id, state, 'cancelled')
 return state
 """
 
-# ARGV: P, window ms, agents to list. Reaps, then returns the status as JSON.
+# ARGV: P, window ms, agents to list, ms after which an agent not seen is forgotten.
+# Reaps, forgets old agents (the set would grow with every volunteer ever seen), then
+# returns the status as JSON.
 STATUS = r"""
 local now = now_ms()
 reap(now, 1000)
+redis.call('ZREMRANGEBYSCORE', P..'agents', '-inf', now - tonumber(ARGV[4]))
 local counts = redis.call('HGETALL', P..'counts')
 local agents = redis.call('ZREVRANGE', P..'agents', 0, tonumber(ARGV[3]) - 1, 'WITHSCORES')
 local soon = redis.call('ZRANGEBYSCORE', P..'leases', '-inf', now + tonumber(ARGV[2]),

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import requests
+from redis import Redis
 
 from tests.copilot_fixtures import API, Manager, RedisServer, get_job, manager_process
 from tests.test_s3 import endpoint  # noqa: F401 (the moto server fixture)
@@ -130,6 +131,10 @@ def test_a_submitted_job_runs_its_input_and_its_output_is_kept(
     status = json.loads(manager.cli("status", "--json").stdout)
     assert status["counts"] == {"queued": 0, "running": 0, "done": 1, "failed": 0, "cancelled": 0}
     assert [a["name"] for a in status["agents"]] == ["vm-1"] and status["expiring"] == []
+    # an agent last seen 8 days ago is forgotten: the set would grow with every volunteer
+    with Redis(unix_socket_path=str(manager.redis.socket)) as db:
+        db.zadd("copilot:agents", {"vm-old": (time.time() - 8 * 86400) * 1000})
+    assert [a["name"] for a in manager.status()["agents"]] == ["vm-1"]
 
 
 def test_a_failing_command_or_a_missing_output_fails_the_job(manager: Manager) -> None:
