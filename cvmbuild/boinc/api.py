@@ -27,6 +27,7 @@ EXIT_ABORTED_BY_CLIENT = 194
 EXIT_CHILD_FAILED = 195
 EXIT_TIME_LIMIT_EXCEEDED = 197
 EXIT_INIT_FAILURE = 206
+LAST_STATUS_WAIT_S = 3.0  # the client empties the status channel about once a second
 
 
 class BoincApiError(Exception):
@@ -141,6 +142,7 @@ class BoincApi:
         self.lib = _load(library or LIBRARY)
         self.base = _load(RESOLVE_LIBRARY)
         self._client_pid: int | None = None
+        self._unsent: tuple[float, float, float] | None = None
         lib = self.lib
         lib.boinc_init_options.argtypes = [ctypes.POINTER(_Options)]
         lib.boinc_get_status.argtypes = [ctypes.POINTER(_Status)]
@@ -203,9 +205,23 @@ class BoincApi:
             raise BoincApiError(f"cannot resolve the file name {logical!r} (status {rc})")
         return os.fsdecode(out.value)
 
-    def report_status(self, cpu_time: float, checkpoint_cpu_time: float, fraction: float) -> None:
-        fraction = min(1.0, max(0.0, fraction))
-        self.lib.boinc_report_app_status(cpu_time, checkpoint_cpu_time, fraction)
+    def report_status(self, cpu_time: float, checkpoint_cpu_time: float, fraction: float) -> bool:
+        """Send CPU times and progress to the client; False when its channel still
+        held the previous message (the client reads it about once a second): then
+        this one is kept, and finish or temporary_exit delivers it before leaving."""
+        status = (cpu_time, checkpoint_cpu_time, min(1.0, max(0.0, fraction)))
+        sent: bool = self.lib.boinc_report_app_status(*status) == 0
+        self._unsent = None if sent else status
+        return sent
+
+    def _deliver_last_status(self) -> None:
+        # Without this a task's final CPU time could be lost: reported less than a
+        # second after the loop's last report, it found the channel full.
+        deadline = time.monotonic() + LAST_STATUS_WAIT_S
+        while self._unsent is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            if self.lib.boinc_report_app_status(*self._unsent) == 0:
+                self._unsent = None
 
     def fraction_done(self, fraction: float) -> None:
         self.lib.boinc_fraction_done(min(1.0, max(0.0, fraction)))
@@ -221,6 +237,7 @@ class BoincApi:
         also goes to stderr (the slot's stderr.txt, which the project receives)."""
         if message is not None:
             log(message)
+        self._deliver_last_status()
         _flush()
         if message is None:
             self.lib.boinc_finish(status)
@@ -231,6 +248,7 @@ class BoincApi:
     def temporary_exit(self, delay_s: int, reason: str, is_notice: bool = False) -> NoReturn:
         """Exit so that the client restarts the task after delay_s seconds."""
         log(f"temporary exit ({reason}); restart in {delay_s} s")
+        self._deliver_last_status()
         _flush()
         self._temporary_exit(delay_s, reason.encode(), is_notice)
         os._exit(0)  # not reached
