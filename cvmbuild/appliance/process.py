@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 
 from cvmbuild.appliance.errors import ToolError
+from cvmbuild.boinc.tools import missing_message
 
 log = logging.getLogger("cvmbuild.appliance")
 
@@ -31,13 +31,9 @@ TOOL_PACKAGES = {
 
 def require(*tools: str) -> None:
     """Fail early, naming the package to install, if a tool is not on PATH."""
-    missing = [tool for tool in tools if shutil.which(tool) is None]
-    if missing:
-        packages = sorted({TOOL_PACKAGES.get(tool, tool) for tool in missing})
-        raise ToolError(
-            f"{', '.join(missing)} not found: install it with "
-            f"`apt-get install {' '.join(packages)}`"
-        )
+    message = missing_message(tools, TOOL_PACKAGES)
+    if message:
+        raise ToolError(message)
 
 
 def run(

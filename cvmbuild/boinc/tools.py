@@ -29,14 +29,20 @@ class ToolError(Exception):
     """An external tool is missing or failed; the message says which and why."""
 
 
-def require(*tools: str) -> None:
+def missing_message(tools: Sequence[str], packages: Mapping[str, str]) -> str | None:
+    """What to install when some of tools are not on PATH (packages: tool -> Debian
+    package), or None; the appliance builder's require says it the same way."""
     missing = [tool for tool in tools if shutil.which(tool) is None]
-    if missing:
-        packages = sorted({TOOL_PACKAGES.get(tool, tool) for tool in missing})
-        raise ToolError(
-            f"{', '.join(missing)} not found: install it with "
-            f"`apt-get install {' '.join(packages)}`"
-        )
+    if not missing:
+        return None
+    names = sorted({packages.get(tool, tool) for tool in missing})
+    return f"{', '.join(missing)} not found: install it with `apt-get install {' '.join(names)}`"
+
+
+def require(*tools: str) -> None:
+    message = missing_message(tools, TOOL_PACKAGES)
+    if message:
+        raise ToolError(message)
 
 
 def run(
