@@ -16,8 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ from cvmbuild.boinc.vm_task import user_data
 from tests.appliance_fixtures import Served
 from tests.boinc_client import processes_under
 from tests.conftest import mounted, run_cli, serving
-from tests.copilot_fixtures import Manager, manager_process, redis_server
+from tests.copilot_fixtures import Manager, manager_process, redis_server, until
 from tests.test_boinc_vm import Console
 
 EXAMPLE_JOB: dict[str, Any] = {
@@ -265,16 +264,6 @@ class Agent:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             raise AssertionError(f"{self.name} still runs; its log:\n{self.text()}") from None
-
-
-def until(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
-        time.sleep(0.1)
 
 
 class Fleet:

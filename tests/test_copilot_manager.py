@@ -13,7 +13,6 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import pytest
 import requests
 from redis import Redis
 
-from tests.copilot_fixtures import API, Manager, RedisServer, get_job, manager_process
+from tests.copilot_fixtures import API, Manager, RedisServer, get_job, manager_process, until
 from tests.test_s3 import endpoint  # noqa: F401 (the moto server fixture)
 
 
@@ -55,16 +54,6 @@ def stored_files(manager: Manager) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
     }
-
-
-def until(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.2)
 
 
 def is_one_line_error(response: requests.Response) -> bool:
