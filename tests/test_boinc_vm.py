@@ -26,6 +26,7 @@ import pytest
 from cvmbuild.appliance import guest_agent
 from cvmbuild.boinc import console
 from cvmbuild.boinc.qmp import Qmp, QmpError
+from cvmbuild.boinc.tools import ToolError, run
 from cvmbuild.boinc.vm import CONFIG_DRIVE, OVERLAY, STATE_FILE, Vm, VmError, fat_paths, qemu_argv
 from cvmbuild.boinc.vm_task import start_vm
 from tests.appliance_fixtures import Served
@@ -491,3 +492,10 @@ def test_qemu_does_not_outlive_a_killed_wrapper(tmp_path: Path) -> None:
             parent.wait()
         if qemu_pid is not None and running(qemu_pid):
             os.kill(qemu_pid, signal.SIGKILL)
+
+
+def test_a_missing_slot_directory_is_named_not_blamed_on_the_tool(tmp_path: Path) -> None:
+    with pytest.raises(ToolError, match=r"qemu-img: the directory .*/gone does not exist"):
+        run(["qemu-img", "--version"], cwd=tmp_path / "gone")
+    with pytest.raises(ToolError, match=r"no-such-tool-x not found: install it with"):
+        run(["no-such-tool-x"])
