@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from copilot_manager import gc as gc_module
 from copilot_manager.errors import ManagerError
 from cvmfs_format.errors import CvmfsError
 
@@ -169,6 +170,44 @@ def _requeue_or_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gc(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from redis.exceptions import RedisError
+
+    from copilot_manager.outputs import open_store
+    from copilot_manager.queue import RedisQueue
+
+    if args.forget_finished_days is not None and args.forget_finished_days < 0:
+        raise ManagerError(f"--forget-finished-days {args.forget_finished_days}: not negative")
+    store = open_store(args.outputs, args.endpoint_url)
+    before = None
+    if args.forget_finished_days is not None:
+        before = time.time() - args.forget_finished_days * 86400
+
+    async def run() -> gc_module.Collected:
+        queue = RedisQueue.from_url(args.redis, args.prefix)
+        try:
+            if not await queue.ping():
+                raise ManagerError(f"Redis at {args.redis} does not answer")
+            return await gc_module.collect(
+                queue, store, dry_run=args.dry_run, forget_finished_before=before,
+                input_grace_s=args.input_grace_hours * 3600,
+            )  # fmt: skip
+        finally:
+            await queue.close()
+
+    try:
+        found = asyncio.run(run())
+    except RedisError as exc:
+        raise ManagerError(f"Redis at {args.redis}: {exc}") from exc
+    if args.json:
+        print(json.dumps(found.to_json()))
+    else:
+        print(gc_module.describe(found, store.describe()))
+    return 0
+
+
 def _token(args: argparse.Namespace) -> int:
     from copilot_manager.auth import Tokens
 
@@ -200,17 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--token-file", help="a submitter token (default: COPILOT_TOKEN)")
         p.add_argument("--json", action="store_true", help="print one JSON document")
 
+    def queue_and_store(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--redis", default="redis://127.0.0.1:6379/0",
+            help="redis://HOST:PORT/DB or unix:///PATH (default: port 6379)",
+        )  # fmt: skip
+        p.add_argument("--prefix", default="copilot:", help="Redis key prefix (default copilot:)")
+        p.add_argument("--outputs", required=True, help="output directory, or s3://BUCKET[/PREFIX]")
+        p.add_argument(
+            "--endpoint-url", help="S3 endpoint for s3:// (default: AWS_ENDPOINT_URL, else AWS)"
+        )
+
     p = sub.add_parser("serve", help="serve protocol v1 in front of Redis")
     p.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
-    p.add_argument("--redis", default="redis://127.0.0.1:6379/0",
-                   help="redis://HOST:PORT/DB or unix:///PATH (default: port 6379)")  # fmt: skip
-    p.add_argument("--prefix", default="copilot:", help="Redis key prefix (default copilot:)")
+    queue_and_store(p)
     p.add_argument(
         "--tokens", default=DEFAULT_TOKENS, help="token directory (default ./copilot-tokens)"
-    )
-    p.add_argument("--outputs", required=True, help="output directory, or s3://BUCKET[/PREFIX]")
-    p.add_argument(
-        "--endpoint-url", help="S3 endpoint for s3:// (default: AWS_ENDPOINT_URL, else AWS)"
     )
     p.add_argument("--max-upload", type=int, default=4 << 30, help="largest upload in bytes")
     p.add_argument("--retry-after", type=int, default=5, help="seconds agents wait when idle")
@@ -246,6 +290,23 @@ def build_parser() -> argparse.ArgumentParser:
         client_options(p)
         p.add_argument("jobs", nargs="+", metavar="JOB")
         p.set_defaults(func=_requeue_or_cancel)
+
+    p = sub.add_parser(
+        "gc", help="delete uploads and inputs no job can use; forget old finished jobs if asked"
+    )
+    queue_and_store(p)
+    p.add_argument("--dry-run", action="store_true", help="say what would go; delete nothing")
+    p.add_argument(
+        "--forget-finished-days", type=float, metavar="DAYS",
+        help="also forget jobs finished more than DAYS ago, with their outputs",
+    )  # fmt: skip
+    p.add_argument(
+        "--input-grace-hours", type=float, default=gc_module.INPUT_GRACE_S / 3600,
+        help="keep an input no job names for this long (default 24: submitters upload "
+        "inputs before the job that names them)",
+    )  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=_gc)
 
     tk = sub.add_parser("token", help="manage agent and submitter tokens")
     tk_sub = tk.add_subparsers(dest="action", required=True)

@@ -14,6 +14,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -36,7 +37,17 @@ class OutputStore(Protocol):
 
     def delete(self, key: str) -> None: ...
 
+    def listing(self, prefix: str) -> Iterator[Stored]:
+        """Every key under prefix ("jobs/", "inputs/"), staging files excluded."""
+
     def describe(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Stored:
+    key: str
+    size: int
+    modified: float  # seconds since the epoch
 
 
 def discard(staged: str) -> None:
@@ -96,6 +107,15 @@ class LocalStore:
         with contextlib.suppress(FileNotFoundError):
             self._path(key).unlink()
 
+    def listing(self, prefix: str) -> Iterator[Stored]:
+        top = self._path(prefix)
+        for directory, _, files in os.walk(top):
+            for name in files:
+                path = Path(directory, name)
+                with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                    st = path.stat()
+                    yield Stored(str(path.relative_to(self.root)), st.st_size, st.st_mtime)
+
 
 class S3Store:
     """Keys under s3://BUCKET/PREFIX/; staging files in the system's temporary directory."""
@@ -146,6 +166,13 @@ class S3Store:
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.prefix + key)
+
+    def listing(self, prefix: str) -> Iterator[Stored]:
+        pages = self.client.get_paginator("list_objects_v2")
+        for page in pages.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+            for item in page.get("Contents", []):
+                key = item["Key"][len(self.prefix) :]
+                yield Stored(key, int(item["Size"]), item["LastModified"].timestamp())
 
 
 def open_store(location: str, endpoint_url: str | None = None) -> OutputStore:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,15 @@ class Finished:
     stale_uploads: list[tuple[str, str]]  # (lease, name) stored by earlier attempts
 
 
+@dataclass(frozen=True)
+class JobAttempts:
+    state: str
+    lease: str | None  # the running attempt's
+    done_lease: str | None  # the attempt whose report finished the job
+    finished: float | None  # seconds since the epoch
+    inputs: frozenset[str]  # sha256 of the inputs its spec names
+
+
 class RedisQueue:
     def __init__(self, client: aioredis.Redis, prefix: str = "copilot:"):
         self.redis = client
@@ -54,7 +64,7 @@ class RedisQueue:
             name: client.register_script(lua.PRELUDE + getattr(lua, name))
             for name in (
                 "SUBMIT", "LEASE", "HEARTBEAT", "CHECK", "RECORD_UPLOAD", "DONE",
-                "REQUEUE", "CANCEL", "STATUS", "SHOW",
+                "REQUEUE", "CANCEL", "STATUS", "SHOW", "FORGET",
             )
         }  # fmt: skip
 
@@ -151,6 +161,35 @@ class RedisQueue:
             for e in raw["expiring"] or []
         ]
         return {"counts": counts, "agents": seen, "expiring": expiring}
+
+    async def job_ids(self) -> AsyncIterator[str]:
+        """Every job Redis holds, in no order (SCAN: safe on a live queue)."""
+        async for key in self.redis.scan_iter(match=f"{self.prefix}job:*", count=1000):
+            job_id = key[len(self.prefix) + 4 :]
+            if job_id.isdigit():  # not a job's ":up" hash
+                yield job_id
+
+    async def attempts(self, job_ids: list[str]) -> dict[str, JobAttempts | None]:
+        """For each job: its state, the lease it runs under and the lease whose outputs
+        it kept; None for a job Redis does not hold."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            fields = ("state", "lease", "done_lease", "finished", "spec")
+            pipe.hmget(f"{self.prefix}job:{job_id}", *fields)
+        found: dict[str, JobAttempts | None] = {}
+        for job_id, (state, lease, done_lease, finished, spec) in zip(
+            job_ids, await pipe.execute(), strict=True
+        ):
+            found[job_id] = None if state is None else JobAttempts(
+                state, lease, done_lease, None if finished is None else int(finished) / 1000,
+                frozenset(i["sha256"] for i in json.loads(spec)["inputs"]),
+            )  # fmt: skip
+        return found
+
+    async def forget(self, job_id: str, finished_before_s: float) -> str | None:
+        """Drop a finished job from Redis if it finished before then; its state, or None."""
+        forgotten = await self._run("FORGET", job_id, int(finished_before_s * 1000))
+        return str(forgotten) if forgotten else None
 
     async def show(self, job_id: str) -> dict[str, Any] | None:
         """The job as an operator sees it, or None."""

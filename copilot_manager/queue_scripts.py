@@ -237,3 +237,16 @@ local left = false
 if deadline then left = tostring(tonumber(deadline) - now) end
 return {redis.call('HGETALL', P..'job:'..id), left}
 """
+
+# ARGV: P, id, finished before (ms). Forgets a finished job (its hash and uploads) if it
+# is still finished and finished before then; returns its state, or false.
+FORGET = r"""
+local id, before = ARGV[2], tonumber(ARGV[3])
+local key = P..'job:'..id
+local f = redis.call('HMGET', key, 'state', 'finished')
+if f[1] ~= 'done' and f[1] ~= 'failed' and f[1] ~= 'cancelled' then return false end
+if not f[2] or tonumber(f[2]) >= before then return false end
+redis.call('DEL', key, key..':up')
+redis.call('HINCRBY', P..'counts', f[1], -1)
+return f[1]
+"""
