@@ -52,14 +52,15 @@ def agent_worker(port: int, token: str, name: str, job_ms: int, out: str) -> Non
     ask = json.dumps({"agent": name, "resources": {"cpus": 1, "memory_mb": 512}}).encode()
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
-    def call(path: str, body: bytes) -> tuple[int, bytes]:
+    def call(path: str, body: bytes) -> tuple[int, bytes, float]:
         connection.request("POST", API + path, body=body, headers=headers)
         answer = connection.getresponse()
-        return answer.status, answer.read()
+        timing = answer.getheader("Server-Timing", "app;dur=nan")
+        return answer.status, answer.read(), float(timing.partition("dur=")[2])
 
     while True:
         started = time.perf_counter()
-        status, body = call("/jobs/get", ask)
+        status, body, in_manager_ms = call("/jobs/get", ask)
         latency_ms = (time.perf_counter() - started) * 1000
         if status == 204:
             os.write(fd, f"idle {latency_ms:.3f}\n".encode())
@@ -71,13 +72,28 @@ def agent_worker(port: int, token: str, name: str, job_ms: int, out: str) -> Non
             continue
         offer = json.loads(body)
         job, lease = offer["job"]["id"], offer["lease"]["id"]
-        os.write(fd, f"get {latency_ms:.3f} {time.time():.6f}\n".encode())
+        os.write(fd, f"get {latency_ms:.3f} {time.time():.6f} {in_manager_ms}\n".encode())
         if job_ms:
             time.sleep(job_ms / 1000)
         report = json.dumps({"lease": lease, "exit_code": 0, "outputs": {}}).encode()
-        status, _ = call(f"/jobs/{job}/done", report)
+        status, _, _ = call(f"/jobs/{job}/done", report)
         if status == 200:
             os.write(fd, f"done {job}\n".encode())
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of pid and its children (the manager's workers), from /proc."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if entry.name == str(pid) or fields[1] == str(pid):  # fields[1]: the parent
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def dispatch(manager: Manager, work: Path, agents: int, jobs: int, job_ms: int,
@@ -104,6 +120,8 @@ def dispatch(manager: Manager, work: Path, agents: int, jobs: int, job_ms: int,
         proc.start()
         workers[serial] = proc
 
+    assert manager.proc is not None
+    cpu_before = cpu_seconds(manager.proc.pid)
     started = time.time()
     for _ in range(agents):
         spawn()
@@ -127,26 +145,30 @@ def dispatch(manager: Manager, work: Path, agents: int, jobs: int, job_ms: int,
                 next_kill += kill_every
             time.sleep(0.05)
         finished = time.time()
+        manager_cpu = cpu_seconds(manager.proc.pid) - cpu_before
     finally:
         for proc in workers.values():
             proc.kill()
         for proc in workers.values():
             proc.join()
     gets: list[float] = []
+    in_manager: list[float] = []
     get_times: list[float] = []
     done: dict[str, int] = {}
     for log in logs.iterdir():
         for line in log.read_text().splitlines():
             kind, _, rest = line.partition(" ")
             if kind == "get":
-                latency, at = rest.split()
+                latency, at, own = rest.split()
                 gets.append(float(latency))
                 get_times.append(float(at))
+                in_manager.append(float(own))
             elif kind == "done":
                 done[rest] = done.get(rest, 0) + 1
     states = {job_id: manager.job(job_id)["state"] for job_id in random.sample(ids, 200)}
     counts = manager.status()["counts"]
     gets.sort()
+    in_manager.sort()
     return {
         "job_ms": job_ms,
         "agents": agents,
@@ -155,6 +177,9 @@ def dispatch(manager: Manager, work: Path, agents: int, jobs: int, job_ms: int,
         "rate": len(get_times) / (max(get_times) - min(get_times)),
         "p50_ms": gets[len(gets) // 2],
         "p99_ms": gets[int(len(gets) * 0.99)],
+        "manager_p50_ms": in_manager[len(in_manager) // 2],
+        "manager_p99_ms": in_manager[int(len(in_manager) * 0.99)],
+        "manager_busy": manager_cpu / (finished - started),
         "kills": kills,
         "leases_lost": len(get_times) - jobs,  # get-jobs beyond one per job: requeues
         "done_reported": len(done),
@@ -186,25 +211,36 @@ def agent_cost(manager: Manager, work: Path, n: int) -> dict[str, float]:
     return {"per_job_s": total / n, "command_s": command, "overhead_s": total / n - command}
 
 
-def report(rows: list[dict[str, Any]], cost: dict[str, float], work: Path) -> str:
+def report(rows: list[dict[str, Any]], cost: dict[str, float], work: Path, fsync: str) -> str:
     lines = [
         "",
         "### Co-Pilot manager: dispatch under agent kills (bench/copilot_bench.py)",
         "",
         *machine_header(work),
         "- one manager (`copilot-manager serve`, 1 or 2 worker processes on its port), "
-        "redis-server on a unix socket (appendonly, appendfsync always), the agents on "
-        "the same 2 cores; lease 5 s; one agent killed (SIGKILL) and replaced every second",
+        f"redis-server on a unix socket (appendonly, appendfsync {fsync}), N agent "
+        "processes (Python, http.client, one kept-alive connection each); a one-worker "
+        "manager and Redis run on CPU 0 and the agents on the other CPU unless "
+        "the row says otherwise; lease 5 s; one agent killed (SIGKILL) and replaced "
+        "every second",
+        "- get-job latency as the agents measured it (request sent to answer read: it "
+        "includes waiting for their own CPU) and as the manager measured it (its "
+        "`Server-Timing` header: request received to answer ready); manager CPU: its CPU "
+        "seconds per second of the run",
         "",
-        "| manager workers | agents | job length | jobs | dispatches/s | get-job median "
-        "| get-job p99 | agents killed | requeued | lost | done twice | target |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| manager | agents | job length | jobs | dispatches/s | get-job median / p99 "
+        "(agents) | get-job median / p99 (in the manager) | manager CPU | agents killed "
+        "| requeued | lost | done twice | target |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        where = "with Redis on CPU 0" if r["pinned"] else "CPUs shared with the agents"
         lines.append(
-            f"| {r['workers']} | {r['agents']} | {r['job_ms']} ms | {r['jobs']} | "
-            f"{r['rate']:.0f} | "
-            f"{r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | {r['kills']} | "
+            f"| {r['workers']} worker{'s' if r['workers'] > 1 else ''}, {where} | "
+            f"{r['agents']} | {r['job_ms']} ms | {r['jobs']} | {r['rate']:.0f} | "
+            f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} ms | "
+            f"{r['manager_p50_ms']:.1f} / {r['manager_p99_ms']:.1f} ms | "
+            f"{r['manager_busy'] * 100:.0f} % | {r['kills']} | "
             f"{r['leases_lost']} | {r['lost']} | {r['done_twice']} | >= 500/s, p99 <= 50 ms, "
             "0 lost, 0 twice |"
         )
@@ -234,7 +270,21 @@ def main() -> int:
     parser.add_argument("--kill-every", type=float, default=1.0, help="seconds between kills")
     parser.add_argument("--agent-jobs", type=int, default=200)
     parser.add_argument("--output", type=Path, help="append the report to this file")
+    parser.add_argument(
+        "--no-pin", dest="pin", action="store_false",
+        help="let the manager share every CPU with the agents (default: a one-worker "
+        "manager and Redis on CPU 0, the agents on the others)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--appendfsync", choices=("always", "everysec", "no"), default="always",
+        help="Redis's AOF fsync policy (default always: what docs/COPILOT.md asks for)",
+    )  # fmt: skip
     args = parser.parse_args()
+    agent_cpus = set(os.sched_getaffinity(0)) - {0}
+    if args.pin and agent_cpus:
+        # The agents would otherwise take the manager's CPU while it answers: the get-job
+        # tail measured would be the scheduler's, not the manager's.
+        os.sched_setaffinity(0, agent_cpus)
     with tempfile.TemporaryDirectory(prefix="copilot-bench-") as tmp:
         work = Path(tmp)
         rows = []
@@ -242,11 +292,15 @@ def main() -> int:
             for job_ms in args.job_ms or [0, 250]:
                 run_dir = work / f"run-{workers}-{job_ms}"
                 serve = ("--workers", str(workers))
-                with redis_server(run_dir / "redis") as redis:
-                    with manager_process(redis, run_dir / "manager", None, *serve) as manager:
+                cpus = frozenset({0}) if args.pin and agent_cpus and workers == 1 else None
+                with redis_server(run_dir / "redis", cpus, args.appendfsync) as redis:
+                    with manager_process(
+                        redis, run_dir / "manager", None, *serve, cpus=cpus
+                    ) as manager:
                         row = dispatch(manager, run_dir, args.agents, args.jobs, job_ms,
                                        args.kill_every)  # fmt: skip
                         row["workers"] = workers
+                        row["pinned"] = cpus is not None
                         print(json.dumps(row), file=sys.stderr, flush=True)
                         rows.append(row)
         with redis_server(work / "cost" / "redis") as redis:
@@ -254,7 +308,7 @@ def main() -> int:
                 cost = agent_cost(manager, work / "cost", args.agent_jobs)
                 cost["n"] = args.agent_jobs
                 print(json.dumps(cost), file=sys.stderr, flush=True)
-        emit(report(rows, cost, work), args.output)
+        emit(report(rows, cost, work, args.appendfsync), args.output)
     failures = [r for r in rows if r["lost"] or r["done_twice"] or r["failed"]]
     return 1 if failures else 0
 

@@ -38,6 +38,8 @@ class RedisServer:
 
     dir: Path
     proc: subprocess.Popen[bytes] | None = None
+    cpus: frozenset[int] | None = None  # run it on these CPUs only (the bench)
+    appendfsync: str = "always"
 
     @property
     def socket(self) -> Path:
@@ -55,9 +57,10 @@ class RedisServer:
         log = self.dir / "redis.log"
         self.proc = subprocess.Popen(
             [binary, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
-             "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "always",
+             "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", self.appendfsync,
              "--save", "", "--logfile", str(log), "--daemonize", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            preexec_fn=None if self.cpus is None else lambda: pin(self.cpus),
         )  # fmt: skip
         deadline = time.monotonic() + 20
         while not self.answers():
@@ -86,9 +89,15 @@ class RedisServer:
         self.start()
 
 
+def pin(cpus: frozenset[int] | None) -> None:
+    os.sched_setaffinity(0, cpus or ())
+
+
 @contextlib.contextmanager
-def redis_server(directory: Path) -> Iterator[RedisServer]:
-    server = RedisServer(directory)
+def redis_server(
+    directory: Path, cpus: frozenset[int] | None = None, appendfsync: str = "always"
+) -> Iterator[RedisServer]:
+    server = RedisServer(directory, cpus=cpus, appendfsync=appendfsync)
     try:
         server.start()
         yield server
@@ -129,6 +138,7 @@ class Manager:
     proc: subprocess.Popen[bytes] | None = None
     agent_token: str = ""
     submitter_token: str = ""
+    cpus: frozenset[int] | None = None  # run it on these CPUs only (the bench)
 
     @property
     def url(self) -> str:
@@ -162,6 +172,7 @@ class Manager:
                  "--redis", self.redis.url, "--tokens", str(self.tokens),
                  "--outputs", self.outputs, "--retry-after", "1", *self.extra],
                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+                preexec_fn=None if self.cpus is None else lambda: pin(self.cpus),
             )  # fmt: skip
         deadline = time.monotonic() + 30
         while True:
@@ -227,10 +238,12 @@ def manager_process(
     outputs: str | None = None,
     *extra: str,
     tokens_of: Manager | None = None,
+    cpus: frozenset[int] | None = None,
     **env: str,
 ) -> Iterator[Manager]:
     """A manager for the block; with tokens_of, it takes that manager's tokens."""
     manager = Manager(redis, directory, outputs or str(directory / "outputs"), list(extra), env)
+    manager.cpus = cpus
     if tokens_of is not None:
         manager.share_tokens(tokens_of)
     try:

@@ -81,6 +81,7 @@ def test_a_submitted_job_runs_its_input_and_its_output_is_kept(
         json={"agent": "vm-1", "resources": {"cpus": 2, "memory_mb": 2048, "disk_mb": 4096}},
     )
     assert answer.status_code == 200
+    assert 0 <= float(answer.headers["Server-Timing"].removeprefix("app;dur=")) < 30_000
     job, lease = answer.json()["job"], answer.json()["lease"]
     assert job["id"] == job_id and job["command"] == "wc -w < events.txt > count.txt"
     assert job["environment"] == {"MODE": "fast"} and job["outputs"] == ["count.txt"]
