@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from copilot_manager.errors import ManagerError
 from copilot_manager.jobs import API
 
 TIMEOUT = 60
+RETRY_S = 60  # how long a submission is retried while the manager does not answer
 
 
 @dataclass
@@ -83,11 +86,25 @@ class Client:
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token}"
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            response = self.session.request(method, self.url + path, timeout=TIMEOUT, **kwargs)
-        except requests.RequestException as exc:
-            raise ManagerError(f"{self.url}: {exc} (is the manager running there?)") from exc
+    def _call(self, method: str, path: str, retry: bool = False, **kwargs: Any) -> Any:
+        """One request; with retry, a request that may safely be sent again (it is
+        idempotent) is, while the manager or its Redis is unreachable (RETRY_S)."""
+        deadline = time.monotonic() + (RETRY_S if retry else 0)
+        pause = 0.5
+        while True:
+            try:
+                response = self.session.request(method, self.url + path, timeout=TIMEOUT, **kwargs)
+            except requests.RequestException as exc:
+                if time.monotonic() < deadline:
+                    time.sleep(pause)
+                    pause = min(pause * 2, 5)
+                    continue
+                raise ManagerError(f"{self.url}: {exc} (is the manager running there?)") from exc
+            if response.status_code == 503 and time.monotonic() < deadline:
+                time.sleep(pause)
+                pause = min(pause * 2, 5)
+                continue
+            break
         if response.status_code >= 400:
             try:
                 text = response.json()["error"]
@@ -100,7 +117,7 @@ class Client:
         with open(path, "rb") as f:
             self._call(
                 "PUT", f"{API}/inputs/{sha256}", data=f, headers={"X-Content-SHA256": sha256}
-            )
+            )  # not retried: nothing is queued yet, and running submit again is harmless
 
     def submit(self, jobs: list[dict[str, Any]]) -> list[str]:
         """Upload the local inputs the jobs name (each once), then submit the jobs."""
@@ -111,7 +128,9 @@ class Client:
                 if path is not None and item["sha256"] not in sent:
                     self.upload_input(Path(path), item["sha256"])
                     sent.add(item["sha256"])
-        return list(self._call("POST", f"{API}/jobs", json=jobs)["ids"])
+        # A key per submission: sent again after a lost answer, it queues nothing twice.
+        key = {"Idempotency-Key": secrets.token_urlsafe(24)}
+        return list(self._call("POST", f"{API}/jobs", retry=True, json=jobs, headers=key)["ids"])
 
     def status(self) -> dict[str, Any]:
         return dict(self._call("GET", f"{API}/status"))

@@ -9,6 +9,7 @@ leases are reaped by get-job, status and show, never by a timer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from collections.abc import AsyncIterator
@@ -26,9 +27,16 @@ STATES = ("queued", "running", "done", "failed", "cancelled")
 SCAN = 100  # queued jobs looked at for one that fits the agent's resources
 EXPIRING_WINDOW_S = 60
 AGENTS_FORGOTTEN_AFTER_S = 7 * 86400  # status lists agents seen within a week
+SUBMISSION_KEYS_KEPT_S = 7 * 86400  # a submission sent again within a week is recognised
 # Redis runs one script at a time: more connections than this only queue inside it.
 POOL_CONNECTIONS = 64
 POOL_WAIT_S = 30
+
+
+@dataclass(frozen=True)
+class Submitted:
+    ids: list[str]
+    first_time: bool  # False: the same submission (idempotency key) sent again
 
 
 @dataclass(frozen=True)
@@ -98,13 +106,19 @@ class RedisQueue:
     async def close(self) -> None:
         await self.redis.aclose()
 
-    async def submit(self, specs: list[JobSpec]) -> list[str]:
+    async def submit(self, specs: list[JobSpec], key: str = "") -> Submitted | None:
+        """Queue the jobs. With a key, a submission sent again (its answer was lost) gets
+        the first one's ids and queues nothing; None when the key was used for other jobs."""
         args: list[object] = []
         for s in specs:
             r = s.resources
             args += [json.dumps(s.to_json()), s.max_attempts, s.lease_s]
             args += [r.cpus, r.memory_mb, r.disk_mb]
-        return list(await self._run("SUBMIT", *args))
+        digest = hashlib.sha256(json.dumps(args).encode()).hexdigest()
+        found = await self._run("SUBMIT", key, digest, SUBMISSION_KEYS_KEPT_S, *args)
+        if found[0] == "conflict":
+            return None
+        return Submitted(list(found[1:]), found[0] == "new")
 
     async def lease(self, agent: str, offered: Resources) -> Leased | None:
         lease = secrets.token_urlsafe(16)

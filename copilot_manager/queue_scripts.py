@@ -53,11 +53,23 @@ local function current(id, lease, now)
 end
 """
 
-# ARGV: P, then per job: spec JSON, max_attempts, lease_s, cpus, memory_mb, disk_mb.
+# ARGV: P, idempotency key ('' for none), the submission's digest, seconds the key is
+# remembered, then per job: spec JSON, max_attempts, lease_s, cpus, memory_mb, disk_mb.
+# Returns {'new'|'again', id...}, or {'conflict'} for a key used by another submission.
 SUBMIT = r"""
 local now = now_ms()
+local remembered = P..'submission:'..ARGV[2]
+if ARGV[2] ~= '' then
+  local seen = redis.call('HMGET', remembered, 'digest', 'ids')
+  if seen[1] then
+    if seen[1] ~= ARGV[3] then return {'conflict'} end
+    local answer = {'again'}
+    for _, id in ipairs(cjson.decode(seen[2])) do answer[#answer + 1] = id end
+    return answer
+  end
+end
 local ids = {}
-for i = 2, #ARGV, 6 do
+for i = 5, #ARGV, 6 do
   local id = tostring(redis.call('INCR', P..'seq'))
   redis.call('HSET', P..'job:'..id, 'spec', ARGV[i], 'state', 'queued', 'attempts', 0,
     'max_attempts', ARGV[i+1], 'lease_s', ARGV[i+2], 'cpus', ARGV[i+3],
@@ -66,7 +78,13 @@ for i = 2, #ARGV, 6 do
   redis.call('HINCRBY', P..'counts', 'queued', 1)
   ids[#ids + 1] = id
 end
-return ids
+if ARGV[2] ~= '' then
+  redis.call('HSET', remembered, 'digest', ARGV[3], 'ids', cjson.encode(ids))
+  redis.call('EXPIRE', remembered, tonumber(ARGV[4]))
+end
+local answer = {'new'}
+for _, id in ipairs(ids) do answer[#answer + 1] = id end
+return answer
 """
 
 # ARGV: P, agent, new lease id, cpus, memory_mb, disk_mb, how many queued jobs to scan.

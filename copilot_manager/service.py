@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,6 +37,7 @@ from copilot_manager.queue import RedisQueue
 
 JSON_LIMIT = 1 << 20
 SUBMIT_LIMIT = 64 << 20
+IDEMPOTENCY_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -253,8 +255,15 @@ class Service:
                         f"input {item.name!r}: the manager has no file with sha256 "
                         f"{item.sha256}; upload it first (PUT {API}/inputs/SHA256) or give a url",
                     )
-        ids = await self.queue.submit(specs)
-        return JSONResponse({"ids": ids}, 201)
+        key = request.headers.get("idempotency-key", "")
+        if key and not IDEMPOTENCY_KEY_RE.fullmatch(key):
+            raise ApiError(400, "Idempotency-Key: 1 to 128 letters, digits, '-' or '_'")
+        submitted = await self.queue.submit(specs, key)
+        if submitted is None:
+            raise ApiError(
+                409, f"Idempotency-Key {key} was used for other jobs; use a new key per submission"
+            )
+        return JSONResponse({"ids": submitted.ids}, 201 if submitted.first_time else 200)
 
     async def upload_input(self, request: Request) -> Response:
         self._submitter(request)

@@ -33,12 +33,6 @@ def gc(manager: Manager, *args: str) -> dict[str, Any]:
 def test_gc_deletes_only_uploads_no_job_can_use_and_forgets_old_jobs_when_asked(
     manager: Manager, tmp_path: Path
 ) -> None:
-    expiring = {"outputs": ["out"], "lease_s": 5}
-    vanished, retried, cancelled = manager.submit(
-        {"command": "a", **expiring, "max_attempts": 1},
-        {"command": "e", **expiring, "max_attempts": 3},
-        {"command": "b", "outputs": ["out"]},
-    )
     data = tmp_path / "events.txt"
     data.write_bytes(b"muon\n")
     (done,) = (
@@ -46,24 +40,25 @@ def test_gc_deletes_only_uploads_no_job_can_use_and_forgets_old_jobs_when_asked(
         .stdout.decode()
         .split()
     )
-    (running,) = manager.submit({"command": "d", "outputs": ["out"]})
-
-    for job_id, payload in ((vanished, b"a1"), (retried, b"e1"), (cancelled, b"b1")):
+    # Only the vanishing job has a short lease: it fails, never comes back to the queue.
+    running, vanished, retried, cancelled = manager.submit(
+        {"command": "d", "outputs": ["out"]},
+        {"command": "a", "outputs": ["out"], "lease_s": 5, "max_attempts": 1},
+        {"command": "e", "outputs": ["out"]},
+        {"command": "b", "outputs": ["out"]},
+    )
+    job, lease = get_job(manager)
+    assert finish(manager, job, lease, {"out": b"c1"}).json() == {"state": "done"}
+    for job_id, payload in (
+        (running, b"d1"), (vanished, b"a1"), (retried, b"e1"), (cancelled, b"b1")
+    ):  # fmt: skip
         job, lease = get_job(manager)
         assert job["id"] == job_id
         upload(manager, job_id, lease, payload)
     manager.cli("cancel", cancelled)
-    job, lease = get_job(manager)
-    assert finish(manager, job, lease, {"out": b"c1"}).json() == {"state": "done"}
-    job, lease = get_job(manager)
-    assert job["id"] == running
-    upload(manager, running, lease, b"d1")
-
-    def retried_again() -> bool:
-        answer = manager.agent("POST", "/jobs/get", json={"agent": "second", "resources": {}})
-        return answer.status_code == 200 and answer.json()["job"]["id"] == retried
-
-    until("the retried job's first lease expires and it is handed out again", retried_again, 30)
+    manager.cli("requeue", retried)
+    job, _ = get_job(manager, "second")
+    assert job["id"] == retried and job["attempt"] == 1  # its first upload is now stale
     until("the vanished job fails", lambda: manager.status()["counts"]["failed"] == 1, 30)
     unknown = Path(manager.outputs, "jobs", "999", "somelease", "out")
     unknown.parent.mkdir(parents=True)

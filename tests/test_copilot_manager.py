@@ -5,12 +5,14 @@ Processes are killed and restarted to show that nothing acknowledged is lost."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ import pytest
 import requests
 from redis import Redis
 
-from tests.copilot_fixtures import API, Manager, RedisServer, get_job, manager_process, until
+from tests.copilot_fixtures import API, BIN, Manager, RedisServer, get_job, manager_process, until
 from tests.test_s3 import endpoint  # noqa: F401 (the moto server fixture)
 
 
@@ -496,6 +498,89 @@ def test_redis_restarted_mid_run_loses_nothing_acknowledged(
 
 
 # -- operators: cancel, requeue, status ---------------------------------------------------
+
+
+def test_a_submission_sent_again_with_its_key_queues_nothing_twice(manager: Manager) -> None:
+    jobs = [{"command": "one"}, {"command": "two"}]
+    key = {"Idempotency-Key": "batch-7"}
+    first = manager.submitter("POST", "/jobs", json=jobs, headers=key)
+    again = manager.submitter("POST", "/jobs", json=jobs, headers=key)
+    assert first.status_code == 201 and again.status_code == 200
+    assert again.json()["ids"] == first.json()["ids"]
+    assert manager.status()["counts"]["queued"] == 2
+    other = manager.submitter("POST", "/jobs", json=[{"command": "three"}], headers=key)
+    assert other.status_code == 409 and is_one_line_error(other)
+    bad = manager.submitter("POST", "/jobs", json=jobs, headers={"Idempotency-Key": "a b"})
+    assert bad.status_code == 400 and manager.status()["counts"]["queued"] == 2
+
+
+class AnswerLosingProxy:
+    """A TCP relay to the manager that, on its first connection, delivers the request and
+    then drops the connection without the answer: a submission whose answer was lost."""
+
+    def __init__(self, port: int):
+        self.upstream = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            if self.connections == 1:
+                threading.Thread(target=self._lose_answer, args=(client, upstream)).start()
+            else:
+                for a, b in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, target: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                target.sendall(data)
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_WR)
+
+    @staticmethod
+    def _lose_answer(client: socket.socket, upstream: socket.socket) -> None:
+        client.settimeout(1)
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                upstream.sendall(data)
+        upstream.settimeout(10)
+        with contextlib.suppress(OSError):
+            upstream.recv(65536)  # the manager answered: the jobs are queued
+        client.close()
+        upstream.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_submission_whose_answer_was_lost_is_sent_again_and_queued_once(
+    manager: Manager,
+) -> None:
+    proxy = AnswerLosingProxy(manager.port)
+    try:
+        env = {**os.environ, "COPILOT_URL": f"http://127.0.0.1:{proxy.port}",
+               "COPILOT_TOKEN": manager.submitter_token}  # fmt: skip
+        out = subprocess.run(
+            [str(BIN / "copilot-manager"), "submit", "--command", "simulate 1000 events"],
+            capture_output=True, env=env, timeout=120,
+        )  # fmt: skip
+    finally:
+        proxy.close()
+    assert out.returncode == 0, out.stderr.decode()
+    assert proxy.connections >= 2  # the answer was lost once and the submission sent again
+    (job_id,) = out.stdout.decode().split()
+    assert manager.status()["counts"]["queued"] == 1
+    assert manager.job(job_id)["job"]["command"] == "simulate 1000 events"
 
 
 def test_cancel_and_requeue(manager: Manager) -> None:
