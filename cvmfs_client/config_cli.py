@@ -1,5 +1,5 @@
 """The command lines that read a site's configuration: `mount REPO_NAME MOUNTPOINT`,
-`config showconfig|probe|chksetup`."""
+`config showconfig|probe|chksetup`, and `setup` (autofs)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from cvmfs_client.config import ClientConfig, ConfigError, check_repository_name
 from cvmfs_client.errors import ClientError
 from cvmfs_client.site_config import (
     DEFAULT_CONFIG_DIR,
+    DEFAULT_MOUNT_DIR,
     configured_repositories,
     layer_files,
     repository_config,
@@ -214,7 +215,46 @@ def _chksetup(args: argparse.Namespace) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 
+# -- config automount-entry (run by the autofs map) and setup ----------------------------
+
+
+def _automount_entry(args: argparse.Namespace) -> int:
+    from cvmfs_client.autofs import map_entry
+    from cvmfs_client.site_config import qualified_name
+
+    defaults = site_defaults(args.config_dir)
+    try:
+        fqrn = qualified_name(args.key, defaults)
+    except ConfigError:
+        return 1  # `ls /cvmfs/.hidden`: not a repository, not an error
+    allowed = {qualified_name(n, defaults) for n in defaults.repositories}
+    if defaults.strict_mount and fqrn not in allowed:
+        return 1
+    if not repository_config(args.config_dir, fqrn).server_url:
+        return 1  # autofs answers "no such file or directory"
+    print(map_entry(fqrn, args.helper))
+    return 0
+
+
+def _setup(args: argparse.Namespace) -> int:
+    from cvmfs_client.autofs import Installation, install, uninstall
+
+    where = Installation(args.autofs_dir)
+    if args.undo:
+        said = uninstall(where)
+    else:
+        root = args.mount_root or site_defaults(args.config_dir).mount_dir or DEFAULT_MOUNT_DIR
+        said = install(
+            where, args.config_dir, os.path.abspath(root), args.idle_timeout, client_command()
+        )
+    for line in said:
+        print(line)
+    return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from cvmfs_client.autofs import DEFAULT_IDLE_S, SYSTEM_AUTOFS_DIR
+
     p = sub.add_parser("config", help="show and check the site's configuration")
     actions = p.add_subparsers(dest="action", required=True)
 
@@ -232,3 +272,20 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     q.add_argument("repositories", nargs="*", help="default: each in CVMFS_REPOSITORIES")
     q = action("chksetup", _chksetup, "check FUSE, the cache directory, the keys, the proxies")
     q.add_argument("repository", nargs="?", help="default: each in CVMFS_REPOSITORIES")
+    q = action("automount-entry", _automount_entry, "the autofs map entry of a name (for setup)")
+    q.add_argument("key", help="a name under the mount root")
+    q.add_argument("--helper", required=True, help="the installed map (the mount helper)")
+    p = sub.add_parser("setup", help="mount repositories on demand under /cvmfs (autofs)")
+    p.add_argument("--config-dir", default=DEFAULT_CONFIG_DIR, help=CONFIG_DIR_HELP)
+    p.add_argument("--mount-root", help=f"default CVMFS_MOUNT_DIR, else {DEFAULT_MOUNT_DIR}")
+    p.add_argument(
+        "--idle-timeout", type=int, default=DEFAULT_IDLE_S,
+        help=f"unmount a repository unused this long (seconds, default {DEFAULT_IDLE_S})",
+    )  # fmt: skip
+    p.add_argument(
+        "--autofs-dir", default=SYSTEM_AUTOFS_DIR,
+        help=f"where autofs reads its maps (default {SYSTEM_AUTOFS_DIR})",
+    )  # fmt: skip
+    p.add_argument("--undo", action="store_true", help="remove what setup installed")
+    console.add_debug(p, subcommand=True)
+    p.set_defaults(func=_setup)

@@ -113,7 +113,6 @@ def mount(options: MountOptions) -> int:
     pid = os.fork()
     if pid == 0:  # the daemon
         os.close(read_end)
-        os.setsid()
         devnull = os.open(os.devnull, os.O_RDWR)
         log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(devnull, 0)
@@ -121,11 +120,18 @@ def mount(options: MountOptions) -> int:
         os.dup2(log_fd, 2)
         status = 1
 
+        def mounted() -> None:
+            # Leave the caller's session only now: mounted by autofs, a process outside
+            # automount's process group that looks at the mount point waits for the
+            # very mount it is making.
+            os.setsid()
+            os.write(write_end, b"1")
+
         try:
             _start_logging(options, reader, log_file)
             fs = RepositoryFS(
                 reader,
-                on_ready=lambda: os.write(write_end, b"1"),
+                on_ready=mounted,
                 prefetch_siblings=options.prefetch,
                 attr_timeout=timeout,
             )
