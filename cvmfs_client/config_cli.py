@@ -35,6 +35,7 @@ CONFIG_DIR_HELP = (
     f"the site's configuration directory (default {DEFAULT_CONFIG_DIR}; /etc/cvmfs works)"
 )
 _warned: set[str] = set()
+PROBE_S = 300  # a mount that takes longer is reported as failed
 
 
 def warn_ignored(config: ClientConfig) -> None:
@@ -149,7 +150,10 @@ def _probe_one(config_dir: str, fqrn: str) -> str:
         except CacheInUse:  # mounted already: probe the network with a cache of its own
             note = f" (its cache {cache_dir} is in use: probed with a temporary one)"
             command += ["--cache-dir", os.path.join(work, "cache")]
-        result = subprocess.run(command, capture_output=True, text=True)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_S)
+        except subprocess.TimeoutExpired:
+            raise ClientError(f"not mounted within {PROBE_S} s") from None
         if result.returncode != 0:
             lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
             raise ClientError(lines[-1].removeprefix("error: "))
