@@ -10,13 +10,14 @@ import sys
 import time
 
 from cvmfs_client import console
+from cvmfs_client.config_cli import CONFIG_DIR_HELP
+from cvmfs_client.config_cli import add_parsers as add_config_parsers
 from cvmfs_client.console import human
 from cvmfs_client.content import open_content, pieces
 from cvmfs_client.errors import ClientError
 from cvmfs_client.fetcher import fetcher_for
 from cvmfs_client.repository import RepositoryReader
 from cvmfs_client.trust_store import default_state_dir, open_trust
-from cvmfs_format.trust import pinned_name
 
 
 def _open(args: argparse.Namespace) -> RepositoryReader:
@@ -54,35 +55,10 @@ def _cat(args: argparse.Namespace) -> int:
 
 
 def _mount(args: argparse.Namespace) -> int:
-    from cvmfs_client.config import ClientConfig, load_config
-    from cvmfs_client.console import parse_size
-    from cvmfs_client.mount import MountOptions, default_cache_dir, mount
+    from cvmfs_client.config_cli import mount_options_from
+    from cvmfs_client.mount import mount
 
-    config = load_config(args.config) if args.config else ClientConfig()
-    url = args.url or config.server_url
-    key = args.key or config.public_key
-    if not url:
-        raise ClientError("no repository URL: give one or set CVMFS_SERVER_URL in --config")
-    if not key:
-        raise ClientError("no public key: give --key or set CVMFS_PUBLIC_KEY in --config")
-    pinned = args.tag is not None or args.revision is not None
-    name = pinned_name(key, args.name)
-    cache_dir = args.cache_dir or default_cache_dir(name, config.cache_base)
-    options = MountOptions(
-        url=url,
-        mountpoint=args.mountpoint,
-        key_file=key,
-        cache_dir=os.path.abspath(cache_dir),
-        foreground=args.foreground,
-        quota=parse_size(args.quota) if args.quota else config.quota_bytes,
-        proxies=args.proxy or config.http_proxy or "",
-        tag=args.tag if pinned else config.tag,
-        revision=args.revision if pinned else config.revision,
-        max_ttl=args.max_ttl,
-        prefetch=not args.no_prefetch,
-        name=name,
-    )
-    return mount(options)
+    return mount(mount_options_from(args))
 
 
 def _umount(args: argparse.Namespace) -> int:
@@ -183,12 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     p = sub.add_parser("mount", help="mount a repository read-only with FUSE")
     p.add_argument(
-        "url", nargs="?", help="repository http(s) URL(s) separated by ';', or a directory"
+        "url",
+        nargs="?",
+        help="a repository name (sw.example.org: its settings from --config-dir), or "
+        "http(s) URL(s) separated by ';', or a directory (with a / in it)",
     )
     p.add_argument("mountpoint")
     p.add_argument("--key", help="the repository's master public key (NAME.pub)")
     p.add_argument("--name", help=NAME_HELP)
     p.add_argument("--config", help="CernVM-FS-style KEY=VALUE settings (CVMFS_SERVER_URL, ...)")
+    p.add_argument("--config-dir", help=f"{CONFIG_DIR_HELP}, read for a repository name")
     p.add_argument(
         "--max-ttl", type=float, help="look for new revisions at least this often (seconds)"
     )
@@ -214,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--tag", help="mount the revision with this tag")
     group.add_argument("--revision", type=int, help="mount this revision")
     console.add_debug(p, subcommand=True)
-    p.set_defaults(func=_mount)
+    p.set_defaults(func=_mount, usage_error=p.error)
     p = sub.add_parser("stat", help="revision, route, cache and error counters of a mount")
     p.add_argument("mountpoint")
     console.add_debug(p, subcommand=True)
@@ -239,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_umount)
+    add_config_parsers(sub)
     return parser
 
 

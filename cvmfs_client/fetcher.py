@@ -201,6 +201,7 @@ class CurlFetcher:
 
     def fetch(self, relpath: str, max_bytes: int, decode: Callable[[bytes], T]) -> T:
         errors: list[str] = []
+        refused = ""  # the last answer that failed verification: the likeliest cause
         for attempt in range(RETRIES + 1):
             routes = self._routes()
             not_found = wrong_answers = 0
@@ -211,12 +212,14 @@ class CurlFetcher:
                     if status == 200:
                         result = decode(body)
                         self._preferred = (base, proxy)
+                        log.debug("%s: %d bytes from %s via %s", relpath, len(body), base, proxy)
                         return result
                     not_found += status == 404
                     errors.append(f"{url}: HTTP {status}")
                 except (_TooLarge, VerificationError, FormatError) as exc:
                     wrong_answers += 1
-                    errors.append(str(exc))
+                    refused = str(exc)
+                    errors.append(refused)
                 except DeadlinePassed as exc:
                     raise DeadlinePassed(f"{relpath}: {exc}") from None
                 except FetchError as exc:
@@ -231,7 +234,10 @@ class CurlFetcher:
                 break  # every source answered, wrongly: asking again will not help
             if attempt < RETRIES:
                 time.sleep(min(0.2 * 2**attempt, self._time_left()))
-        raise FetchError(f"{relpath}: every mirror failed ({'; '.join(errors[-3:])})")
+        shown = errors[-3:]
+        if refused and refused not in shown:
+            shown = [refused, *errors[-2:]]
+        raise FetchError(f"{relpath}: every mirror failed ({'; '.join(shown)})")
 
 
 def fetcher_for(location: str, proxies: str = "") -> Fetcher:

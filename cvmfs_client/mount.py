@@ -10,10 +10,10 @@ import json
 import logging
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 
 from cvmfs_client.cache import ObjectCache, lock_cache_dir, wait_until_free
+from cvmfs_client.daemon_log import LogSettings, destination, start_logging
 from cvmfs_client.errors import ClientError
 from cvmfs_client.fetcher import OfflineFallback, fetcher_for
 from cvmfs_client.fuse_bridge import Bridge
@@ -43,6 +43,8 @@ class MountOptions:
     prefetch: bool = True  # fetch a directory's small files when one of them is opened
     name: str | None = None  # the repository's name (default: the key file's NAME.pub)
     state_dir: str | None = None  # where revision floors are kept (default_state_dir())
+    kcache_timeout: float | None = None  # the kernel's entry and attribute cache (seconds)
+    log: LogSettings = LogSettings()  # where the mount's messages go (daemon_log)
 
 
 def default_cache_dir(name: str, base: str | None = None) -> str:
@@ -88,7 +90,8 @@ def mount(options: MountOptions) -> int:
     reader = open_reader(options)
     assert reader.manifest is not None
     ttl = reader.manifest.ttl if options.max_ttl is None else options.max_ttl
-    timeout = min(ENTRY_TIMEOUT_S, ttl)
+    kcache = ENTRY_TIMEOUT_S if options.kcache_timeout is None else options.kcache_timeout
+    timeout = min(kcache, ttl)
     fuse_options = {
         "ro": True,
         "fsname": f"cvmfs-py:{reader.manifest.name}",
@@ -102,7 +105,7 @@ def mount(options: MountOptions) -> int:
         fuse_options["allow_other"] = True
     log_file = os.path.join(options.cache_dir, "client.log")
     if options.foreground:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
+        _start_logging(options, reader, log_file)
         fs = RepositoryFS(reader, prefetch_siblings=options.prefetch, attr_timeout=timeout)
         Bridge(fs, options.mountpoint, foreground=True, **fuse_options)
         return 0
@@ -110,18 +113,25 @@ def mount(options: MountOptions) -> int:
     pid = os.fork()
     if pid == 0:  # the daemon
         os.close(read_end)
-        os.setsid()
         devnull = os.open(os.devnull, os.O_RDWR)
         log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(devnull, 0)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
         status = 1
+
+        def mounted() -> None:
+            # Leave the caller's session only now: mounted by autofs, a process outside
+            # automount's process group that looks at the mount point waits for the
+            # very mount it is making.
+            os.setsid()
+            os.write(write_end, b"1")
+
         try:
+            _start_logging(options, reader, log_file)
             fs = RepositoryFS(
                 reader,
-                on_ready=lambda: os.write(write_end, b"1"),
+                on_ready=mounted,
                 prefetch_siblings=options.prefetch,
                 attr_timeout=timeout,
             )
@@ -136,8 +146,22 @@ def mount(options: MountOptions) -> int:
     os.close(read_end)
     if ready != b"1":
         os.waitpid(pid, 0)
-        raise ClientError(f"mounting {options.mountpoint} failed; see {log_file}")
+        where = destination(options.log, log_file)
+        raise ClientError(f"mounting {options.mountpoint} failed; see {where}")
     return 0
+
+
+def _start_logging(options: MountOptions, reader: RepositoryReader, log_file: str) -> None:
+    """The one place a mount's logging is set up, in the foreground or the daemon."""
+    assert reader.manifest is not None
+    start_logging(
+        options.log, repository=reader.manifest.name, foreground=options.foreground,
+        fallback_file=log_file,
+    )  # fmt: skip
+    logging.getLogger(__name__).info(
+        "mounting revision %d at %s from %s",
+        reader.manifest.revision, options.mountpoint, reader.fetcher.describe(),
+    )  # fmt: skip
 
 
 def umount(mountpoint: str) -> int:

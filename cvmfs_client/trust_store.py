@@ -8,13 +8,25 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from cvmfs_client.errors import ClientError
+from cvmfs_format import whitelist
 from cvmfs_format.durable import write_atomic
-from cvmfs_format.errors import FormatError
-from cvmfs_format.signed import key_fingerprint, load_public_key_pem
-from cvmfs_format.trust import Floor, TrustedState, pinned_name
+from cvmfs_format.errors import CvmfsError, FormatError, VerificationError
+from cvmfs_format.signed import (
+    MAX_DOCUMENT_SIZE,
+    key_fingerprint,
+    load_public_key_pem,
+    verify_signature,
+)
+from cvmfs_format.trust import PUBLIC_KEY_SUFFIX, Floor, TrustedState, pinned_name
+
+if TYPE_CHECKING:  # fetcher loads pycurl
+    from cvmfs_client.fetcher import Fetcher
 
 STATE_DIR_ENV = "CVMFS_CLIENT_STATE_DIR"
 
@@ -83,13 +95,50 @@ def open_trust(
 ) -> tuple[TrustedState, FloorFile]:
     """The trust state for the repository that key_file and name (default: the key file's
     NAME.pub) pin, starting at its remembered floor; store the floor back after use."""
-    try:
-        with open(key_file, "rb") as f:
-            key = load_public_key_pem(f.read(), key_file)
-    except OSError as exc:
-        raise ClientError(f"{key_file}: cannot read public key ({exc.strerror})") from exc
+    key = load_key(key_file)
     repository = pinned_name(key_file, name)
     key_id = key_fingerprint(key)
     legacy = os.path.join(legacy_dir, f"revision-{key_id[:16]}") if legacy_dir else None
     floors = FloorFile(state_dir, repository, key_id, legacy)
     return TrustedState(key, repository, floors.load()), floors
+
+
+def load_key(key_file: str) -> Ed25519PublicKey:
+    try:
+        with open(key_file, "rb") as f:
+            return load_public_key_pem(f.read(), key_file)
+    except OSError as exc:
+        raise ClientError(f"{key_file}: cannot read public key ({exc.strerror})") from exc
+
+
+def choose_key(candidates: Sequence[str], name: str, fetcher: Fetcher) -> str:
+    """The master key of repository `name` among a site's key files (CVMFS_PUBLIC_KEY,
+    CVMFS_KEYS_DIR): the only one, else the one that signs the whitelist the repository
+    serves, as CernVM-FS tries each of its keys; with no source answering, the one named
+    NAME.pub (so that a warm cache mounts offline). Whether the whitelist is for `name`
+    the trust state checks afterwards."""
+    if len(candidates) == 1:
+        return candidates[0]
+    keys = [(path, load_key(path)) for path in candidates]
+    answered = False
+
+    def signer(data: bytes) -> str:
+        nonlocal answered
+        answered = True
+        _, body, signature = whitelist.parse(data)
+        for path, key in keys:
+            with contextlib.suppress(VerificationError):
+                verify_signature(key, signature, body, "whitelist")
+                return path
+        raise VerificationError(f"whitelist: signed by none of the {len(keys)} keys")
+
+    try:
+        return fetcher.fetch(whitelist.WHITELIST_FILE, MAX_DOCUMENT_SIZE, signer)
+    except CvmfsError as exc:
+        named = [p for p in candidates if os.path.basename(p) == name + PUBLIC_KEY_SUFFIX]
+        if named and not answered:
+            return named[0]
+        raise ClientError(
+            f"{name}: cannot tell which of {', '.join(candidates)} is its key ({exc}); "
+            "set CVMFS_PUBLIC_KEY to the one"
+        ) from exc

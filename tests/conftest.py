@@ -12,7 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from cvmfs_format.trust import Floor, TrustedState
 from repo_server.nginx import repository_server, standalone
 from repo_server.repository import LocalRepository
 
-pytest_plugins = ["tests.appliance_fixtures", "tests.copilot_fixtures"]
+pytest_plugins = ["tests.appliance_fixtures", "tests.copilot_fixtures", "tests.site_fixtures"]
 
 BIN = Path(sys.executable).parent
 
@@ -256,11 +256,21 @@ def wait_gone(pid: int, timeout: float = 10) -> None:
 def mounted(url: str, mountpoint: Path, cache: Path, key: Path, *options: str) -> Iterator[Path]:
     """`cvmfs-client mount` for the duration of the block; unmounted (lazily if busy or
     dead) and its daemon gone afterwards."""
+    with mounted_with(url, mountpoint, "--key", key, "--cache-dir", cache, *options):
+        yield mountpoint
+
+
+@contextlib.contextmanager
+def mounted_with(
+    source: str, mountpoint: Path, *options: str | os.PathLike[str]
+) -> Iterator[subprocess.CompletedProcess[bytes]]:
+    """`cvmfs-client mount SOURCE MOUNTPOINT OPTIONS...` (a URL, a directory or a
+    repository name) as `mounted` does; yields what the command printed."""
     mountpoint.mkdir(exist_ok=True)
-    run_cli("cvmfs-client", "mount", url, mountpoint, "--key", key, "--cache-dir", cache, *options)
+    result = run_cli("cvmfs-client", "mount", source, mountpoint, *options)
     daemon = client_daemon(mountpoint)
     try:
-        yield mountpoint
+        yield result
     finally:
         if subprocess.run(["umount", str(mountpoint)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
@@ -325,14 +335,17 @@ class Nginx:
 
 
 @contextlib.contextmanager
-def serving_nginx(root: Path, work: Path) -> Iterator[Nginx]:
+def serving_nginx(
+    root: Path, work: Path, server_block: Callable[[str, str], str] = repository_server
+) -> Iterator[Nginx]:
     """nginx serving directory root (a repository or a mirror) as plain static files, as
-    docs/OPERATING.md configures it, for the duration of the block; work is its own."""
+    docs/OPERATING.md configures it, for the duration of the block; work is its own.
+    server_block(root, listen) may give another server block."""
     binary = system_binary("nginx")
     work.mkdir()
     port = free_port()
     conf = work / "nginx.conf"
-    server = repository_server(str(root.resolve()), f"127.0.0.1:{port}")
+    server = server_block(str(root.resolve()), f"127.0.0.1:{port}")
     # Workers must read the pytest tree, which is private to root.
     conf.write_text(standalone(str(work), [server], as_root=os.geteuid() == 0))
     log = work / "stderr"
