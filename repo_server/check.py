@@ -186,10 +186,18 @@ class Info:
     stats: TreeStats
     stored_bytes: int
     stored_objects: int
+    refused: str | None  # why clients refuse the head (e.g. it expired), if they do
 
 
 def info(repo: LocalRepository) -> Info:
-    head = repo.head()
+    """What the repository holds; also when clients refuse its head (an expired
+    whitelist is when the operator needs this most)."""
+    refused = None
+    try:
+        head = repo.head()
+    except CvmfsError as exc:
+        refused = str(exc)
+        head = repo.head_unverified()
     root = load_catalog(repo.storage, ObjectRef.catalog(head.root_hash, head.root_size))
     stats = root.stats()
     root.close()
@@ -206,4 +214,5 @@ def info(repo: LocalRepository) -> Info:
         stats,
         total,
         count,
+        refused,
     )

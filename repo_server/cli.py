@@ -125,7 +125,10 @@ def _repair_advice(report: check_mod.CheckReport, moved: list[str]) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    i = check_mod.info(_repo(args))
+    repo = _repo(args)
+    i = check_mod.info(repo)
+    for line in _refusal(repo, i, time.time()):
+        print(line)
     s = i.stats
     print(f"name:              {i.name}")
     print(f"revision:          {i.revision}")
@@ -142,6 +145,24 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refusal(repo: LocalRepository, i: check_mod.Info, now: float) -> list[str]:
+    """The lines `info` puts first when clients refuse the repository's head."""
+    if i.refused is None:
+        return []
+    lines = []
+    fixes = (
+        (i.whitelist_expires, "whitelist", "whitelist renew"),
+        (i.expires, "manifest", "resign"),
+    )
+    for expires, what, verb in fixes:
+        if now >= expires:
+            lines.append(
+                f"EXPIRED: the {what} expired at {format_time(expires)}; clients refuse this "
+                f"repository until `{rotation.command_line(repo, verb)}`"
+            )
+    return lines or [f"REFUSED: clients refuse this repository: {i.refused}"]
+
+
 def _tags(args: argparse.Namespace) -> int:
     repo = _repo(args)
     for tag in repo.history(repo.head()).tags():
@@ -150,14 +171,26 @@ def _tags(args: argparse.Namespace) -> int:
 
 
 def _whitelist_renew(args: argparse.Namespace) -> int:
+    rotation.check_lifetime(args.days, args.allow_long)
     repo = _repo(args)
     with repo.lock():
-        r = rotation.renew_whitelist(repo, int(time.time()), args.days)
+        r = rotation.renew_whitelist(
+            repo,
+            int(time.time()),
+            args.days,
+            allow_long=args.allow_long,
+            end_rotation=args.end_rotation,
+        )
     wl = r.whitelist
     print(
         f"whitelist of {wl.name!r} renewed; expires {format_time(wl.expires)}; "
         f"lists {len(wl.keys)} signing keys"
     )
+    for archived, end in r.transition:
+        print(
+            f"the old key {archived.name} stays listed until {format_time(end)}, when its "
+            "rotation's transition ends (--end-rotation drops it now)"
+        )
     if r.unknown_signer is not None:
         print(
             f"warning: the manifest is signed by key {r.unknown_signer[:16]}..., found "
@@ -410,7 +443,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = wl_sub.add_parser("renew", help="re-sign the whitelist with a new expiry")
     p.add_argument("dir")
     p.add_argument("--keys", help="key directory (default: DIR.keys)")
-    p.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
+    p.add_argument(
+        "--days", type=int, default=30,
+        help=f"validity in days, 1 to {rotation.MAX_WHITELIST_DAYS} (default 30)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allow-long", action="store_true",
+        help=f"allow --days over {rotation.MAX_WHITELIST_DAYS}",
+    )  # fmt: skip
+    p.add_argument(
+        "--end-rotation", action="store_true",
+        help="list no old key of an earlier rotation (e.g. it leaked), even within its "
+        f"transition ({rotation.TRANSITION_S // 86400} days after the rotation)",
+    )  # fmt: skip
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_whitelist_renew)
     return parser
