@@ -14,7 +14,7 @@ from cvmfs_format.objects import ObjectRef
 from cvmfs_format.signed import format_time
 from cvmfs_format.trust import pinned_name
 from repo_server import check as check_mod
-from repo_server import damage, operations, rotation
+from repo_server import damage, operations, pinned, rotation
 from repo_server import diff as diff_mod
 from repo_server import gc as gc_mod
 from repo_server.errors import RepoError
@@ -87,14 +87,26 @@ def _token_revoke(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    repo = _repo(args)
     moved: list[str] = []
-    if args.repair:
+    if args.key is not None or pinned.is_url(args.dir):
+        if args.key is None:
+            raise RepoError(
+                f"{args.dir}: give the repository's master public key (--key NAME.pub) to "
+                "check it over HTTP, as clients and `replicate` do"
+            )
+        if args.repair:
+            raise RepoError(
+                "--repair works on the repository's own directory with its key directory; "
+                "repair a mirror with `repo-server replicate URL DIR --key PUB --repair`"
+            )
+        report = check_mod.check(pinned.open_pinned(args.dir, args.key, args.name), args.all)
+    elif args.repair:
+        repo = _repo(args)
         with repo.lock():  # no publish may reuse an object while it is moved away
             report = check_mod.check(repo, all_revisions=args.all)
-            moved = damage.quarantine_corrupt(repo, report.corrupt)
+            moved = damage.quarantine_corrupt(repo.storage, report.corrupt)
     else:
-        report = check_mod.check(repo, all_revisions=args.all)
+        report = check_mod.check(_repo(args), all_revisions=args.all)
     for problem in report.problems:
         print(problem)
     for warning in report.warnings:
@@ -314,7 +326,13 @@ def _replicate(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=sys.stderr.isatty(),
         timeout=args.timeout,
+        repair=args.repair,
     )
+    if r.repaired:
+        print(
+            f"repaired {len(r.repaired)} objects that failed verification: fetched again from "
+            f"the source; the damaged copies are in {Path(r.repaired[0]).parent}/"
+        )
     for number in r.skipped:
         print(
             f"warning: revision {number} skipped: the source no longer has its objects "
@@ -383,6 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
         console.add_debug(p, subcommand=True)
         p.set_defaults(func=func)
     p = command("check", _check, "verify every reachable catalog, object and signature")
+    p.add_argument(
+        "--key",
+        help="check as clients read it, with the master public key they pin (NAME.pub) and "
+        "no key directory: a mirror, or a repository's http(s):// URL",
+    )
+    p.add_argument("--name", help="with --key: the repository's name (default: the key file's)")
     p.add_argument("--all", action="store_true", help="check every revision in the history")
     p.add_argument(
         "--repair",
@@ -436,6 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up after this long, keeping the mirror as it was (default 3600); what "
         "was fetched is kept for the next run",
     )  # fmt: skip
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="verify every object the mirror holds too; move those that fail to "
+        "DIR/quarantine/ and fetch them again",
+    )
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_replicate)
     wl = sub.add_parser("whitelist", help="manage the signing-key whitelist")
