@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 import time
 from pathlib import Path
@@ -60,7 +61,47 @@ def _serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    serve(repo.root, host.strip("[]"), int(port), Gateway(repo, tokens, Leases(args.lease_ttl)))
+    gateway = Gateway(repo, tokens, Leases(args.lease_ttl))
+    serve(repo.root, host.strip("[]"), int(port), gateway, args.access_log)
+    return 0
+
+
+def _leases(args: argparse.Namespace) -> int:
+    from repo_server.operator_api import OperatorClient
+
+    repo = _repo(args)
+    client = OperatorClient(repo.keydir)
+    if client.serving is None:
+        if args.drop is not None:
+            raise RepoError(
+                f"no `repo-server serve` runs for {repo.location}, so no lease is held "
+                f"(found none recorded in {client.path})"
+            )
+        if args.json:
+            print(json.dumps({"leases": []}))
+        print(f"no `repo-server serve` runs for {repo.location}: no leases", file=sys.stderr)
+        return 0
+    if args.drop is not None:
+        lease = client.call("POST", "/leases/drop", json={"lease": args.drop})["dropped"]
+        if args.json:
+            print(json.dumps({"dropped": lease}))
+        else:
+            print(
+                f"dropped the lease on {lease['path']} of token {lease['token']!r} (id "
+                f"{lease['id']}); its publisher is told to publish again"
+            )
+        return 0
+    leases = client.call("GET", "/leases")["leases"]
+    if args.json:
+        print(json.dumps({"leases": leases}))
+    for lease in [] if args.json else leases:
+        committing = "\tcommitting" if lease["committing"] else ""
+        print(
+            f"{lease['id']}\t{lease['path']}\t{lease['token']}\tsince {lease['since']}\t"
+            f"expires {lease['expires']}\t{lease['publisher'] or '-'}{committing}"
+        )
+    if not leases and not args.json:
+        print("no leases: nothing is being published over the API", file=sys.stderr)
     return 0
 
 
@@ -383,6 +424,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up a publisher's lease after this many seconds without a request "
         "(publishers renew every 20 s; default 120)",
     )
+    p.add_argument(
+        "--access-log",
+        metavar="FILE",
+        help="append the access log (Combined Log Format and the request time) to FILE, "
+        "reopened when logrotate moves it (default: stderr, with the error log)",
+    )
+    p = command("leases", _leases, "list the publish leases of the running server, or drop one")
+    p.add_argument(
+        "--drop", metavar="PATH|ID", help="end the lease on PATH (or with this id, or id prefix)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
     tk = sub.add_parser("token", help="manage publish tokens")
     tk_sub = tk.add_subparsers(dest="action", required=True)
     for action, func, text in (
