@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
-import multiprocessing
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -39,48 +36,15 @@ from repo_server.check import catalog_objects
 from repo_server.damage import quarantine_corrupt
 from repo_server.errors import RepoError
 from repo_server.loading import load_verified
+from repo_server.mirror_workers import failing_batch, fetch_batch, on_workers, parallel
 from repo_server.pinned import http_fetcher
 from repo_server.repository import LOCK_FILE
 from repo_server.storage import QUARANTINE_DIR, LocalStorage
 
 DEFAULT_WORKERS = 8
-BATCH = 64  # objects per task of a worker process
 DEFAULT_TIMEOUT_S = 3600.0  # the whole run; what was fetched stays for the next run
 
-T = TypeVar("T")
 R = TypeVar("R")
-
-
-def _fetch_batch(source: CurlFetcher, root: str, refs: list[ObjectRef]) -> tuple[int, int]:
-    """Fetch, verify and store objects (on a worker process): (objects, bytes) stored."""
-    storage = LocalStorage(Path(root))
-    objects = size = 0
-    for ref in refs:
-        stored = source.fetch(ref.path, ref.max_stored, functools.partial(_verified, ref))
-        if storage.put_object(ref.digest, stored):
-            objects += 1
-            size += len(stored)
-    return objects, size
-
-
-def _verified(ref: ObjectRef, stored: bytes) -> bytes:
-    """The stored bytes, once they verify (the content is not kept)."""
-    ref.verify(stored)
-    return stored
-
-
-def _failing_batch(source: CurlFetcher, root: str, refs: list[ObjectRef]) -> list[str]:
-    """The objects of the mirror that fail verification (on a worker process)."""
-    storage = LocalStorage(Path(root))
-    failing = []
-    for ref in refs:
-        try:
-            ref.verify(storage.get_object(ref.digest))
-        except VerificationError:
-            failing.append(ref.digest)
-        except FileNotFoundError:
-            pass  # gone since it was found: nothing to move, and fetched next run
-    return failing
 
 
 @dataclass(frozen=True)
@@ -304,7 +268,7 @@ class _Replication:
             self.seen_catalogs.update(ref.digest for ref in frontier)
             following: dict[str, ObjectRef] = {}
             for ref, (stored, content) in zip(
-                frontier, self._parallel(self._load, frontier), strict=True
+                frontier, parallel(self._load, frontier, self.workers), strict=True
             ):
                 if stored is not None:
                     fetched_catalogs.append((ref, stored))
@@ -348,7 +312,7 @@ class _Replication:
             self.counters.add(*counts)
             self.have.update(ref.digest for ref in batch)
 
-        self._on_workers(_fetch_batch, refs, label, fetched)
+        self._on_workers(fetch_batch, refs, label, fetched)
 
     def _quarantine_failing(self, refs: list[ObjectRef], label: str) -> set[str]:
         """Move the objects of refs that fail verification in the mirror to its
@@ -359,7 +323,7 @@ class _Replication:
             sizes = {ref.digest: ref.size for ref in batch}
             failing.update((digest, sizes[digest]) for digest in digests)
 
-        self._on_workers(_failing_batch, refs, label, verified)
+        self._on_workers(failing_batch, refs, label, verified)
         self._quarantine(failing)
         return set(failing)
 
@@ -377,81 +341,13 @@ class _Replication:
         label: str,
         done: Callable[[list[ObjectRef], R], None],
     ) -> None:
-        """work(source, mirror root, batch) for refs in batches on worker processes, and
-        done(batch, its result) here as each finishes.
-
-        Processes, not threads: per object the work is a GET, a decompression, a hash
-        and a file, in many small steps that hold the GIL; on two cores two processes
-        mirrored a release in 4.6 s where one process with four threads took 7.8 s.
-        """
-        from tqdm import tqdm
-
-        batches = [refs[i : i + BATCH] for i in range(0, len(refs), BATCH)]
         root = str(self.storage.root)
-        bar = tqdm(total=len(refs), unit="obj", desc=label, leave=False, disable=not self.progress)
-        try:
-            if self.workers == 1 or len(batches) <= 1:
-                for batch in batches:
-                    done(batch, work(self.source, root, batch))
-                    bar.update(len(batch))
-                return
-            # fork: the workers start at once, with every module already imported; the
-            # parent runs no other thread at this point.
-            context = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(self.workers, mp_context=context) as pool:
-                futures = {pool.submit(work, self.source, root, b): b for b in batches}
-                try:
-                    for future in as_completed(futures):
-                        done(futures[future], future.result())
-                        bar.update(len(futures[future]))
-                except BaseException:
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise
-        finally:
-            bar.close()
+        on_workers(
+            work, self.source, root, refs, done,
+            workers=self.workers, label=label, progress=self.progress,
+        )  # fmt: skip
 
     def _store(self, ref: ObjectRef, stored: bytes) -> None:
         if self.storage.put_object(ref.digest, stored):
             self.counters.add(1, len(stored))
         self.have.add(ref.digest)
-
-    def _parallel(self, work: Callable[[T], R], items: list[T]) -> list[R]:
-        """work(item) for every item on worker threads, results in order; the first
-        failure stops the workers and is raised. For catalogs: few, and parsed here."""
-        if len(items) <= 1 or self.workers == 1:
-            return [work(item) for item in items]
-        results: list[R | None] = [None] * len(items)
-        indices = iter(range(len(items)))
-        taking = threading.Lock()
-        failures: list[BaseException] = []
-        stop = threading.Event()
-
-        def worker() -> None:
-            while not stop.is_set():
-                with taking:
-                    index = next(indices, None)
-                if index is None:
-                    return
-                try:
-                    results[index] = work(items[index])
-                except BaseException as exc:
-                    failures.append(exc)
-                    stop.set()
-                    return
-
-        threads = [
-            threading.Thread(target=worker, name=f"replicate-{n}")
-            for n in range(min(self.workers, len(items)))
-        ]
-        try:
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-        finally:
-            stop.set()  # e.g. on Ctrl-C: the workers finish their current object only
-            for thread in threads:
-                thread.join()
-        if failures:
-            raise failures[0]
-        return results  # type: ignore[return-value]
