@@ -94,13 +94,14 @@ def _leases(args: argparse.Namespace) -> int:
     leases = client.call("GET", "/leases")["leases"]
     if args.json:
         print(json.dumps({"leases": leases}))
-    for lease in [] if args.json else leases:
+        return 0
+    for lease in leases:
         committing = "\tcommitting" if lease["committing"] else ""
         print(
             f"{lease['id']}\t{lease['path']}\t{lease['token']}\tsince {lease['since']}\t"
             f"expires {lease['expires']}\t{lease['publisher'] or '-'}{committing}"
         )
-    if not leases and not args.json:
+    if not leases:
         print("no leases: nothing is being published over the API", file=sys.stderr)
     return 0
 

@@ -70,7 +70,8 @@ def registered(keydir: Path, host: str, port: int) -> Iterator[str]:
     )
     path = keydir / SERVING_FILE
     try:
-        write_atomic(path, json.dumps(asdict(serving)).encode(), mode=0o600)
+        if keydir.is_dir():  # else no token can publish (a mirror): no lease to list
+            write_atomic(path, json.dumps(asdict(serving)).encode(), mode=0o600)
     except OSError as exc:
         print(
             f"warning: cannot write {path} ({exc.strerror}): `repo-server leases` will not "
