@@ -12,7 +12,7 @@ SYSTEM_PACKAGES=(
   fuse libfuse2 nginx squid borgbackup restic cmake
   mmdebstrap squashfs-tools dosfstools mtools syslinux syslinux-common
   syslinux-efi qemu-utils qemu-system-x86 ovmf
-  boinc-client libboinc-app7 redis-server autofs
+  boinc-client libboinc-app7 redis-server autofs systemd
 )
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

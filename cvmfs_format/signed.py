@@ -148,6 +148,7 @@ class Fields:
         return value
 
 
-def format_time(ts: int) -> str:
-    """A time stamp of the format as people read it (UTC)."""
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+def format_time(ts: float) -> str:
+    """A time stamp as every tool prints it: ISO 8601 in UTC, e.g. 2026-05-01T12:00:00Z
+    (never epoch seconds or local time)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

@@ -18,8 +18,19 @@ class ObjectSink(Protocol):
         ...
 
 
-class Storage(ObjectSink, Protocol):
-    def get_object(self, digest: str) -> bytes: ...
+class ObjectSource(Protocol):
+    """Where a reader of a repository gets its objects and top-level files: a storage,
+    or a repository read over HTTP (`repo-server check URL`)."""
+
+    def get_object(self, digest: str, max_bytes: int | None = None) -> bytes:
+        """The stored bytes of an object (FileNotFoundError if it is not there); a
+        source that downloads refuses more than max_bytes (the endless-data defence)."""
+        ...
+
+    def read_file(self, name: str) -> bytes | None: ...
+
+
+class Storage(ObjectSink, ObjectSource, Protocol):
     def object_head(self, digest: str, length: int) -> tuple[bytes, int]:
         """The first `length` stored bytes of an object and its stored size, without
         reading the rest (FileNotFoundError if it is not stored)."""
@@ -35,7 +46,6 @@ class Storage(ObjectSink, Protocol):
         """When the object was last written (Unix time): gc spares recent ones."""
         ...
 
-    def read_file(self, name: str) -> bytes | None: ...
     def write_file(self, name: str, data: bytes) -> None:
         """Atomically replace a top-level file (manifest, whitelist), durably."""
         ...

@@ -11,6 +11,10 @@ from __future__ import annotations
 import errno
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
 
 from cvmfs_format.errors import CvmfsError, PathConflict
 
@@ -66,3 +70,20 @@ def answer_for(exc: Exception, doing: str) -> tuple[int, str]:
         f"unexpected error on the server while {doing} ({type(exc).__name__}: {exc}); "
         f"its operator finds the details under {reference} in the log of `repo-server serve`"
     )
+
+
+def guarded(
+    handler: Callable[[Request], Awaitable[Response]], doing: str
+) -> Callable[[Request], Awaitable[Response]]:
+    """The endpoint that runs handler and answers its failures as answer_for says."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ClientDisconnect:
+            return Response(status_code=400)  # nobody is listening any more
+        except Exception as exc:
+            status, message = answer_for(exc, doing)
+            return JSONResponse({"error": message}, status)
+
+    return endpoint

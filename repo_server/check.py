@@ -14,7 +14,7 @@ from cvmfs_format.catalog_rules import (
 from cvmfs_format.errors import CvmfsError, FormatError, VerificationError
 from cvmfs_format.objects import ObjectRef, decode_object, max_stored_size
 from repo_server.damage import name_damage
-from repo_server.loading import load_catalog
+from repo_server.loading import Readable, load_catalog
 from repo_server.repository import LocalRepository
 from repo_server.rotation import rotation_warnings
 
@@ -34,7 +34,9 @@ class CheckReport:
     structure_damaged: bool = False
 
 
-def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
+def check(repo: Readable, all_revisions: bool = False) -> CheckReport:
+    """Verify the head (and the tagged revisions, or all) as clients would read them; a
+    LocalRepository's key files too (rotation_warnings)."""
     report = CheckReport()
     try:
         head = repo.head()
@@ -45,7 +47,8 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
         except CvmfsError as parse_error:
             report.problems.append(f"manifest: {parse_error}")
             return report
-    report.warnings += rotation_warnings(repo, head)
+    if isinstance(repo, LocalRepository):
+        report.warnings += rotation_warnings(repo, head)
     try:
         history = repo.history(head)
     except (CvmfsError, OSError) as exc:
@@ -99,7 +102,7 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
 
 
 def walk_catalogs(
-    repo: LocalRepository,
+    repo: Readable,
     root: ObjectRef,
     seen: set[str],
     objects: dict[str, int],
@@ -159,10 +162,10 @@ def catalog_objects(catalog: Catalog) -> dict[str, int]:
     return {named.digest: named.size for named in checked.objects}
 
 
-def _verify_object(repo: LocalRepository, digest: str, size: int) -> tuple[str, str | None, bool]:
+def _verify_object(repo: Readable, digest: str, size: int) -> tuple[str, str | None, bool]:
     """(digest, the problem or None, whether the stored bytes are corrupt)."""
     try:
-        stored = repo.storage.get_object(digest)
+        stored = repo.storage.get_object(digest, max_stored_size(size))
         if len(stored) > max_stored_size(size):
             too_large = f"object {digest}: stored size {len(stored)} too large for {size} bytes"
             return digest, too_large, False
@@ -186,10 +189,18 @@ class Info:
     stats: TreeStats
     stored_bytes: int
     stored_objects: int
+    refused: str | None  # why clients refuse the head (e.g. it expired), if they do
 
 
 def info(repo: LocalRepository) -> Info:
-    head = repo.head()
+    """What the repository holds; also when clients refuse its head (an expired
+    whitelist is when the operator needs this most)."""
+    refused = None
+    try:
+        head = repo.head()
+    except CvmfsError as exc:
+        refused = str(exc)
+        head = repo.head_unverified()
     root = load_catalog(repo.storage, ObjectRef.catalog(head.root_hash, head.root_size))
     stats = root.stats()
     root.close()
@@ -206,4 +217,5 @@ def info(repo: LocalRepository) -> Info:
         stats,
         total,
         count,
+        refused,
     )

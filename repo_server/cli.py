@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from cvmfs_format.objects import ObjectRef
 from cvmfs_format.signed import format_time
 from cvmfs_format.trust import pinned_name
 from repo_server import check as check_mod
-from repo_server import damage, operations, rotation
+from repo_server import damage, operations, pinned, rotation
 from repo_server import diff as diff_mod
 from repo_server import gc as gc_mod
 from repo_server.errors import RepoError
@@ -60,7 +61,48 @@ def _serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    serve(repo.root, host.strip("[]"), int(port), Gateway(repo, tokens, Leases(args.lease_ttl)))
+    gateway = Gateway(repo, tokens, Leases(args.lease_ttl))
+    serve(repo.root, host.strip("[]"), int(port), gateway, args.access_log)
+    return 0
+
+
+def _leases(args: argparse.Namespace) -> int:
+    from repo_server.operator_api import OperatorClient
+
+    repo = _repo(args)
+    client = OperatorClient(repo.keydir)
+    if client.serving is None:
+        if args.drop is not None:
+            raise RepoError(
+                f"no `repo-server serve` runs for {repo.location}, so no lease is held "
+                f"(found none recorded in {client.path})"
+            )
+        if args.json:
+            print(json.dumps({"leases": []}))
+        print(f"no `repo-server serve` runs for {repo.location}: no leases", file=sys.stderr)
+        return 0
+    if args.drop is not None:
+        lease = client.call("POST", "/leases/drop", json={"lease": args.drop})["dropped"]
+        if args.json:
+            print(json.dumps({"dropped": lease}))
+        else:
+            print(
+                f"dropped the lease on {lease['path']} of token {lease['token']!r} (id "
+                f"{lease['id']}); its publisher is told to publish again"
+            )
+        return 0
+    leases = client.call("GET", "/leases")["leases"]
+    if args.json:
+        print(json.dumps({"leases": leases}))
+        return 0
+    for lease in leases:
+        committing = "\tcommitting" if lease["committing"] else ""
+        print(
+            f"{lease['id']}\t{lease['path']}\t{lease['token']}\tsince {lease['since']}\t"
+            f"expires {lease['expires']}\t{lease['publisher'] or '-'}{committing}"
+        )
+    if not leases:
+        print("no leases: nothing is being published over the API", file=sys.stderr)
     return 0
 
 
@@ -87,14 +129,26 @@ def _token_revoke(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    repo = _repo(args)
     moved: list[str] = []
-    if args.repair:
+    if args.key is not None or pinned.is_url(args.dir):
+        if args.key is None:
+            raise RepoError(
+                f"{args.dir}: give the repository's master public key (--key NAME.pub) to "
+                "check it over HTTP, as clients and `replicate` do"
+            )
+        if args.repair:
+            raise RepoError(
+                "--repair works on the repository's own directory with its key directory; "
+                "repair a mirror with `repo-server replicate URL DIR --key PUB --repair`"
+            )
+        report = check_mod.check(pinned.open_pinned(args.dir, args.key, args.name), args.all)
+    elif args.repair:
+        repo = _repo(args)
         with repo.lock():  # no publish may reuse an object while it is moved away
             report = check_mod.check(repo, all_revisions=args.all)
-            moved = damage.quarantine_corrupt(repo, report.corrupt)
+            moved = damage.quarantine_corrupt(repo.storage, report.corrupt)
     else:
-        report = check_mod.check(repo, all_revisions=args.all)
+        report = check_mod.check(_repo(args), all_revisions=args.all)
     for problem in report.problems:
         print(problem)
     for warning in report.warnings:
@@ -125,7 +179,10 @@ def _repair_advice(report: check_mod.CheckReport, moved: list[str]) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    i = check_mod.info(_repo(args))
+    repo = _repo(args)
+    i = check_mod.info(repo)
+    for line in _refusal(repo, i, time.time()):
+        print(line)
     s = i.stats
     print(f"name:              {i.name}")
     print(f"revision:          {i.revision}")
@@ -142,6 +199,24 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refusal(repo: LocalRepository, i: check_mod.Info, now: float) -> list[str]:
+    """The lines `info` puts first when clients refuse the repository's head."""
+    if i.refused is None:
+        return []
+    lines = []
+    fixes = (
+        (i.whitelist_expires, "whitelist", "whitelist renew"),
+        (i.expires, "manifest", "resign"),
+    )
+    for expires, what, verb in fixes:
+        if now >= expires:
+            lines.append(
+                f"EXPIRED: the {what} expired at {format_time(expires)}; clients refuse this "
+                f"repository until `{rotation.command_line(repo, verb)}`"
+            )
+    return lines or [f"REFUSED: clients refuse this repository: {i.refused}"]
+
+
 def _tags(args: argparse.Namespace) -> int:
     repo = _repo(args)
     for tag in repo.history(repo.head()).tags():
@@ -150,14 +225,26 @@ def _tags(args: argparse.Namespace) -> int:
 
 
 def _whitelist_renew(args: argparse.Namespace) -> int:
+    rotation.check_lifetime(args.days, args.allow_long)
     repo = _repo(args)
     with repo.lock():
-        r = rotation.renew_whitelist(repo, int(time.time()), args.days)
+        r = rotation.renew_whitelist(
+            repo,
+            int(time.time()),
+            args.days,
+            allow_long=args.allow_long,
+            end_rotation=args.end_rotation,
+        )
     wl = r.whitelist
     print(
         f"whitelist of {wl.name!r} renewed; expires {format_time(wl.expires)}; "
         f"lists {len(wl.keys)} signing keys"
     )
+    for archived, end in r.transition:
+        print(
+            f"the old key {archived.name} stays listed until {format_time(end)}, when its "
+            "rotation's transition ends (--end-rotation drops it now)"
+        )
     if r.unknown_signer is not None:
         print(
             f"warning: the manifest is signed by key {r.unknown_signer[:16]}..., found "
@@ -281,7 +368,13 @@ def _replicate(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=sys.stderr.isatty(),
         timeout=args.timeout,
+        repair=args.repair,
     )
+    if r.repaired:
+        print(
+            f"repaired {len(r.repaired)} objects that failed verification: fetched again from "
+            f"the source; the damaged copies are in {Path(r.repaired[0]).parent}/"
+        )
     for number in r.skipped:
         print(
             f"warning: revision {number} skipped: the source no longer has its objects "
@@ -332,6 +425,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up a publisher's lease after this many seconds without a request "
         "(publishers renew every 20 s; default 120)",
     )
+    p.add_argument(
+        "--access-log",
+        metavar="FILE",
+        help="append the access log (Combined Log Format and the request time) to FILE, "
+        "reopened when logrotate moves it (default: stderr, with the error log)",
+    )
+    p = command("leases", _leases, "list the publish leases of the running server, or drop one")
+    p.add_argument(
+        "--drop", metavar="PATH|ID", help="end the lease on PATH (or with this id, or id prefix)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
     tk = sub.add_parser("token", help="manage publish tokens")
     tk_sub = tk.add_subparsers(dest="action", required=True)
     for action, func, text in (
@@ -350,6 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
         console.add_debug(p, subcommand=True)
         p.set_defaults(func=func)
     p = command("check", _check, "verify every reachable catalog, object and signature")
+    p.add_argument(
+        "--key",
+        help="check as clients read it, with the master public key they pin (NAME.pub) and "
+        "no key directory: a mirror, or a repository's http(s):// URL",
+    )
+    p.add_argument("--name", help="with --key: the repository's name (default: the key file's)")
     p.add_argument("--all", action="store_true", help="check every revision in the history")
     p.add_argument(
         "--repair",
@@ -403,6 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up after this long, keeping the mirror as it was (default 3600); what "
         "was fetched is kept for the next run",
     )  # fmt: skip
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="verify every object the mirror holds too; move those that fail to "
+        "DIR/quarantine/ and fetch them again",
+    )
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_replicate)
     wl = sub.add_parser("whitelist", help="manage the signing-key whitelist")
@@ -410,7 +526,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = wl_sub.add_parser("renew", help="re-sign the whitelist with a new expiry")
     p.add_argument("dir")
     p.add_argument("--keys", help="key directory (default: DIR.keys)")
-    p.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
+    p.add_argument(
+        "--days", type=int, default=30,
+        help=f"validity in days, 1 to {rotation.MAX_WHITELIST_DAYS} (default 30)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allow-long", action="store_true",
+        help=f"allow --days over {rotation.MAX_WHITELIST_DAYS}",
+    )  # fmt: skip
+    p.add_argument(
+        "--end-rotation", action="store_true",
+        help="list no old key of an earlier rotation (e.g. it leaked), even within its "
+        f"transition ({rotation.TRANSITION_S // 86400} days after the rotation)",
+    )  # fmt: skip
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_whitelist_renew)
     return parser

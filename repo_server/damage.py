@@ -8,8 +8,8 @@ from __future__ import annotations
 from cvmfs_format.catalog_rules import validate_catalog
 from cvmfs_format.errors import CvmfsError, VerificationError
 from cvmfs_format.objects import ObjectRef, max_catalog_content, verify_stored
-from repo_server.loading import load_catalog
-from repo_server.repository import LocalRepository
+from cvmfs_format.store import Storage
+from repo_server.loading import Readable, load_catalog
 
 NAMED_PATHS = 5  # paths shown per damaged object; the rest are counted
 
@@ -17,7 +17,7 @@ Naming = dict[str, set[int]]  # path -> the revisions in which it names the obje
 
 
 def paths_naming(
-    repo: LocalRepository, roots: list[tuple[int, ObjectRef]], wanted: set[str]
+    repo: Readable, roots: list[tuple[int, ObjectRef]], wanted: set[str]
 ) -> dict[str, Naming]:
     """For each wanted object, the paths that name it in the revisions `roots` lists
     (revision, root catalog): a file for its content or one of its chunks, a directory
@@ -44,7 +44,7 @@ def paths_naming(
 
 
 def _names_in(
-    repo: LocalRepository, ref: ObjectRef, wanted: set[str]
+    repo: Readable, ref: ObjectRef, wanted: set[str]
 ) -> tuple[list[tuple[str, str]], list[ObjectRef]]:
     """(object, path) for each wanted object the catalog names, and its nested catalogs."""
     try:
@@ -61,7 +61,7 @@ def _names_in(
 
 
 def name_damage(
-    repo: LocalRepository, roots: list[tuple[int, ObjectRef]], damaged: dict[str, str]
+    repo: Readable, roots: list[tuple[int, ObjectRef]], damaged: dict[str, str]
 ) -> list[str]:
     """Each damaged object's problem, followed by the paths that name it."""
     if not damaged:
@@ -84,7 +84,7 @@ def used_by(naming: Naming) -> str:
     return "; used by " + ", ".join(parts) + (f" and {more} more paths" if more else "")
 
 
-def quarantine_corrupt(repo: LocalRepository, corrupt: dict[str, int | None]) -> list[str]:
+def quarantine_corrupt(storage: Storage, corrupt: dict[str, int | None]) -> list[str]:
     """Move the objects whose stored bytes do not match their names (digest -> content
     size, None for catalogs) to the storage's quarantine; where each went. Each is read
     and verified once more first: a read that failed for another reason (a network
@@ -92,11 +92,11 @@ def quarantine_corrupt(repo: LocalRepository, corrupt: dict[str, int | None]) ->
     moved = []
     for digest, size in corrupt.items():
         try:
-            stored = repo.storage.get_object(digest)
+            stored = storage.get_object(digest)
         except FileNotFoundError:
             continue
         try:
             verify_stored(stored, digest, max(size or 0, max_catalog_content(len(stored))))
         except VerificationError:
-            moved.append(repo.storage.quarantine_object(digest))
+            moved.append(storage.quarantine_object(digest))
     return moved

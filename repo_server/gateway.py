@@ -11,11 +11,11 @@ publish lock. Every failure is answered with a status and a message saying what 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+import time
 
 import zstandard
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -23,9 +23,11 @@ from cvmfs_format.errors import CvmfsError, FormatError
 from cvmfs_format.manifest import Manifest
 from cvmfs_format.objects import is_hash, verify_stored
 from cvmfs_format.pack import API, MISSING_LIMIT, PACK_LIMIT, iter_pack
-from repo_server.api_errors import ApiError, UploadRefused, answer_for, unusable_head
+from repo_server.access_log import set_user
+from repo_server.api_errors import ApiError, UploadRefused, answer_for, guarded, unusable_head
 from repo_server.errors import RepoError
 from repo_server.leases import Lease, Leases, Outcome
+from repo_server.metrics import Metrics
 from repo_server.repository import LocalRepository, validate_tag
 from repo_server.tokens import Token, TokenStore, check_path
 from repo_server.upload_check import validate_upload
@@ -34,10 +36,17 @@ INT64 = 1 << 63
 
 
 class Gateway:
-    def __init__(self, repo: LocalRepository, tokens: TokenStore, leases: Leases | None = None):
+    def __init__(
+        self,
+        repo: LocalRepository,
+        tokens: TokenStore,
+        leases: Leases | None = None,
+        metrics: Metrics | None = None,
+    ):
         self.repo = repo
         self.tokens = tokens
         self.leases = leases or Leases()
+        self.metrics = metrics or Metrics()
         self.compressor_level = 4
 
     def _token(self, request: Request) -> Token:
@@ -48,6 +57,7 @@ class Gateway:
         token = self.tokens.authenticate(value.strip())
         if token is None:
             raise ApiError(401, "token not known to this server (revoked, or a typo?)")
+        set_user(request, token.name)
         return token
 
     async def _json(self, request: Request, limit: int = 1 << 20) -> dict[str, object]:
@@ -186,6 +196,8 @@ class Gateway:
             outcome = Outcome(status, {"error": text})
         finally:
             self.leases.finish_commit(lease, outcome)
+            done = "committed" if outcome.status == 200 else "failed"
+            self.metrics.publish(time.time() - lease.since, done)
 
     async def renew_lease(self, request: Request) -> Response:
         self.leases.use(request.path_params["lease"], self._token(request))
@@ -197,20 +209,6 @@ class Gateway:
         return Response(status_code=204)
 
     def routes(self) -> list[Route]:
-        def guarded(
-            handler: Callable[[Request], Awaitable[Response]], doing: str
-        ) -> Callable[..., object]:
-            async def endpoint(request: Request) -> Response:
-                try:
-                    return await handler(request)
-                except ClientDisconnect:
-                    return Response(status_code=400)  # nobody is listening any more
-                except Exception as exc:
-                    status, message = answer_for(exc, doing)
-                    return JSONResponse({"error": message}, status)
-
-            return endpoint
-
         return [
             Route(f"{API}/leases", guarded(self.open_lease, "granting a lease"), methods=["POST"]),
             Route(

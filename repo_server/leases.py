@@ -3,7 +3,8 @@ commit (docs/PUBLISHING.md). Leases live in the memory of the one serving proces
 
 A lease ends with its commit, whatever the outcome, so the path is free at once for
 the next publish; a commit asked again on the same lease (two at once, or a retry after
-a lost answer) gets the first one's outcome instead of making a second revision.
+a lost answer) gets the first one's outcome instead of making a second revision. The
+operator may list the leases and drop one (`repo-server leases`, operator_api.py).
 """
 
 from __future__ import annotations
@@ -57,9 +58,23 @@ class Lease:
     token: str  # name of the token that holds it
     expires: float
     publisher: str | None = None  # the publisher's own name for its request
+    since: float = field(default_factory=time.time)  # granted (Unix time)
     # Content size of every object uploaded on this lease (the gateway verified them).
     sizes: dict[str, int] = field(default_factory=dict)
     commit: CommitOnce | None = None
+
+
+@dataclass(frozen=True)
+class LeaseView:
+    """A lease as the operator sees it (`repo-server leases`)."""
+
+    id: str
+    path: str
+    token: str
+    publisher: str | None
+    since: float  # Unix times
+    expires: float
+    committing: bool
 
 
 class Leases:
@@ -70,6 +85,7 @@ class Leases:
         self.clock = clock
         self._leases: dict[str, Lease] = {}
         self._ended: dict[str, tuple[Lease, float]] = {}  # committed: kept for retries
+        self._dropped: dict[str, float] = {}  # by the operator: id -> until when it is said
         self._lock = threading.Lock()
 
     def _expire(self) -> None:
@@ -80,6 +96,8 @@ class Leases:
                 del self._leases[lease_id]
         for lease_id in [k for k, (_, until) in self._ended.items() if until < now]:
             del self._ended[lease_id]
+        for lease_id in [k for k, until in self._dropped.items() if until < now]:
+            del self._dropped[lease_id]
 
     def acquire(self, token: Token, path: str, publisher: str | None = None) -> Lease:
         """A new lease on path; or, asked again by the same publisher (its answer was
@@ -109,6 +127,10 @@ class Leases:
         if lease is None:
             if lease_id in self._ended:
                 raise ApiError(410, "this lease has committed; start a new publish")
+            if lease_id in self._dropped:
+                raise ApiError(
+                    410, "the repository's operator dropped this lease; start the publish again"
+                )
             raise ApiError(410, "lease unknown or expired; start the publish again")
         if lease.token != token.name:
             raise ApiError(403, "this lease belongs to another token")
@@ -155,3 +177,47 @@ class Leases:
             lease = self._leases.get(lease_id)
             if lease is not None and not (lease.commit is not None and lease.commit.running):
                 del self._leases[lease_id]
+
+    def listing(self) -> list[LeaseView]:
+        """The live leases, oldest first."""
+        with self._lock:
+            self._expire()
+            now, wall = self.clock(), time.time()
+            return [
+                LeaseView(
+                    lease.id,
+                    lease.path,
+                    lease.token,
+                    lease.publisher,
+                    lease.since,
+                    wall + lease.expires - now,
+                    lease.commit is not None and lease.commit.running,
+                )
+                for lease in sorted(self._leases.values(), key=lambda lease: lease.since)
+            ]
+
+    def drop(self, key: str) -> LeaseView:
+        """End the live lease whose id is key (or starts with it) or whose path is key, as
+        the operator: its publisher is told so, and the path is free. A commit in
+        progress is not stopped."""
+        with self._lock:
+            self._expire()
+            found = [lease for lease in self._leases.values() if key in (lease.id, lease.path)]
+            if not found and len(key) >= 4:
+                found = [lease for lease in self._leases.values() if lease.id.startswith(key)]
+            if not found:
+                raise ApiError(
+                    404, f"no lease on or with id {key!r} (`repo-server leases` lists them)"
+                )
+            if len(found) > 1:
+                raise ApiError(
+                    409, f"{key!r} is the beginning of {len(found)} lease ids; give more"
+                )
+            lease = found[0]
+            if lease.commit is not None and lease.commit.running:
+                raise ApiError(409, f"the lease on {lease.path} is committing; it ends with that")
+            del self._leases[lease.id]
+            self._dropped[lease.id] = self.clock() + self.ttl
+        return LeaseView(
+            lease.id, lease.path, lease.token, lease.publisher, lease.since, time.time(), False
+        )

@@ -11,23 +11,39 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from cvmfs_format.catalog import Catalog
 from cvmfs_format.errors import VerificationError
 from cvmfs_format.history import History
+from cvmfs_format.manifest import Manifest
 from cvmfs_format.objects import ObjectRef, verify_stored
-from cvmfs_format.store import Storage
+from cvmfs_format.store import ObjectSource
 from repo_server.errors import ObjectMissing
 
 T = TypeVar("T")
 
 
-def _load(storage: Storage, digest: str, use: Callable[[bytes], T]) -> T:
+class Readable(Protocol):
+    """A repository as check reads it: a LocalRepository, or one pinned by its public
+    key (repo_server.pinned)."""
+
+    @property
+    def location(self) -> str: ...
+    @property
+    def storage(self) -> ObjectSource: ...
+    def head(self) -> Manifest: ...
+    def head_unverified(self) -> Manifest: ...
+    def history(self, manifest: Manifest) -> History: ...
+
+
+def _load(
+    storage: ObjectSource, digest: str, use: Callable[[bytes], T], max_bytes: int | None = None
+) -> T:
     """use(the stored bytes of digest); on a VerificationError read once more."""
     for attempt in (1, 2):
         try:
-            stored = storage.get_object(digest)
+            stored = storage.get_object(digest, max_bytes)
         except FileNotFoundError as exc:
             raise ObjectMissing(f"object {digest}: missing from the repository") from exc
         try:
@@ -38,23 +54,23 @@ def _load(storage: Storage, digest: str, use: Callable[[bytes], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def load_verified(storage: Storage, ref: ObjectRef) -> bytes:
+def load_verified(storage: ObjectSource, ref: ObjectRef) -> bytes:
     """The verified content of the object ref names; ObjectMissing if storage lacks it,
     VerificationError if both reads of it fail verification."""
-    return _load(storage, ref.digest, ref.decode)
+    return _load(storage, ref.digest, ref.decode, ref.max_stored)
 
 
-def load_catalog(storage: Storage, ref: ObjectRef) -> Catalog:
+def load_catalog(storage: ObjectSource, ref: ObjectRef) -> Catalog:
     """A catalog, verified; the caller closes it."""
     return Catalog.from_bytes(load_verified(storage, ref), ref.digest)
 
 
-def load_history(storage: Storage, ref: ObjectRef) -> History:
+def load_history(storage: ObjectSource, ref: ObjectRef) -> History:
     return History(load_verified(storage, ref), ref.digest)
 
 
 def load_catalog_file(
-    storage: Storage, digest: str, stored_size: int | None, directory: str
+    storage: ObjectSource, digest: str, stored_size: int | None, directory: str
 ) -> tuple[Catalog, int]:
     """A catalog verified into a file in directory, so that its content (up to 256 times
     its stored size) is never whole in memory, and its stored size. stored_size None:

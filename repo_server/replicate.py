@@ -4,30 +4,28 @@ a repository served over HTTP; objects first, whitelist and manifest last.
 Every fetched byte is verified against the hash chain that ends in the manifest signed
 under the pinned master key (docs/FORMAT.md, "Verification"), so a mirror is as
 trustworthy as its source, and a mirror stopped at any moment still serves its previous
-revision (docs/OPERATING.md, "Mirrors (Stratum 1)").
+revision (docs/OPERATING.md, "Mirrors (Stratum 1)"). With repair, what the mirror holds
+is verified too, and what fails is moved to its quarantine and fetched again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
-import multiprocessing
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from cvmfs_client.fetcher import CurlFetcher, DeadlinePassed
 from cvmfs_format import manifest as manifest_mod
 from cvmfs_format.catalog import Catalog
-from cvmfs_format.errors import CvmfsError, NotFoundError
+from cvmfs_format.errors import CvmfsError, NotFoundError, VerificationError
 from cvmfs_format.history import History
 from cvmfs_format.manifest import MANIFEST_FILE, Manifest
 from cvmfs_format.objects import ObjectRef
@@ -35,36 +33,18 @@ from cvmfs_format.signed import MAX_DOCUMENT_SIZE
 from cvmfs_format.trust import Floor, TrustedState
 from cvmfs_format.whitelist import WHITELIST_FILE
 from repo_server.check import catalog_objects
+from repo_server.damage import quarantine_corrupt
 from repo_server.errors import RepoError
 from repo_server.loading import load_verified
+from repo_server.mirror_workers import failing_batch, fetch_batch, on_workers, parallel
+from repo_server.pinned import http_fetcher
 from repo_server.repository import LOCK_FILE
-from repo_server.storage import LocalStorage
+from repo_server.storage import QUARANTINE_DIR, LocalStorage
 
 DEFAULT_WORKERS = 8
-BATCH = 64  # objects per task of a worker process
 DEFAULT_TIMEOUT_S = 3600.0  # the whole run; what was fetched stays for the next run
-SOURCE_TIMEOUT_S = 60.0  # one request (a source slower than 1 KiB/s for 10 s is cut off)
 
-T = TypeVar("T")
 R = TypeVar("R")
-
-
-def _fetch_batch(source: CurlFetcher, root: str, refs: list[ObjectRef]) -> tuple[int, int]:
-    """Fetch, verify and store objects (on a worker process): (objects, bytes) stored."""
-    storage = LocalStorage(Path(root))
-    objects = size = 0
-    for ref in refs:
-        stored = source.fetch(ref.path, ref.max_stored, functools.partial(_verified, ref))
-        if storage.put_object(ref.digest, stored):
-            objects += 1
-            size += len(stored)
-    return objects, size
-
-
-def _verified(ref: ObjectRef, stored: bytes) -> bytes:
-    """The stored bytes, once they verify (the content is not kept)."""
-    ref.verify(stored)
-    return stored
 
 
 @dataclass(frozen=True)
@@ -77,6 +57,7 @@ class ReplicaReport:
     objects: int  # objects fetched (and verified, and stored)
     bytes: int  # their stored bytes
     seconds: float
+    repaired: list[str] = field(default_factory=list)  # quarantined copies, fetched again
 
 
 @dataclass
@@ -101,15 +82,17 @@ def replicate(
     progress: bool = False,
     timeout: float = DEFAULT_TIMEOUT_S,
     clock: Callable[[], float] = time.time,
+    repair: bool = False,
 ) -> ReplicaReport:
     """Bring mirror_dir up to the source's verified head revision and tagged revisions,
-    within timeout seconds (the mirror lock is never held longer)."""
+    within timeout seconds (the mirror lock is never held longer); with repair, verify
+    what the mirror holds as well and fetch again what fails."""
     if workers < 1:
         raise RepoError("--workers must be at least 1")
     if timeout <= 0:
         raise RepoError("--timeout must be more than 0 seconds")
     start = time.monotonic()
-    source = _source(url, start + timeout)
+    source = http_fetcher(url, start + timeout)
     mirror_dir = _prepare_directory(Path(mirror_dir))
     storage = LocalStorage(mirror_dir)
     with _mirror_lock(mirror_dir):
@@ -125,7 +108,7 @@ def replicate(
             )
         trust = TrustedState(master_key, name, floor)
         try:
-            job = _Replication(source, storage, workers, progress)
+            job = _Replication(source, storage, workers, progress, repair)
             report = job.run(trust, old_data, clock())
         except DeadlinePassed as exc:
             still = f"still revision {current.revision}" if current else "no revision yet"
@@ -147,16 +130,8 @@ def replicate(
         job.counters.objects,
         job.counters.bytes,
         time.monotonic() - start,
+        job.repaired,
     )
-
-
-def _source(url: str, deadline: float) -> CurlFetcher:
-    """The client's fetcher: the same GET stack, size bounds, low-speed cut-off and
-    retries as every reader; mirrors of the source may be given separated by ';'."""
-    urls = [u for u in url.split(";") if u]
-    if not urls or not all(u.startswith(("http://", "https://")) for u in urls):
-        raise RepoError(f"{url!r}: expected the repository's http:// or https:// URL")
-    return CurlFetcher(urls, timeout_s=SOURCE_TIMEOUT_S, deadline=deadline)
 
 
 def _prepare_directory(mirror_dir: Path) -> Path:
@@ -165,7 +140,7 @@ def _prepare_directory(mirror_dir: Path) -> Path:
         if not mirror_dir.is_dir():
             raise RepoError(f"{mirror_dir}: not a directory; give a new or empty directory")
         names = set(os.listdir(mirror_dir))
-        if MANIFEST_FILE not in names and names - {LOCK_FILE, "data", "txn"}:
+        if MANIFEST_FILE not in names and names - {LOCK_FILE, "data", "txn", QUARANTINE_DIR}:
             raise RepoError(
                 f"{mirror_dir}: holds other files and is not a mirror; "
                 "give a new or empty directory"
@@ -203,11 +178,21 @@ class _Outcome:
 class _Replication:
     """One run: fetch what the mirror lacks, verified, then the whitelist and manifest."""
 
-    def __init__(self, source: CurlFetcher, storage: LocalStorage, workers: int, progress: bool):
+    def __init__(
+        self,
+        source: CurlFetcher,
+        storage: LocalStorage,
+        workers: int,
+        progress: bool,
+        repair: bool = False,
+    ):
         self.source = source
         self.storage = storage
         self.workers = workers
         self.progress = progress
+        self.repair = repair
+        self.repaired: list[str] = []
+        self._repairing = threading.Lock()
         self.counters = _Counters()
         self.seen_catalogs: set[str] = set()
         self.have: set[str] = set()  # objects known to be in the mirror
@@ -223,7 +208,8 @@ class _Replication:
         assert manifest is not None
         mirrored: list[int] = []
         skipped: list[int] = []
-        if data != old:  # an unchanged manifest names only what the mirror already has
+        # An unchanged manifest names only what the mirror already has (unless repairing).
+        if data != old or self.repair:
             mirrored, skipped = self._mirror_revisions(manifest)
         if wl_data != self.storage.read_file(WHITELIST_FILE) or data != old:
             self.storage.sync()  # everything the manifest names is durable before it appears
@@ -282,7 +268,7 @@ class _Replication:
             self.seen_catalogs.update(ref.digest for ref in frontier)
             following: dict[str, ObjectRef] = {}
             for ref, (stored, content) in zip(
-                frontier, self._parallel(self._load, frontier), strict=True
+                frontier, parallel(self._load, frontier, self.workers), strict=True
             ):
                 if stored is not None:
                     fetched_catalogs.append((ref, stored))
@@ -297,6 +283,9 @@ class _Replication:
             frontier = list(following.values())
         wanted = objects.keys() - self.have
         missing = self.storage.missing(wanted)
+        if self.repair:
+            present = [ObjectRef(d, objects[d]) for d in sorted(wanted - missing)]
+            missing |= self._quarantine_failing(present, f"verifying {label}")
         self.have.update(wanted - missing)
         refs = [ObjectRef(d, objects[d]) for d in sorted(missing)]
         self._fetch_objects(refs, label)
@@ -305,90 +294,60 @@ class _Replication:
 
     def _load(self, ref: ObjectRef) -> tuple[bytes | None, bytes]:
         """(stored bytes if fetched now, content) of a catalog or the history, read from
-        the mirror when it has it."""
+        the mirror when it has it (repairing: when it has it intact)."""
         if self.storage.has(ref.digest):
-            return None, load_verified(self.storage, ref)
+            try:
+                return None, load_verified(self.storage, ref)
+            except VerificationError:
+                if not self.repair:
+                    raise
+                self._quarantine({ref.digest: None})
         stored = self.source.fetch(ref.path, ref.max_stored, lambda data: data)
         return stored, ref.decode(stored)
 
     def _fetch_objects(self, refs: list[ObjectRef], label: str) -> None:
-        """Fetch, verify and store the files and chunks, in batches on worker processes.
+        """Fetch, verify and store the files and chunks."""
 
-        Processes, not threads: per object the work is a GET, a decompression, a hash
-        and a file, in many small steps that hold the GIL; on two cores two processes
-        mirrored a release in 4.6 s where one process with four threads took 7.8 s.
-        """
-        from tqdm import tqdm
+        def fetched(batch: list[ObjectRef], counts: tuple[int, int]) -> None:
+            self.counters.add(*counts)
+            self.have.update(ref.digest for ref in batch)
 
-        batches = [refs[i : i + BATCH] for i in range(0, len(refs), BATCH)]
+        self._on_workers(fetch_batch, refs, label, fetched)
+
+    def _quarantine_failing(self, refs: list[ObjectRef], label: str) -> set[str]:
+        """Move the objects of refs that fail verification in the mirror to its
+        quarantine; their digests, to fetch again."""
+        failing: dict[str, int | None] = {}
+
+        def verified(batch: list[ObjectRef], digests: list[str]) -> None:
+            sizes = {ref.digest: ref.size for ref in batch}
+            failing.update((digest, sizes[digest]) for digest in digests)
+
+        self._on_workers(failing_batch, refs, label, verified)
+        self._quarantine(failing)
+        return set(failing)
+
+    def _quarantine(self, corrupt: dict[str, int | None]) -> None:
+        """Move corrupt objects of the mirror away (each verified once more first), so
+        that the copy fetched from the source can take their place."""
+        moved = quarantine_corrupt(self.storage, corrupt)
+        with self._repairing:
+            self.repaired += moved
+
+    def _on_workers(
+        self,
+        work: Callable[[CurlFetcher, str, list[ObjectRef]], R],
+        refs: list[ObjectRef],
+        label: str,
+        done: Callable[[list[ObjectRef], R], None],
+    ) -> None:
         root = str(self.storage.root)
-        bar = tqdm(total=len(refs), unit="obj", desc=label, leave=False, disable=not self.progress)
-        try:
-            if self.workers == 1 or len(batches) <= 1:
-                for batch in batches:
-                    self._fetched(batch, _fetch_batch(self.source, root, batch), bar)
-                return
-            # fork: the workers start at once, with every module already imported; the
-            # parent runs no other thread at this point.
-            context = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(self.workers, mp_context=context) as pool:
-                futures = {pool.submit(_fetch_batch, self.source, root, b): b for b in batches}
-                try:
-                    for future in as_completed(futures):
-                        self._fetched(futures[future], future.result(), bar)
-                except BaseException:
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise
-        finally:
-            bar.close()
-
-    def _fetched(self, batch: list[ObjectRef], counts: tuple[int, int], bar: Any) -> None:
-        self.counters.add(*counts)
-        self.have.update(ref.digest for ref in batch)
-        bar.update(len(batch))
+        on_workers(
+            work, self.source, root, refs, done,
+            workers=self.workers, label=label, progress=self.progress,
+        )  # fmt: skip
 
     def _store(self, ref: ObjectRef, stored: bytes) -> None:
         if self.storage.put_object(ref.digest, stored):
             self.counters.add(1, len(stored))
         self.have.add(ref.digest)
-
-    def _parallel(self, work: Callable[[T], R], items: list[T]) -> list[R]:
-        """work(item) for every item on worker threads, results in order; the first
-        failure stops the workers and is raised. For catalogs: few, and parsed here."""
-        if len(items) <= 1 or self.workers == 1:
-            return [work(item) for item in items]
-        results: list[R | None] = [None] * len(items)
-        indices = iter(range(len(items)))
-        taking = threading.Lock()
-        failures: list[BaseException] = []
-        stop = threading.Event()
-
-        def worker() -> None:
-            while not stop.is_set():
-                with taking:
-                    index = next(indices, None)
-                if index is None:
-                    return
-                try:
-                    results[index] = work(items[index])
-                except BaseException as exc:
-                    failures.append(exc)
-                    stop.set()
-                    return
-
-        threads = [
-            threading.Thread(target=worker, name=f"replicate-{n}")
-            for n in range(min(self.workers, len(items)))
-        ]
-        try:
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-        finally:
-            stop.set()  # e.g. on Ctrl-C: the workers finish their current object only
-            for thread in threads:
-                thread.join()
-        if failures:
-            raise failures[0]
-        return results  # type: ignore[return-value]

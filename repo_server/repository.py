@@ -35,6 +35,7 @@ from cvmfs_format.whitelist import WHITELIST_FILE, Whitelist
 from repo_server import keys
 from repo_server.errors import RepoError
 from repo_server.loading import load_history, load_verified
+from repo_server.pinned import read_trusted
 from repo_server.s3_storage import S3Storage, is_s3_location
 from repo_server.storage import LocalStorage
 
@@ -131,11 +132,9 @@ class LocalRepository:
         """Whitelist and manifest accepted as a client accepts them: the master public key
         of the key directory and the repository's name pinned."""
         files = self.key_files()
-        trust = TrustedState(keys.load_public_key(files.public), files.name)
-        now = time.time()
-        trust.update_whitelist(self.storage.read_file(WHITELIST_FILE) or b"", now)
-        trust.update_manifest(self.storage.read_file(MANIFEST_FILE) or b"", now)
-        return trust
+        return read_trusted(
+            self.storage, keys.load_public_key(files.public), files.name, time.time()
+        )
 
     def head(self) -> Manifest:
         """The current manifest, verified as a client verifies it."""

@@ -238,7 +238,7 @@ class S3Storage:
             self._absent.discard(digest)
         return True
 
-    def get_object(self, digest: str) -> bytes:
+    def get_object(self, digest: str, max_bytes: int | None = None) -> bytes:
         data = self._get(self._key(digest))
         if data is None:
             # As a missing file is for a directory: check reports it as "missing".

@@ -1,19 +1,25 @@
 """`repo-server serve`: the repository's static files over HTTP on an ASGI stack.
 
 Reads are GET and HEAD of static files; the publish API (repo_server/gateway.py) sits
-under /api/v1. Range and ETag come from Starlette's FileResponse, which
+under /api/v1, the operator's (operator_api.py) under /api/v1/operator, /health and
+/metrics beside them (monitoring.py); every request goes to the access log
+(access_log.py). Range and ETag come from Starlette's FileResponse, which
 does not answer conditional requests itself, so revalidation (304) is done here. Objects
 are immutable and cached for a year; the manifest and whitelist for a short time.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import stat
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from types import FrameType
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -22,8 +28,11 @@ from starlette.staticfiles import NotModifiedResponse
 from cvmfs_format.manifest import MANIFEST_FILE
 from cvmfs_format.objects import is_hash
 from cvmfs_format.whitelist import WHITELIST_FILE
+from repo_server import monitoring, operator_api
+from repo_server.access_log import ACCESS_LOGGER, AccessLog, open_logs
 from repo_server.gateway import Gateway
 from repo_server.http_caching import IMMUTABLE, SIGNED_DOCUMENT_MAX_AGE_S
+from repo_server.metrics import Metrics
 
 
 def cache_control(relpath: str, ttl: int) -> str | None:
@@ -52,9 +61,20 @@ def not_modified(request: Request, response: Response) -> bool:
         return False
 
 
-def create_app(root: Path, ttl: int = 60, gateway: Gateway | None = None) -> Starlette:
-    """The read side (static files) and, given a gateway, the publish API."""
+def create_app(
+    root: Path,
+    ttl: int = 60,
+    gateway: Gateway | None = None,
+    operator_secret: str | None = None,
+) -> Starlette:
+    """The read side (static files) and, given a gateway, the publish API, /health and
+    /metrics, and given the operator's secret, the operator's API."""
     root = root.resolve()
+    api = []
+    if gateway is not None:
+        api += gateway.routes() + monitoring.routes(gateway.repo, gateway.metrics, gateway.leases)
+        if operator_secret is not None:
+            api += operator_api.routes(gateway.leases, operator_secret)
 
     async def serve_file(request: Request) -> Response:
         relpath = request.path_params["path"]
@@ -81,18 +101,37 @@ def create_app(root: Path, ttl: int = 60, gateway: Gateway | None = None) -> Sta
     async def index(request: Request) -> Response:
         return PlainTextResponse(f"cvmfs-py repository {root.name}\n")
 
+    metrics = gateway.metrics if gateway is not None else Metrics()
+    logger = logging.getLogger(ACCESS_LOGGER)
     return Starlette(
         routes=[
-            *(gateway.routes() if gateway is not None else []),
+            *api,
             Route("/", index, methods=["GET", "HEAD"]),
             Route("/{path:path}", serve_file, methods=["GET", "HEAD"]),
-        ]
+        ],
+        middleware=[Middleware(AccessLog, logger=logger, metrics=metrics)],
     )
 
 
-def serve(root: Path, host: str, port: int, gateway: Gateway | None = None) -> None:
+def serve(
+    root: Path, host: str, port: int, gateway: Gateway, access_log: str | None = None
+) -> None:
+    """Serve until stopped: the access log to access_log (default: stderr), errors with
+    their tracebacks to stderr; recorded for `repo-server leases` meanwhile."""
     import uvicorn
 
+    open_logs(access_log)
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again: exit 0 then, as
+    # systemd expects, through the finally blocks (operator_api.registered's).
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     # One process: leases live in its memory (docs/PUBLISHING.md).
-    app = create_app(root, gateway=gateway)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    with operator_api.registered(gateway.repo.keydir, host, port) as secret:
+        app = create_app(root, gateway=gateway, operator_secret=secret)
+        # log_config None: uvicorn's own errors go to the error log open_logs set up.
+        uvicorn.run(
+            app, host=host, port=port, log_level="warning", access_log=False, log_config=None
+        )
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)

@@ -8,12 +8,13 @@ done and what to run; running `key rotate` again finishes it.
 
 from __future__ import annotations
 
+import calendar
 import shutil
 import time
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from cvmfs_format import manifest as manifest_mod
 from cvmfs_format import whitelist as whitelist_mod
@@ -72,6 +73,10 @@ def manifest_signer(repo: Repo) -> str:
     return manifest_mod.parse((repo.dir / "manifest").read_bytes())[0].signer
 
 
+def master_public(repo: Repo) -> Ed25519PublicKey:
+    return keys.load_public_key(repo.pub)
+
+
 def public(key: Ed25519PrivateKey) -> str:
     return encode_public_key(key.public_key())
 
@@ -120,11 +125,59 @@ def test_key_rotate_killed_at_any_step_keeps_clients_reading_through_renew_and_r
         assert manifest_signer(repo) == key_fingerprint(signing_key(repo).public_key()), moment
         code, said = check(repo)
         assert code == 0 and "warning" not in said, f"{moment}\n{said}"
-        run_cli("repo-server", "whitelist", "renew", repo.dir)
+        run_cli("repo-server", "whitelist", "renew", repo.dir, "--end-rotation")
         assert whitelisted(repo) == {public(signing_key(repo))}, moment  # transition over
         assert client_reads(repo) == RELEASE, moment
         point += 1
     assert point > 4, "the rotation's steps were not all reached"
+
+
+def test_a_renewal_after_a_rotation_keeps_the_old_key_until_its_transition_ends(
+    published: Repo, tmp_path: Path
+) -> None:
+    """The weekly cron renewal runs an hour after a rotation: a mirror not yet updated
+    still serves a manifest the old key signed, and a client that got the new whitelist
+    elsewhere must accept it until that manifest expires."""
+    repo = copy_of(published, tmp_path / "rotated")
+    old = signing_key(repo)
+    stale_manifest = (repo.dir / "manifest").read_bytes()
+    run_cli("repo-server", "key", "rotate", repo.dir)
+    new = signing_key(repo)
+    (archived,) = keys.KeyFiles(repo.keys, repo.name).archives()
+
+    renewed = run_cli("repo-server", "whitelist", "renew", repo.dir).stdout.decode()
+
+    assert whitelisted(repo) == {public(new), public(old)}
+    rotated_at = calendar.timegm(time.strptime(archived.name[-16:], "%Y%m%dT%H%M%SZ"))
+    end = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rotated_at + 30 * DAY))
+    assert f"the old key {archived.name} stays listed until {end}" in renewed, renewed
+    wl = whitelist_mod.verify(
+        (repo.dir / "whitelist").read_bytes(), master_public(repo), time.time()
+    )
+    assert manifest_mod.verify(stale_manifest, wl, time.time()).signer == key_fingerprint(
+        old.public_key()
+    )
+    assert client_reads(repo) == RELEASE
+
+    # 31 days later the transition is over: the next renewal lists the new key only.
+    month_ago = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() - 31 * DAY))
+    archived.rename(archived.with_name(f"{repo.name}.key.{month_ago}"))
+    later = run_cli("repo-server", "whitelist", "renew", repo.dir).stdout.decode()
+    assert whitelisted(repo) == {public(new)}
+    assert "stays listed" not in later
+    assert client_reads(repo) == RELEASE
+
+
+def test_end_rotation_drops_a_leaked_old_key_at_once(published: Repo, tmp_path: Path) -> None:
+    repo = copy_of(published, tmp_path / "leaked")
+    run_cli("repo-server", "key", "rotate", repo.dir)
+
+    run_cli("repo-server", "whitelist", "renew", repo.dir, "--end-rotation")
+
+    assert whitelisted(repo) == {public(signing_key(repo))}
+    assert client_reads(repo) == RELEASE
+    code, said = check(repo)
+    assert code == 0 and "warning" not in said, said
 
 
 def test_check_sees_a_rotation_stopped_before_re_signing_and_renew_keeps_the_signer(

@@ -215,3 +215,65 @@ def test_a_garbage_collected_revision_is_skipped_unless_tagged(
     assert result.returncode == 1
     assert "tagged revision 1" in result.stderr.decode()
     assert not (mirror / "manifest").exists()
+
+
+def check_of(target: str | Path, repo: Repo) -> subprocess.CompletedProcess[bytes]:
+    """`repo-server check` as a mirror's operator runs it: with the master public key
+    that clients pin, no key directory."""
+    return run_cli("repo-server", "check", target, "--key", repo.pub, check=False)
+
+
+def test_a_corrupt_mirror_is_found_by_check_over_http_and_mended_by_replicate_repair(
+    repo: Repo, source: str, tmp_path: Path
+) -> None:
+    release(tmp_path, repo, "1.0", seed=1)
+    mirror = tmp_path / "mirror"
+    fetched(replicate(source, mirror, repo))
+    reader = open_reader(mirror_repo(mirror, repo))
+    file_object = reader.lookup("/sw/1.0/lib001/mod101.py").hash
+    nested = reader.catalog_for_dir("/sw/1.0/lib000").digest
+    assert file_object is not None and nested != reader.root_hash
+    damaged = {d: mirror / object_path(d) for d in (file_object, nested)}
+    for path in damaged.values():  # a disk error on the mirror host
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        path.write_bytes(bytes(data))
+
+    with serving(mirror, tmp_path / "mirror.log") as mirror_url:
+        result = check_of(mirror_url, repo)
+        assert result.returncode == 1, result.stderr.decode()
+        for digest in damaged:
+            assert digest in result.stdout.decode(), result.stdout.decode()
+        assert "check FAILED" in result.stdout.decode()
+        assert check_of(mirror, repo).returncode == 1  # the directory, by the same key
+
+        again = replicate(source, mirror, repo)  # the manifest did not change: no walk
+        assert fetched(again) == 0 and check_of(mirror_url, repo).returncode == 1
+
+        repaired = run_cli(
+            "repo-server", "replicate", source, mirror, "--key", repo.pub, "--repair"
+        ).stdout.decode()
+
+        assert "repaired 2 objects that failed verification" in repaired, repaired
+        for digest, path in damaged.items():
+            assert path.read_bytes() == (repo.dir / object_path(digest)).read_bytes()
+            assert (mirror / "quarantine" / digest).exists()  # kept for a look
+        healthy = check_of(mirror_url, repo)
+        assert healthy.returncode == 0, healthy.stdout.decode() + healthy.stderr.decode()
+        assert healthy.stdout.decode().startswith("check ok")
+    assert check_of(mirror, repo).returncode == 0
+    assert (
+        "repaired"
+        not in run_cli(
+            "repo-server", "replicate", source, mirror, "--key", repo.pub, "--repair"
+        ).stdout.decode()
+    )
+
+
+def test_check_of_a_url_needs_the_public_key(repo: Repo, source: str) -> None:
+    result = run_cli("repo-server", "check", source, check=False)
+
+    assert result.returncode == 1
+    err = result.stderr.decode()
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--key" in err, err
+    assert check_of(source, repo).returncode == 0
