@@ -210,6 +210,7 @@ def _gc(args: argparse.Namespace) -> int:
 
 def _token(args: argparse.Namespace) -> int:
     from copilot_manager.auth import Tokens
+    from cvmfs_format.signed import format_time
 
     tokens = Tokens(Path(args.tokens))
     if args.action == "add":
@@ -218,7 +219,7 @@ def _token(args: argparse.Namespace) -> int:
     elif args.action == "list":
         for role, store in tokens.stores.items():
             for token in store.tokens():
-                created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(token.created))
+                created = format_time(token.created)
                 print(f"{token.name}\t{role}\t{created}")
     else:
         tokens.store(args.role).revoke(args.name)
