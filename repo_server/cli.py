@@ -11,8 +11,6 @@ from pathlib import Path
 
 from cvmfs_client import console
 from cvmfs_client.console import human
-from cvmfs_format.catalog import Catalog
-from cvmfs_format.history import History
 from cvmfs_format.objects import ObjectRef
 from cvmfs_format.signed import format_time
 from cvmfs_format.trust import pinned_name
@@ -230,7 +228,11 @@ def _rollback(args: argparse.Namespace) -> int:
 
 
 def _log(args: argparse.Namespace) -> int:
-    history, load = _history_of(args)
+    if args.dir.startswith(("http://", "https://")):
+        history, load = revision_log.served_history(args.dir, args.key)
+    else:
+        repo = _repo(args)
+        history, load = repo.history(repo.head()), functools.partial(load_catalog, repo.storage)
     path = check_path(args.path) if args.path else None
     records = revision_log.select(history, load, path, args.limit)
     if args.json:
@@ -238,30 +240,6 @@ def _log(args: argparse.Namespace) -> int:
     else:
         sys.stdout.writelines(revision_log.line(r) + "\n" for r in records)
     return 0
-
-
-def _history_of(args: argparse.Namespace) -> tuple[History, revision_log.LoadCatalog]:
-    """The verified history of a repository directory, or of a URL (with --key)."""
-    if not args.dir.startswith(("http://", "https://")):
-        repo = _repo(args)
-        return repo.history(repo.head()), functools.partial(load_catalog, repo.storage)
-    from cvmfs_client.fetcher import fetcher_for
-    from cvmfs_client.repository import RepositoryReader
-    from cvmfs_format.trust import TrustedState
-    from repo_server import keys
-
-    if not args.key:
-        raise RepoError(f"{args.dir}: give the repository's public key (--key NAME.pub)")
-    trust = TrustedState(keys.load_public_key(Path(args.key)), pinned_name(args.key, None))
-    reader = RepositoryReader(fetcher_for(args.dir), trust)
-    reader.load_manifest()
-
-    def load(ref: ObjectRef) -> Catalog:
-        return Catalog.from_bytes(
-            reader.fetch_object(ref.digest, ref.size, stored=True), ref.digest
-        )
-
-    return reader.history(), load
 
 
 def _diff(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 
 from cvmfs_format import paths
 from cvmfs_format.catalog import Catalog
@@ -13,7 +14,9 @@ from cvmfs_format.errors import CvmfsError
 from cvmfs_format.history import History, RevisionRecord
 from cvmfs_format.objects import ObjectRef
 from cvmfs_format.signed import format_time
+from cvmfs_format.trust import TrustedState, pinned_name
 from repo_server.diff import diff_trees
+from repo_server.errors import RepoError
 
 LoadCatalog = Callable[[ObjectRef], Catalog]
 
@@ -81,3 +84,23 @@ def line(record: RevisionRecord) -> str:
         f"{record.revision}\t{format_time(record.published)}\t{who}\t{kind} {record.path}"
         f"\t{counts}{tool}{text}"
     )
+
+
+def served_history(url: str, key: str | None) -> tuple[History, LoadCatalog]:
+    """The history of a served repository (or mirror), verified as a client verifies
+    it, and a loader of its catalogs."""
+    from cvmfs_client.fetcher import fetcher_for
+    from cvmfs_client.repository import RepositoryReader
+    from repo_server import keys
+
+    if not key:
+        raise RepoError(f"{url}: give the repository's public key (--key NAME.pub)")
+    trust = TrustedState(keys.load_public_key(Path(key)), pinned_name(key, None))
+    reader = RepositoryReader(fetcher_for(url), trust)
+    reader.load_manifest()
+
+    def load(ref: ObjectRef) -> Catalog:
+        content = reader.fetch_object(ref.digest, ref.size, stored=True)
+        return Catalog.from_bytes(content, ref.digest)
+
+    return reader.history(), load
