@@ -5,6 +5,7 @@ token's path), tags are not moved silently, and every revision says who made it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pty
@@ -14,7 +15,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from cvmbuild.publish import PublishOptions
+from cvmbuild.publish import publish as publish_tree
+from cvmfs_format.objects import ObjectRef
+from repo_server.changes import summarize, tree_changes
+from repo_server.diff import diff_trees
+from repo_server.loading import load_catalog
+from repo_server.repository import LocalRepository
 from tests.conftest import BIN, Repo, open_reader, read_tree, run_cli, serving
 
 
@@ -395,3 +405,37 @@ def test_changes_are_counted_exactly_when_catalogs_are_split_differently(
         "  would be refused: publishing at /sw/a would remove 1 path that the tree does not "
         "hold (/sw/a/sub/.cvmfscatalog); publish at the release's own path, or pass --replace "
         "to replace them"]  # fmt: skip
+
+
+# -- the comparison, as a property -----------------------------------------------------
+
+DIRS = ["a", "a/b", "a/b/c", "d", "d/e"]
+release = st.dictionaries(
+    st.sampled_from([f"{d}/{n}" for d in DIRS for n in ("x", "y", ".cvmfscatalog")] + ["top"]),
+    st.sampled_from(["1", "2", ""]),
+    max_size=12,
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(releases=st.lists(release, min_size=2, max_size=3), at=st.sampled_from(["/sw", "/sw/r"]))
+def test_the_summarized_comparison_counts_what_the_full_diff_lists(
+    tmp_path_factory: pytest.TempPathFactory, releases: list[dict[str, str]], at: str
+) -> None:
+    """Catalogs that only one side has are counted by their totals, unread: the counts
+    and top paths are those of the full path-by-path diff, however the releases split
+    their catalogs (.cvmfscatalog markers) and whatever they add or drop."""
+    work = tmp_path_factory.mktemp("prop")
+    local = LocalRepository.init(work / "repo", "prop.example.org")
+    for number, files in enumerate(releases):
+        src = tree(work / f"rel{number}", files)
+        src.mkdir(exist_ok=True)
+        publish_tree(str(src), str(local.root), at, PublishOptions(replace=True))
+    history = local.history(local.head())
+    load = functools.partial(load_catalog, local.storage)
+    records = history.revisions()
+    for before, after in zip(records, records[1:], strict=False):
+        old = ObjectRef.catalog(before.root_hash, before.root_size)
+        new = ObjectRef.catalog(after.root_hash, after.root_size)
+        assert tree_changes(load, old, new) == summarize(diff_trees(load, old, new))
+        assert (after.added, after.changed, after.removed) == tree_changes(load, old, new).counts
