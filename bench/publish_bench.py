@@ -131,7 +131,8 @@ class Cvmbuild(Tool):
 
     def backup(self, tree: Path, label: str) -> Timing:
         cmd = [str(BIN / "cvmbuild"), "publish", str(tree), "--repo", str(self.repo)]
-        return run([*cmd, "--path", "/sw/release"], self.env)
+        # Each release replaces the one before at one path, as a backup tool's snapshot does.
+        return run([*cmd, "--path", "/sw/release", "--replace"], self.env)
 
     def sizes(self) -> Sizes:
         base = super().sizes()

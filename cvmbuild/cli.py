@@ -59,9 +59,37 @@ def _publish(args: argparse.Namespace) -> int:
         token=_token(settings.token_file),
         endpoint_url=args.endpoint_url,
         dry_run=args.dry_run,
+        replace=args.replace,
+        force_tag=args.force_tag,
     )
     summary = publish(args.src, settings.repo, settings.path, options)
     print(summary.line())
+    sys.stdout.writelines(f"{text}\n" for text in summary.details())
+    return 0
+
+
+def _change_path(args: argparse.Namespace) -> int:
+    from cvmbuild.path_revisions import PathChange, change_path, report
+    from repo_server import revisions
+
+    repo = args.repo or os.environ.get("CVMBUILD_REPO")
+    if not repo:
+        raise BuildError("no repository: give --repo or set CVMBUILD_REPO")
+    change = PathChange(
+        revisions.REMOVE if args.command == "remove" else revisions.ROLLBACK,
+        args.path,
+        args.message or "",
+        to=getattr(args, "to", ""),
+        everything=getattr(args, "everything", False),
+        dry_run=args.dry_run,
+    )
+    done = change_path(
+        repo,
+        change,
+        keydir=Path(args.keys) if args.keys else None,
+        token=_token(args.token_file or os.environ.get("CVMBUILD_TOKEN_FILE")),
+    )
+    sys.stdout.writelines(f"{text}\n" for text in report(change, done))
     return 0
 
 
@@ -100,7 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="show what would be uploaded and stored; change nothing",
     )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="allow removing what is below --path but not in SRC (other releases)",
+    )
     p.add_argument("--tag", help="name the new revision (CVMBUILD_TAG)")
+    p.add_argument(
+        "--force-tag", action="store_true", help="move --tag if it names another revision"
+    )
     p.add_argument("--message", help="a note stored with the revision (CVMBUILD_MESSAGE)")
     p.add_argument("--keys", help="key directory (default: REPO.keys)")
     p.add_argument(
@@ -127,6 +163,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_publish)
+    for name, text in (
+        ("remove", "remove PATH and everything below it, as a new revision"),
+        ("rollback", "give PATH what it held in an older revision, as a new revision"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--repo", help="repository directory or http(s):// URL (CVMBUILD_REPO)")
+        p.add_argument("--path", required=True, help="the repository path, e.g. /sw/x/1.0")
+        if name == "rollback":
+            p.add_argument("--to", required=True, metavar="REV|TAG", help="the older revision")
+        else:
+            p.add_argument(
+                "--everything", action="store_true", help="allow --path / (empties the repository)"
+            )
+        p.add_argument("--message", help="a note stored with the revision")
+        p.add_argument(
+            "--dry-run", action="store_true", help="show what would change; change nothing"
+        )
+        p.add_argument("--token-file", help="token for an http(s) repository (CVMBUILD_TOKEN_FILE)")
+        p.add_argument("--keys", help="key directory (default: REPO.keys)")
+        console.add_debug(p, subcommand=True)
+        p.set_defaults(func=_change_path)
     add_appliance_subcommands(sub)
     return parser
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import zstandard
 
@@ -26,6 +26,8 @@ from cvmfs_format.catalog_writer import Subtree
 from cvmfs_format.objects import verify_stored
 from cvmfs_format.paths import normalize
 from cvmfs_format.store import ObjectSink
+from repo_server import revisions
+from repo_server.changes import Changes
 from repo_server.repository import LocalRepository, open_repository
 
 if TYPE_CHECKING:
@@ -45,7 +47,9 @@ class PublishOptions:
     progress: bool = False
     token: str | None = None  # for an http(s) repository
     endpoint_url: str | None = None  # for an s3:// repository (else AWS_ENDPOINT_URL)
-    dry_run: bool = False  # show what would be uploaded; change nothing
+    dry_run: bool = False  # show what would be uploaded and changed; change nothing
+    replace: bool = False  # may remove what is below the path but not in the tree
+    force_tag: bool = False  # may move an existing tag to the new revision
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,15 @@ class PublishSummary:
     catalogs_written: int
     seconds: float
     dry_run: bool = False
+    changes: Changes = Changes()
+    refusals: tuple[str, ...] = ()  # a dry run's: what the publish would refuse
+
+    def details(self) -> list[str]:
+        """A dry run's further lines: what would be added, changed, removed, refused."""
+        if not self.dry_run:
+            return []
+        lines = [f"  {text}" for text in self.changes.lines(would=True)]
+        return lines + [f"  would be refused: {why}" for why in self.refusals]
 
     def line(self) -> str:
         dedup = 100.0 * (1 - self.new_raw_bytes / self.bytes) if self.bytes else 100.0
@@ -83,39 +96,86 @@ def _warn(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-class _LocalSession:
-    """Publishing straight into a repository directory, holding its lock."""
+@dataclass(frozen=True)
+class Committed:
+    """What a session's commit made, or (a dry run) would make."""
 
-    def __init__(self, repo: LocalRepository):
+    revision: int
+    new_bytes: int
+    changes: Changes
+    refusals: tuple[str, ...] = ()
+
+
+def _intent(path: str, options: PublishOptions) -> revisions.Intent:
+    return revisions.Intent(
+        revisions.PUBLISH,
+        path,
+        options.message,
+        options.tag,
+        replace=options.replace,
+        force_tag=options.force_tag,
+        dry_run=options.dry_run,
+    )
+
+
+class _LocalSession:
+    """Publishing straight into a repository directory, holding its lock; or a dry run
+    that keeps its catalogs in memory to compare them with the head."""
+
+    def __init__(self, repo: LocalRepository, dry_run: bool):
         self.repo = repo
-        self.storage: ObjectSink = repo.storage
+        self.scratch = revisions.ScratchSink(repo.storage) if dry_run else None
+        self.storage: ObjectSink = DryRunSink(repo.storage.missing) if dry_run else repo.storage
+        self.catalogs: ObjectSink = self.scratch or repo.storage
 
     def commit(
         self, subtree: Subtree, options: PublishOptions, compressor: zstandard.ZstdCompressor
-    ) -> tuple[int, int]:
-        result = self.repo.commit(
-            subtree, message=options.message, tag=options.tag, compressor=compressor
+    ) -> Committed:
+        new = revisions.publish_subtree(
+            self.repo,
+            subtree,
+            _intent(subtree.path, options),
+            revisions.Author.local("cvmbuild"),
+            compressor=compressor,
+            scratch=self.scratch,
         )
-        return result.manifest.revision, result.new_bytes
+        return Committed(new.revision, new.new_bytes, new.changes, new.refusals)
 
 
 class _RemoteSession:
-    """Publishing to a repo-server, holding a lease on the prefix."""
+    """Publishing to a repo-server, holding a lease on the prefix. A dry run uploads
+    its catalogs only, for the server to compare with the head."""
 
-    def __init__(self, gateway: remote.Gateway, lease: str):
+    def __init__(self, gateway: remote.Gateway, lease: str, dry_run: bool):
         from cvmbuild import remote
 
         self.gateway = gateway
         self.lease = lease
-        self.storage = remote.UploadStorage(gateway, lease)
+        self.uploads = remote.UploadStorage(gateway, lease)
+        self.storage: ObjectSink = DryRunSink(gateway.missing) if dry_run else self.uploads
+        self.catalogs: ObjectSink = self.uploads
 
     def commit(
         self, subtree: Subtree, options: PublishOptions, compressor: zstandard.ZstdCompressor
-    ) -> tuple[int, int]:
-        self.storage.flush()
+    ) -> Committed:
         from cvmbuild import remote
 
-        return remote.commit(self.gateway, self.lease, subtree, options.message, options.tag)
+        self.uploads.flush()
+        ask = {
+            **remote.subtree_request(subtree),
+            "message": options.message,
+            "tag": options.tag,
+            "replace": options.replace,
+            "force_tag": options.force_tag,
+        }
+        return committed(remote.commit(self.gateway, self.lease, ask, dry_run=options.dry_run))
+
+
+def committed(answer: dict[str, Any]) -> Committed:
+    """A commit's answer from the publish API."""
+    changes = Changes.from_json(answer["changes"]) if "changes" in answer else Changes()
+    refusals = tuple(str(r) for r in answer.get("refusals", []))
+    return Committed(int(answer["revision"]), int(answer["new_bytes"]), changes, refusals)
 
 
 class DryRunSink:
@@ -145,17 +205,7 @@ class DryRunSink:
         return new
 
 
-class _DryRunSession:
-    def __init__(self, lookup: Callable[[Iterable[str]], set[str]]):
-        self.storage = DryRunSink(lookup)
-
-    def commit(
-        self, subtree: Subtree, options: PublishOptions, compressor: zstandard.ZstdCompressor
-    ) -> tuple[int, int]:
-        return 0, 0
-
-
-Session = _LocalSession | _RemoteSession | _DryRunSession
+Session = _LocalSession | _RemoteSession
 
 
 def is_url(location: str) -> bool:
@@ -174,25 +224,22 @@ def _session(location: str, prefix: str, options: PublishOptions) -> Iterator[Se
         from cvmbuild import remote  # requests costs 0.15 s to import: only when needed
 
         gateway = remote.Gateway(location, options.token)
-        if options.dry_run:
-            yield _DryRunSession(gateway.missing)
-            return
-        with gateway.lease(prefix) as lease:
-            session = _RemoteSession(gateway, lease)
+        with gateway.lease(prefix, dry_run=options.dry_run) as lease:
+            session = _RemoteSession(gateway, lease, options.dry_run)
             try:
                 yield session
             finally:
-                session.storage.close()
+                session.uploads.close()
         return
     repo = open_repository(location, options.keydir, options.endpoint_url)
     if options.dry_run:
         repo.head()
-        yield _DryRunSession(repo.storage.missing)
+        yield _LocalSession(repo, dry_run=True)
         return
     with repo.lock():
         repo.head()  # fail before any work if keys or signatures are wrong
         try:
-            yield _LocalSession(repo)
+            yield _LocalSession(repo, dry_run=False)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -231,7 +278,7 @@ def publish(
         # A file that changed since the scan was read as it is now: describe that.
         entries = [ingested[e.relpath][0] if e.relpath in ingested else e for e in entries]
         layout = build_catalogs(
-            session.storage,
+            session.catalogs,
             prefix,
             entries,
             contents,
@@ -240,21 +287,23 @@ def publish(
             max_entries=options.max_entries,
             warn=_warn,
         )
-        revision, commit_bytes = session.commit(layout.subtree, options, compressor)
+        committed = session.commit(layout.subtree, options, compressor)
         if not options.dry_run:
             cache.save(entries, contents, layout.catalogs, written_since=started_ns, warn=_warn)
     files = [e for e in entries if e.is_file]
     return PublishSummary(
-        revision=revision,
+        revision=committed.revision,
         path=prefix,
         files=len(files),
         bytes=sum(e.size for e in files),
         new_raw_bytes=ingestor.stats.raw_bytes,
-        new_stored_bytes=ingestor.stats.stored_bytes + layout.new_bytes + commit_bytes,
+        new_stored_bytes=ingestor.stats.stored_bytes + layout.new_bytes + committed.new_bytes,
         objects_written=ingestor.stats.objects_written,
         catalogs_written=layout.catalogs_written,
         seconds=time.monotonic() - start,
         dry_run=options.dry_run,
+        changes=committed.changes,
+        refusals=committed.refusals,
     )
 
 

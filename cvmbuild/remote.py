@@ -19,6 +19,7 @@ from typing import Any
 
 import requests
 
+from cvmbuild import __version__
 from cvmbuild.errors import BuildError
 from cvmfs_format.catalog_writer import Subtree
 from cvmfs_format.pack import API, MISSING_LIMIT, encode_pack, pack_overhead
@@ -45,7 +46,7 @@ class Gateway:
         if session is None:
             session = requests.Session()
             session.headers["Authorization"] = f"Bearer {self.token}"
-            session.headers["User-Agent"] = "cvmbuild/0.1"
+            session.headers["User-Agent"] = f"cvmbuild/{__version__}"
             self._local.session = session
         return session
 
@@ -73,13 +74,19 @@ class Gateway:
         raise BuildError(f"{problem}; the server is unreachable or failing, try again later")
 
     @contextlib.contextmanager
-    def lease(self, path: str, wait_s: float = LEASE_WAIT_S) -> Iterator[str]:
-        """Hold the lease on path for the block; waits while someone publishes there."""
+    def lease(
+        self, path: str, wait_s: float = LEASE_WAIT_S, dry_run: bool = False
+    ) -> Iterator[str]:
+        """Hold the lease on path for the block; waits while someone publishes there.
+        A dry run's lease keeps what is uploaded on it in the server's memory, for its
+        preview, and stores nothing."""
         deadline = time.monotonic() + wait_s
         said = False
         # Asked again after a lost answer, the server gives this publisher its own lease
         # back instead of making it wait for it to expire.
-        ask = {"path": path, "publisher": secrets.token_hex(16)}
+        ask: dict[str, object] = {"path": path, "publisher": secrets.token_hex(16)}
+        if dry_run:
+            ask["dry_run"] = True
         while True:
             try:
                 lease = str(self.request("POST", "/leases", json=ask)["lease"])
@@ -265,18 +272,18 @@ class UploadStorage:
 
 
 def commit(
-    gateway: Gateway, lease: str, subtree: Subtree, message: str, tag: str | None
-) -> tuple[int, int]:
-    """Ask the server to graft and sign the uploaded subtree: (revision, bytes it wrote)."""
+    gateway: Gateway, lease: str, ask: dict[str, object], *, dry_run: bool = False
+) -> dict[str, Any]:
+    """Ask the server to end the lease with a new revision (docs/PUBLISHING.md,
+    "Commit"): the uploaded subtree grafted, or the path removed or rolled back; a dry
+    run asks what that would change instead (a route of its own, which a server that
+    does not know it refuses rather than commits)."""
+    route = "preview" if dry_run else "commit"
     answer = gateway.call(
-        "POST",
-        f"/leases/{lease}/commit",
-        json={
-            "catalog": subtree.catalog.hash,
-            "mode": subtree.mode,
-            "mtime_ns": subtree.mtime_ns,
-            "message": message,
-            "tag": tag,
-        },
+        "POST", f"/leases/{lease}/{route}", json={**ask, "tool": f"cvmbuild {__version__}"}
     )
-    return int(answer["revision"]), int(answer["new_bytes"])
+    return dict(answer)
+
+
+def subtree_request(subtree: Subtree) -> dict[str, object]:
+    return {"catalog": subtree.catalog.hash, "mode": subtree.mode, "mtime_ns": subtree.mtime_ns}

@@ -207,3 +207,102 @@ def _ensure_directories(builder: CatalogBuilder, root: str, dirpath: str, now_ns
         parent, name = paths.split(path)
         rows.append((parent, name, stat.S_IFDIR | 0o755, 0, now_ns, None, None, 0, 0))
     builder.add_entries(rows)
+
+
+def empty_root(
+    storage: ObjectSink, compressor: zstandard.ZstdCompressor, now_ns: int
+) -> StoredCatalog:
+    """A root catalog holding only the directory `/` (what `repo-server init` starts with)."""
+    builder = CatalogBuilder("/")
+    builder.add_entries([("", "", stat.S_IFDIR | 0o755, 0, now_ns, None, None, 0, 0)])
+    return builder.finish(storage, compressor)
+
+
+def prune(
+    storage: ObjectSink,
+    load: LoadCatalog,
+    root: ObjectRef,
+    path: str,
+    compressor: zstandard.ZstdCompressor,
+) -> StoredCatalog | None:
+    """The new root catalog without path and everything below it (a removal), rewriting
+    only the catalogs from the root to the one holding path's entry; None if nothing is
+    at path. `/` itself is not pruned: a removal of everything publishes empty_root."""
+    data = load(root)
+    catalog = Catalog.from_bytes(data, root.digest)
+    try:
+        inner = catalog.nested_for(paths.split(path)[0])
+        builder = CatalogBuilder.from_catalog(catalog, data)
+    finally:
+        catalog.close()
+    if inner is not None:
+        nested = ObjectRef.catalog(inner.hash, inner.size)
+        child = prune(storage, load, nested, path, compressor)
+        if child is None:
+            return None
+        builder.add_nested(NestedRef(inner.path, child.hash, child.size, child.stats))
+    elif builder.entry_mode(path) is None:
+        return None
+    else:
+        builder.remove_subtree(path)
+    return builder.finish(storage, compressor)
+
+
+def extract(
+    storage: ObjectSink,
+    load: LoadCatalog,
+    root: ObjectRef,
+    path: str,
+    compressor: zstandard.ZstdCompressor,
+) -> Subtree | None:
+    """The directory at path in the tree of root as a Subtree to graft (a rollback of
+    one path); None if nothing is at path. A directory that is a catalog root is reused
+    as it is; otherwise a catalog rooted at path is written from its rows."""
+    ref = root
+    while True:
+        data = load(ref)
+        catalog = Catalog.from_bytes(data, ref.digest)
+        try:
+            inner = catalog.nested_for(paths.split(path)[0])
+            if inner is None:
+                entry = catalog.entry(path)
+                own = catalog.nested.get(path)
+                break
+        finally:
+            catalog.close()
+        ref = ObjectRef.catalog(inner.hash, inner.size)
+    if entry is None:
+        return None
+    if not stat.S_ISDIR(entry.mode):
+        raise PathConflict(f"{path} is not a directory there; give the directory holding it")
+    if own is not None:
+        return Subtree(
+            path, StoredCatalog(own.hash, own.size, own.stats, 0), entry.mode, entry.mtime_ns
+        )
+    source = sqlite3.connect(":memory:")
+    try:
+        source.deserialize(data)
+        below = path + "/"
+        n = len(below)
+        builder = CatalogBuilder(path)
+        builder.add_entries(
+            source.execute(
+                f"SELECT {ENTRY_COLUMNS} FROM entries WHERE parent = ? OR substr(parent, 1, ?) = ?",
+                (path, n, below),
+            ).fetchall()
+        )
+        builder.add_chunks(
+            source.execute(
+                "SELECT path, offset, size, hash FROM chunks WHERE substr(path, 1, ?) = ?",
+                (n, below),
+            ).fetchall()
+        )
+        for row in source.execute(
+            "SELECT path, hash, size, files, dirs, symlinks, bytes, catalogs FROM nested "
+            "WHERE substr(path, 1, ?) = ?",
+            (n, below),
+        ).fetchall():
+            builder.add_nested(NestedRef(row[0], row[1], row[2], TreeStats(*row[3:])))
+    finally:
+        source.close()
+    return Subtree(path, builder.finish(storage, compressor), entry.mode, entry.mtime_ns)

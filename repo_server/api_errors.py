@@ -17,6 +17,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from cvmfs_format.errors import CvmfsError, PathConflict
+from repo_server.errors import Refused, UnknownRevision
 
 log = logging.getLogger(__name__)
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -57,7 +58,9 @@ def answer_for(exc: Exception, doing: str) -> tuple[int, str]:
         )
     if isinstance(exc, UploadRefused):
         return 422, str(exc)
-    if isinstance(exc, PathConflict):
+    if isinstance(exc, UnknownRevision):
+        return 404, str(exc)
+    if isinstance(exc, PathConflict | Refused):
         return 409, str(exc)
     if isinstance(exc, CvmfsError):  # the repository on the server, not the request
         return 503, (

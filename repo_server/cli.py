@@ -15,14 +15,14 @@ from cvmfs_format.objects import ObjectRef
 from cvmfs_format.signed import format_time
 from cvmfs_format.trust import pinned_name
 from repo_server import check as check_mod
-from repo_server import damage, operations, pinned, rotation
+from repo_server import damage, operations, pinned, revision_log, revisions, rotation
 from repo_server import diff as diff_mod
 from repo_server import gc as gc_mod
 from repo_server.errors import RepoError
 from repo_server.http_caching import SIGNED_DOCUMENT_MAX_AGE_S
 from repo_server.loading import load_catalog
 from repo_server.repository import LocalRepository, init_repository, open_repository
-from repo_server.tokens import TOKENS_FILE, TokenStore
+from repo_server.tokens import TOKENS_FILE, TokenStore, check_path
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -281,11 +281,50 @@ def _tag(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    result = operations.rollback(_repo(args), args.to, args.message)
-    print(
-        f"published revision {result.manifest.revision} with the content of revision "
-        f"{result.target.revision}"
+    repo = _repo(args)
+    author = revisions.Author.local("repo-server")
+    path = check_path(args.path)
+    plan = operations.rollback(repo, args.to, author, path=path, message=args.message, dry_run=True)
+    would = (
+        f"revision {plan.result.revision} would serve the content of revision "
+        f"{plan.target.revision}" + ("" if path == "/" else f" at {path}")
     )
+    if args.dry_run:
+        print(f"dry run, nothing changed: {would}")
+        sys.stdout.writelines(f"  {text}\n" for text in plan.result.changes.lines(would=True))
+        return 0
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise RepoError(
+                "a rollback changes what every client sees: pass --yes to confirm it "
+                "(stdin is not a terminal), or --dry-run to see what it would change"
+            )
+        print(would + ":", file=sys.stderr)
+        sys.stderr.writelines(f"  {text}\n" for text in plan.result.changes.lines(would=True))
+        print("roll back? [y/N] ", end="", file=sys.stderr, flush=True)
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            print("nothing changed", file=sys.stderr)
+            return 1
+    result = operations.rollback(repo, args.to, author, path=path, message=args.message)
+    print(
+        f"published revision {result.result.revision} with the content of revision "
+        f"{result.target.revision}" + ("" if path == "/" else f" at {path}")
+    )
+    return 0
+
+
+def _log(args: argparse.Namespace) -> int:
+    if args.dir.startswith(("http://", "https://")):
+        history, load = revision_log.served_history(args.dir, args.key)
+    else:
+        repo = _repo(args)
+        history, load = repo.history(repo.head()), functools.partial(load_catalog, repo.storage)
+    path = check_path(args.path) if args.path else None
+    records = revision_log.select(history, load, path, args.limit)
+    if args.json:
+        print(json.dumps({"revisions": [revision_log.as_json(r) for r in records]}, indent=1))
+    else:
+        sys.stdout.writelines(revision_log.line(r) + "\n" for r in records)
     return 0
 
 
@@ -478,6 +517,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("rollback", _rollback, "publish an old revision's content as a new revision")
     p.add_argument("--to", required=True, metavar="TAG|REV", help="the revision to go back to")
     p.add_argument("--message", help="history message (default: rollback to revision N)")
+    p.add_argument("--path", default="/", help="roll back only this path (default: everything)")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument(
+        "--dry-run", action="store_true", help="show what would be served; change nothing"
+    )
+    p = command("log", _log, "list revisions newest first: who, when, what changed")
+    p.add_argument("--path", help="only revisions that changed something at or below PATH")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N revisions")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--key", help="the repository's public key, for a URL (NAME.pub)")
     p = command("diff", _diff, "list paths added (+), removed (-), modified (M) from A to B")
     p.add_argument("a", metavar="A", help="revision number or tag")
     p.add_argument("b", metavar="B", help="revision number or tag")

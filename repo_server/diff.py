@@ -7,11 +7,12 @@ catalogs that changed, not the size of the tree.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from cvmfs_format.catalog import Catalog
+from cvmfs_format.catalog import Catalog, TreeStats
 from cvmfs_format.objects import ObjectRef
 
 ADDED = "+"
@@ -38,6 +39,7 @@ class _Side:
     load: Callable[[ObjectRef], Catalog]
     pending: dict[str, ObjectRef]  # mountpoint -> catalog, not loaded yet
     entries: dict[str, Signature] = field(default_factory=dict)
+    stats: dict[str, TreeStats] = field(default_factory=dict)  # of pending nested catalogs
 
     def expand(self, mountpoint: str) -> None:
         catalog = self.load(self.pending.pop(mountpoint))
@@ -53,6 +55,7 @@ class _Side:
                 )
             for ref in catalog.nested.values():
                 self.pending[ref.path] = ObjectRef.catalog(ref.hash, ref.size)
+                self.stats[ref.path] = ref.stats
         finally:
             catalog.close()
 
@@ -61,10 +64,29 @@ def _depth(path: str) -> int:
     return 0 if path == "/" else path.count("/")
 
 
+# Told of a subtree only one side has, instead of listing it: (kind, the mountpoint of
+# its catalog, the totals of what is below the mountpoint).
+OneSided = Callable[[str, str, TreeStats], None]
+
+
+def _holds_below(side: _Side, mountpoint: str, paths_sorted: list[str]) -> bool:
+    """Whether side has entries or catalogs strictly below mountpoint."""
+    below = mountpoint.rstrip("/") + "/"
+    at = bisect.bisect_left(paths_sorted, below)
+    if at < len(paths_sorted) and paths_sorted[at].startswith(below):
+        return True
+    return any(p.startswith(below) for p in side.pending)
+
+
 def diff_trees(
-    load: Callable[[ObjectRef], Catalog], old_root: ObjectRef, new_root: ObjectRef
+    load: Callable[[ObjectRef], Catalog],
+    old_root: ObjectRef,
+    new_root: ObjectRef,
+    one_sided: OneSided | None = None,
 ) -> list[Change]:
-    """Changes from the tree of root catalog old_root to that of new_root, by path."""
+    """Changes from the tree of root catalog old_root to that of new_root, by path.
+    With one_sided, a nested catalog whose subtree the other side lacks entirely is
+    reported there by its totals, unread (a new release costs no reading of its tree)."""
     old, new = _Side(load, {"/": old_root}), _Side(load, {"/": new_root})
     while old.pending or new.pending:
         # A mountpoint at depth d is found only by loading a catalog above it, so once
@@ -74,6 +96,14 @@ def diff_trees(
         for mountpoint in level:
             if new.pending.get(mountpoint) == old.pending[mountpoint]:
                 del old.pending[mountpoint], new.pending[mountpoint]
+        if one_sided is not None:
+            for side, other, kind in ((old, new, REMOVED), (new, old, ADDED)):
+                alone = [m for m in side.pending if _depth(m) == depth and m not in other.pending]
+                known = sorted(other.entries) if alone else []
+                for mountpoint in alone:
+                    if not _holds_below(other, mountpoint, known):
+                        one_sided(kind, mountpoint, side.stats[mountpoint])
+                        del side.pending[mountpoint]
         for side in (old, new):
             for mountpoint in [m for m in side.pending if _depth(m) == depth]:
                 side.expand(mountpoint)

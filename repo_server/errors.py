@@ -13,3 +13,12 @@ class KeyError_(RepoError):
 
 class ObjectMissing(RepoError):
     """An object the verified chain names is not in the repository's storage."""
+
+
+class Refused(RepoError):
+    """A change that would do more than was asked (remove paths, move a tag) or nothing
+    at all; the message names what, and the option that allows it."""
+
+
+class UnknownRevision(RepoError):
+    """A revision number or tag the history does not hold."""

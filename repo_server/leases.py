@@ -59,6 +59,8 @@ class Lease:
     expires: float
     publisher: str | None = None  # the publisher's own name for its request
     since: float = field(default_factory=time.time)  # granted (Unix time)
+    # A dry run's lease keeps its uploads here, in memory, instead of storing them.
+    held: dict[str, bytes] | None = None
     # Content size of every object uploaded on this lease (the gateway verified them).
     sizes: dict[str, int] = field(default_factory=dict)
     commit: CommitOnce | None = None
@@ -99,7 +101,9 @@ class Leases:
         for lease_id in [k for k, until in self._dropped.items() if until < now]:
             del self._dropped[lease_id]
 
-    def acquire(self, token: Token, path: str, publisher: str | None = None) -> Lease:
+    def acquire(
+        self, token: Token, path: str, publisher: str | None = None, dry_run: bool = False
+    ) -> Lease:
         """A new lease on path; or, asked again by the same publisher (its answer was
         lost on the way), the one it holds, which would otherwise block it."""
         with self._lock:
@@ -117,6 +121,8 @@ class Leases:
             lease = Lease(
                 secrets.token_hex(16), path, token.name, self.clock() + self.ttl, publisher
             )
+            if dry_run:
+                lease.held = {}
             self._leases[lease.id] = lease
             return lease
 
@@ -168,6 +174,7 @@ class Leases:
         with self._lock:
             self._leases.pop(lease.id, None)
             lease.sizes = {}
+            lease.held = None if lease.held is None else {}
             self._ended[lease.id] = (lease, self.clock() + self.ttl)
         lease.commit.finish(outcome)
 

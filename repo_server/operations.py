@@ -14,7 +14,8 @@ from cvmfs_format.errors import CvmfsError, NotFoundError
 from cvmfs_format.history import History, RevisionRecord, Tag
 from cvmfs_format.manifest import Manifest
 from cvmfs_format.objects import ObjectRef
-from repo_server.errors import RepoError
+from repo_server import revisions
+from repo_server.errors import Refused, RepoError, UnknownRevision
 from repo_server.loading import load_catalog
 from repo_server.repository import LocalRepository, validate_tag
 
@@ -28,14 +29,14 @@ def _revision(history: History, number: int) -> RevisionRecord:
     try:
         return history.revision(number)
     except NotFoundError as exc:
-        raise RepoError(f"{exc}; {_what_exists(history)}") from exc
+        raise UnknownRevision(f"{exc}; {_what_exists(history)}") from exc
 
 
 def _tag(history: History, name: str) -> Tag:
     try:
         return history.tag(name)
     except NotFoundError as exc:
-        raise RepoError(f"{exc}; {_what_exists(history)}") from exc
+        raise UnknownRevision(f"{exc}; {_what_exists(history)}") from exc
 
 
 def _what_exists(history: History) -> str:
@@ -104,25 +105,51 @@ def delete_tag(repo: LocalRepository, name: str) -> TagChange:
 @dataclass(frozen=True)
 class Rollback:
     target: RevisionRecord
-    manifest: Manifest
+    result: revisions.NewRevision
 
 
-def rollback(repo: LocalRepository, spec: str, message: str | None = None) -> Rollback:
-    """Publish the content of revision `spec` (number or tag) as the next revision."""
+def rollback(
+    repo: LocalRepository,
+    spec: str,
+    author: revisions.Author,
+    *,
+    path: str = "/",
+    message: str | None = None,
+    dry_run: bool = False,
+) -> Rollback:
+    """Publish what path held in revision `spec` (number or tag) as the next revision:
+    for `/`, the whole tree of that revision."""
     with repo.lock():
-        head = repo.head()
-        target = resolve_revision(repo.history(head), spec)
-        if target.revision == head.revision:
-            raise RepoError(f"revision {head.revision} is the head already; nothing to roll back")
-        try:  # never publish a revision whose root catalog is gone or damaged
-            load_catalog(
-                repo.storage, ObjectRef.catalog(target.root_hash, target.root_size)
-            ).close()
-        except CvmfsError as exc:
-            raise RepoError(
-                f"revision {target.revision}: its root catalog cannot be used ({exc}); "
-                "run `repo-server check --all`"
-            ) from exc
-        text = message if message is not None else f"rollback to revision {target.revision}"
-        manifest = repo.commit_root(target.root_hash, target.root_size, message=text)
-    return Rollback(target, manifest)
+        return rollback_locked(repo, spec, author, path=path, message=message, dry_run=dry_run)
+
+
+def rollback_locked(
+    repo: LocalRepository,
+    spec: str,
+    author: revisions.Author,
+    *,
+    path: str = "/",
+    message: str | None = None,
+    dry_run: bool = False,
+    scratch: revisions.ScratchSink | None = None,
+) -> Rollback:
+    """rollback, for a caller holding the publish lock (the publish API)."""
+    head = repo.head()
+    target = resolve_revision(repo.history(head), spec)
+    if path == "/" and target.revision == head.revision:
+        raise Refused(f"revision {head.revision} is the head already; nothing to roll back")
+    root = ObjectRef.catalog(target.root_hash, target.root_size)
+    try:  # never publish a revision whose root catalog is gone or damaged
+        load_catalog(repo.storage, root).close()
+    except CvmfsError as exc:
+        raise RepoError(
+            f"revision {target.revision}: its root catalog cannot be used ({exc}); "
+            "run `repo-server check --all`"
+        ) from exc
+    where = "" if path == "/" else f" of {path}"
+    text = message if message is not None else f"rollback{where} to revision {target.revision}"
+    intent = revisions.Intent(revisions.ROLLBACK, path, text, dry_run=dry_run)
+    return Rollback(
+        target,
+        revisions.rollback_path(repo, intent, author, root, target.revision, scratch=scratch),
+    )

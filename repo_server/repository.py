@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import os
 import sqlite3
 import sys
@@ -23,18 +22,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cvmfs_format import manifest as manifest_mod
 from cvmfs_format import whitelist as whitelist_mod
 from cvmfs_format.catalog import TreeStats
-from cvmfs_format.catalog_writer import CatalogBuilder, Subtree, graft
+from cvmfs_format.catalog_writer import Subtree, empty_root
+from cvmfs_format.history import RECORD_INSERT, RECORDS_SCHEMA, History, record_row
 from cvmfs_format.history import SCHEMA as HISTORY_SCHEMA
-from cvmfs_format.history import History
 from cvmfs_format.manifest import MANIFEST_FILE, Manifest
 from cvmfs_format.objects import ObjectRef, content_hash, encode_object
 from cvmfs_format.signed import attach_signature, encode_public_key, key_fingerprint
 from cvmfs_format.store import Storage
 from cvmfs_format.trust import TrustedState
 from cvmfs_format.whitelist import WHITELIST_FILE, Whitelist
-from repo_server import keys
+from repo_server import keys, revisions
 from repo_server.errors import RepoError
-from repo_server.loading import load_history, load_verified
+from repo_server.loading import load_history
 from repo_server.pinned import read_trusted
 from repo_server.s3_storage import S3Storage, is_s3_location
 from repo_server.storage import LocalStorage
@@ -180,35 +179,21 @@ class LocalRepository:
         message: str = "",
         tag: str | None = None,
         compressor: zstandard.ZstdCompressor | None = None,
+        replace: bool = False,
+        force_tag: bool = False,
     ) -> CommitResult:
-        """Graft subtree into the head revision and publish the result (hold the lock)."""
-        compressor = compressor or zstandard.ZstdCompressor(level=3)
-        head = self.head()
-        now = time.time()
-        root = graft(
-            self.storage,
-            functools.partial(load_verified, self.storage),
-            ObjectRef.catalog(head.root_hash, head.root_size),
-            subtree,
-            compressor,
-            int(now * 1e9),
+        """Graft subtree into the head revision and publish the result (hold the lock),
+        recorded as a local publish (repo_server.revisions has the rules)."""
+        intent = revisions.Intent(
+            revisions.PUBLISH, subtree.path, message, tag, replace=replace, force_tag=force_tag
         )
-        manifest = self._publish_revision(
-            head, root.hash, root.size, subtree.path, message, tag, compressor, now
+        new = revisions.publish_subtree(
+            self, subtree, intent, revisions.Author.local("cvmbuild"), compressor=compressor
         )
-        return CommitResult(manifest, root.stats, root.new_bytes)
+        assert new.manifest is not None
+        return CommitResult(new.manifest, new.stats, new.new_bytes)
 
-    def commit_root(
-        self, root_hash: str, root_size: int, *, path: str = "/", message: str = ""
-    ) -> Manifest:
-        """Publish an existing root catalog as the next revision (hold the lock): how a
-        rollback moves forward to old content, so clients never go back."""
-        compressor = zstandard.ZstdCompressor(level=3)
-        return self._publish_revision(
-            self.head(), root_hash, root_size, path, message, None, compressor, time.time()
-        )
-
-    def _publish_revision(
+    def publish_root(
         self,
         head: Manifest,
         root_hash: str,
@@ -218,7 +203,11 @@ class LocalRepository:
         tag: str | None,
         compressor: zstandard.ZstdCompressor,
         now: float,
-    ) -> Manifest:
+        record: tuple[str, str, str, str, tuple[int, int, int]] | None = None,
+    ) -> tuple[Manifest, int]:
+        """Publish root as the revision after head, with its history row, tag and
+        record (kind, publisher, via, tool, counts: docs/FORMAT.md, "History"); hold
+        the lock. Returns the manifest and the stored bytes of the new history."""
         revision = head.revision + 1
         if tag is not None:
             validate_tag(tag)
@@ -228,14 +217,19 @@ class LocalRepository:
                 "INSERT INTO revisions VALUES (?, ?, ?, ?, ?, ?)",
                 (revision, root_hash, root_size, int(now), path, message),
             )
+            if record is not None:
+                history_db.executescript(RECORDS_SCHEMA)
+                history_db.execute(RECORD_INSERT, record_row(revision, *record))
             if tag is not None:
                 history_db.execute(
                     "INSERT OR REPLACE INTO tags VALUES (?, ?, ?)", (tag, revision, int(now))
                 )
 
-        return self._sign_with_history(
-            head, revision, root_hash, root_size, add_revision, compressor, now
+        written: list[int] = []
+        manifest = self._sign_with_history(
+            head, revision, root_hash, root_size, add_revision, compressor, now, written
         )
+        return manifest, written[0]
 
     def rewrite_history(self, edit: Callable[[sqlite3.Connection], None]) -> Manifest:
         """Store the head's history as `edit` changes it and re-sign the head with it:
@@ -255,10 +249,13 @@ class LocalRepository:
         edit: Callable[[sqlite3.Connection], None],
         compressor: zstandard.ZstdCompressor,
         now: float,
+        written: list[int] | None = None,
     ) -> Manifest:
         history_db = _load_history(self.history(head))
         edit(history_db)
         hist_hash, hist_size = _store_history(self.storage, history_db, compressor)
+        if written is not None:
+            written.append(hist_size)
         return self._sign_manifest(head, revision, root_hash, root_size, hist_hash, hist_size, now)
 
     def _sign_manifest(
@@ -362,14 +359,16 @@ def _create(storage: Storage, name: str, keydir: Path, make_layout: Callable[[],
     now = int(time.time())
     write_whitelist(storage, name, master, [signing.public_key()], now)
     compressor = zstandard.ZstdCompressor(level=3)
-    empty = CatalogBuilder("/")
-    empty.add_entries([("", "", 0o040755, 0, now * 10**9, None, None, 0, 0)])
-    catalog = empty.finish(storage, compressor)
+    catalog = empty_root(storage, compressor, now * 10**9)
     history = _new_history()
     history.execute(
         "INSERT INTO revisions VALUES (0, ?, ?, ?, '/', 'repository created')",
         (catalog.hash, catalog.size, now),
     )
+    history.executescript(RECORDS_SCHEMA)
+    creator = revisions.Author.local("repo-server")
+    record = ("create", creator.publisher, creator.via, creator.tool, (0, 0, 0))
+    history.execute(RECORD_INSERT, record_row(0, *record))
     hist_hash, hist_size = _store_history(storage, history, compressor)
     manifest = Manifest(
         name,

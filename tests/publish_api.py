@@ -4,18 +4,43 @@ tests/test_gateway_faults.py)."""
 
 from __future__ import annotations
 
+import functools
 import sqlite3
+import time
 from collections.abc import Iterable
 
 import requests
 import zstandard
 
-from cvmfs_format.catalog_writer import CatalogBuilder, StoredCatalog
-from cvmfs_format.objects import content_hash, encode_object
+from cvmfs_format.catalog_writer import CatalogBuilder, StoredCatalog, Subtree, graft
+from cvmfs_format.objects import ObjectRef, content_hash, encode_object
 from cvmfs_format.pack import API, encode_pack
+from repo_server.loading import load_verified
+from repo_server.repository import LocalRepository
 from tests.conftest import Repo, run_cli
 
 COMPRESSOR = zstandard.ZstdCompressor(level=3)
+
+
+def commit_unchecked(
+    local: LocalRepository, subtree: Subtree | None, root: StoredCatalog | None = None
+) -> None:
+    """Sign a revision with subtree grafted (or root as the whole tree) and none of the
+    publish's checks or comparisons, as a broken publisher holding the key would
+    (hold the lock)."""
+    head = local.head()
+    if root is None:
+        assert subtree is not None
+        root = graft(
+            local.storage,
+            functools.partial(load_verified, local.storage),
+            ObjectRef.catalog(head.root_hash, head.root_size),
+            subtree,
+            COMPRESSOR,
+            0,
+        )
+    path = "/" if subtree is None else subtree.path
+    local.publish_root(head, root.hash, root.size, path, "", None, COMPRESSOR, time.time())
 
 
 def make_token(repo: Repo, name: str, path: str) -> str:

@@ -39,11 +39,13 @@ def two_builds(tmp_path_factory: pytest.TempPathFactory) -> tuple[BuildTree, Bui
     return builds[0], builds[1]
 
 
-def publish_together(repo: Repo, *jobs: tuple[BuildTree, str]) -> list[tuple[int, bytes]]:
+def publish_together(
+    repo: Repo, *jobs: tuple[BuildTree, str], extra: tuple[str, ...] = ()
+) -> list[tuple[int, bytes]]:
     """Start one `cvmbuild publish` per (build, prefix) at once; their exit codes and stderr."""
     procs = [
         subprocess.Popen(
-            [BIN / "cvmbuild", "publish", build.src, "--repo", repo.dir, "--path", prefix],
+            [BIN / "cvmbuild", "publish", build.src, "--repo", repo.dir, "--path", prefix, *extra],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -80,7 +82,10 @@ def test_two_publishes_to_the_same_prefix_leave_one_complete_build(
     gcc, clang = two_builds
     before = open_reader(repo).load_manifest().revision
 
-    results = publish_together(repo, (gcc, "/sw/current"), (clang, "/sw/current"))
+    # Each build replaces whatever /sw/current held: the second one removes the first's.
+    results = publish_together(
+        repo, (gcc, "/sw/current"), (clang, "/sw/current"), extra=("--replace",)
+    )
 
     assert [code for code, _ in results] == [0, 0], results
     reader = open_reader(repo)

@@ -95,9 +95,10 @@ def new_repository(root: Path) -> Repo:
 
 
 def publish_into(repo: Repo, src: Path, path: str, statcache: Path) -> None:
-    # Module fixtures run outside the per-test stat cache: give them their own.
+    # Module fixtures run outside the per-test stat cache: give them their own. A
+    # release replaces the one before where both go to /sw.
     run_cli(
-        "cvmbuild", "publish", src, "--repo", repo.dir, "--path", path,
+        "cvmbuild", "publish", src, "--repo", repo.dir, "--path", path, "--replace",
         env={"CVMBUILD_CACHE_DIR": str(statcache)},
     )  # fmt: skip
 

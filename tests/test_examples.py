@@ -70,6 +70,25 @@ def test_a_make_build_publishes_and_runs_from_the_mount(
     assert ran.stdout == "hello from a make build, version 2.1\n"
 
 
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler (build-essential)")
+def test_the_next_make_release_is_built_again_and_prints_its_own_version(
+    tmp_path: Path, repo: Repo, publishing_env: dict[str, str]
+) -> None:
+    work = example("make", tmp_path)
+    for version in ("1.0", "1.1"):  # one build tree, one prefix, as a release manager has
+        build(["make", "publish", f"VERSION={version}", f"PREFIX={tmp_path}/install"], work,
+              publishing_env)  # fmt: skip
+    binaries = {
+        v: cat(publishing_env, repo, f"/sw/hello-make/{v}/bin/hello") for v in ("1.0", "1.1")
+    }
+    assert binaries["1.0"] != binaries["1.1"]
+    program = tmp_path / "hello-1.1"
+    program.write_bytes(binaries["1.1"])
+    program.chmod(0o755)
+    ran = subprocess.run([program], capture_output=True, text=True, check=True)
+    assert ran.stdout == "hello from a make build, version 1.1\n"
+
+
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
 def test_a_cmake_build_publishes_at_install(
     tmp_path: Path, repo: Repo, publishing_env: dict[str, str]

@@ -48,7 +48,7 @@ def test_gc_right_after_a_publish_leaves_mounts_on_the_old_revision_reading(
     with mounted(str(repo.dir), tmp_path / "mnt", tmp_path / "cache", repo.pub) as mnt:
         assert (mnt / "sw" / "lib001" / "mod100.py").read_bytes() == old["lib001/mod100.py"]
         new = write_build_tree(tmp_path / "2.0", seed=2, small_files=50, big_files=0)
-        publish(tmp_path / "2.0", repo, "/sw")  # replaces every file of release 1
+        publish(tmp_path / "2.0", repo, "/sw", "--replace")  # replaces every file of release 1
 
         out = gc(repo, "--keep-revisions", 1, "--grace", 0)
 

@@ -14,7 +14,7 @@ from cvmfs_format.catalog_writer import StoredCatalog, Subtree
 from cvmfs_format.errors import CvmfsError
 from repo_server.repository import LocalRepository
 from tests.conftest import Repo, open_reader, read_tree, run_cli, serving_process
-from tests.publish_api import Api, ObjectBag, make_token
+from tests.publish_api import Api, ObjectBag, commit_unchecked, make_token
 
 TOP = "/sw/a"
 FILE, DIR, LINK, FIFO = 0o100644, 0o040755, 0o120777, 0o010644
@@ -152,7 +152,7 @@ def test_check_finds_a_catalog_that_breaks_readers(tmp_path: Path, repo: Repo, n
     bag.store_into(repo)
     local = repo.open()
     with local.lock():
-        local.commit(Subtree(TOP, top, DIR, 0))  # straight in, as a broken publisher would
+        commit_unchecked(local, Subtree(TOP, top, DIR, 0))  # as a broken publisher would
 
     result = run_cli("repo-server", "check", repo.dir, check=False)
     assert result.returncode == 1, result.stdout.decode()
@@ -199,7 +199,7 @@ def test_a_revision_whose_root_catalog_is_rooted_elsewhere_is_refused_by_check_a
     bag.store_into(repo)
     local = repo.open()
     with local.lock():
-        local.commit_root(top.hash, top.size)  # a broken rollback tool would do this
+        commit_unchecked(local, None, top)  # a broken rollback tool would do this
 
     result = run_cli("repo-server", "check", repo.dir, check=False)
     assert result.returncode == 1

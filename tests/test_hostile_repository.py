@@ -35,6 +35,7 @@ from repo_server.check import check
 from repo_server.loading import load_catalog, load_verified
 from repo_server.repository import LocalRepository
 from tests.conftest import Tree, run_cli
+from tests.publish_api import commit_unchecked
 
 MiB = 1 << 20
 NAME = "hostile.example.org"
@@ -337,7 +338,9 @@ def publish_damaged(
     repo.storage.put_object(digest, stored)
     stats = Catalog.from_bytes(new, digest).stats()
     with repo.lock():
-        repo.commit(Subtree("/sw", StoredCatalog(digest, len(stored), stats, 0), 0o40755, 0))
+        commit_unchecked(
+            repo, Subtree("/sw", StoredCatalog(digest, len(stored), stats, 0), 0o40755, 0)
+        )
 
 
 def named_content(repo: LocalRepository, reader: RepositoryReader, entry: Entry) -> bytes:

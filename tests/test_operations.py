@@ -48,7 +48,7 @@ def release(repo: Repo, src: Path, version: int, *extra: str, path: str = "/sw")
         {"VERSION": f"{version}\n".encode(), "share/common.txt": b"same in every release\n",
          f"lib/release{version}.bin": own},
     )  # fmt: skip
-    publish(src, repo, path, *extra)
+    publish(src, repo, path, "--replace", *extra)  # each release replaces the one before
     return own
 
 
@@ -161,7 +161,7 @@ def test_rollback_publishes_a_new_revision_with_the_old_content(
     seen_revision_2 = open_reader(repo)
     root_of_1 = seen_revision_2.history().revision(1).root_hash
 
-    out = repo_server("rollback", repo.dir, "--to", target)
+    out = repo_server("rollback", repo.dir, "--to", target, "--yes")
 
     assert out == "published revision 3 with the content of revision 1\n"
     # a client that has seen revision 2 moves forward to 3, which holds release 1
@@ -179,7 +179,7 @@ def test_rollback_takes_a_message_for_the_history(repo: Repo, tmp_path: Path) ->
     release(repo, tmp_path / "src", 1)
     release(repo, tmp_path / "src", 2)
 
-    repo_server("rollback", repo.dir, "--to", 1, "--message", "2 breaks the trigger")
+    repo_server("rollback", repo.dir, "--to", 1, "--message", "2 breaks the trigger", "--yes")
 
     assert open_reader(repo).history().revision(3).message == "2 breaks the trigger"
 
@@ -207,7 +207,7 @@ def test_diff_lists_added_removed_and_modified_paths(repo: Repo, tmp_path: Path)
     with open(src / "lib/calib.db", "r+b") as calib:  # same size, one chunk differs
         calib.seek(3 * 1024 * 1024)
         calib.write(b"recalibrated")
-    publish(src, repo, "/sw")
+    publish(src, repo, "/sw", "--replace")
 
     out = repo_server("diff", repo.dir, "v1", 2)
 

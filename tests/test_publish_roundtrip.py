@@ -279,7 +279,7 @@ def test_republishing_a_prefix_replaces_it_and_leaves_others_alone(
     (app / "olddir").rmdir()
     (app / "new.txt").write_text("added\n")
     (app / "keep.txt").write_text("kept, edited\n")
-    publish(app, repo, "/sw/app")
+    publish(app, repo, "/sw/app", "--replace")  # old.txt and olddir go on purpose
 
     reader = open_reader(repo)
     assert [e.name for e in reader.listdir("/sw/app")] == ["keep.txt", "new.txt"]

@@ -313,7 +313,7 @@ def publish_revision_2(repo: Repo, tmp_path: Path) -> bytes:
     src = tmp_path / "release-2"
     src.mkdir()
     (src / "README").write_text("release 2\n")
-    publish(src, repo, "/sw")
+    publish(src, repo, "/sw", "--replace")  # a release replacing the one before
     return old_manifest
 
 
