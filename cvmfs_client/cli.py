@@ -81,6 +81,7 @@ def _mount(args: argparse.Namespace) -> int:
         max_ttl=args.max_ttl,
         prefetch=not args.no_prefetch,
         name=name,
+        fuse=args.fuse,
     )
     return mount(options)
 
@@ -103,6 +104,8 @@ def _stat(args: argparse.Namespace) -> int:
             and value is not None
         ):
             value = f"{value} ({human(value)})"
+        elif isinstance(value, dict):  # requests by kind
+            value = ", ".join(f"{k} {v}" for k, v in sorted(value.items())) or "none"
         print(f"{key + ':':<18} {value}")
     return 0
 
@@ -209,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fetch only what is read (default: opening a file also fetches the other "
         "unchunked files of its directory in the background, files like it first)",
+    )
+    p.add_argument(
+        "--fuse",
+        choices=["highlevel", "lowlevel"],
+        default="highlevel",
+        help="FUSE layer: highlevel (libfuse through mfusepy) or lowlevel (libfuse3's "
+        "low-level API: kernel-cached names and pages, one inode per content)",
     )
     group = p.add_mutually_exclusive_group()
     group.add_argument("--tag", help="mount the revision with this tag")

@@ -6,18 +6,23 @@ on the terminal; it returns only once the kernel has the file system mounted.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cvmfs_client.cache import ObjectCache, lock_cache_dir, wait_until_free
 from cvmfs_client.errors import ClientError
 from cvmfs_client.fetcher import OfflineFallback, fetcher_for
 from cvmfs_client.fuse_bridge import Bridge
+from cvmfs_client.fuse_ll_ops import RepositoryOps
+from cvmfs_client.fuse_lowlevel import Session, set_read_ahead
 from cvmfs_client.fuse_ops import RepositoryFS
+from cvmfs_client.fuse_revisions import Kernel, RevisionFollower
 from cvmfs_client.repository import RepositoryReader
 from cvmfs_client.trust_store import default_state_dir, open_trust
 from cvmfs_format.manifest import MANIFEST_FILE
@@ -25,6 +30,8 @@ from cvmfs_format.signed import key_fingerprint
 from cvmfs_format.whitelist import WHITELIST_FILE
 
 ENTRY_TIMEOUT_S = 60  # content is immutable per revision: let the kernel cache it
+READ_AHEAD_KB = 1024  # the largest READ libfuse3 negotiates (max_pages 256)
+READDIRPLUS = False  # measured: see fuse_ll_ops.py
 UMOUNT_WAIT_S = 10  # for the daemon to exit and free its cache directory
 
 
@@ -41,6 +48,7 @@ class MountOptions:
     tag: str | None = None
     revision: int | None = None
     prefetch: bool = True  # fetch a directory's small files when one of them is opened
+    fuse: str = "highlevel"  # "lowlevel": libfuse3's low-level API (fuse_ll_ops.py)
     name: str | None = None  # the repository's name (default: the key file's NAME.pub)
     state_dir: str | None = None  # where revision floors are kept (default_state_dir())
 
@@ -101,10 +109,15 @@ def mount(options: MountOptions) -> int:
     if os.geteuid() == 0:
         fuse_options["allow_other"] = True
     log_file = os.path.join(options.cache_dir, "client.log")
+    if options.fuse == "lowlevel":
+        serve: Callable[[Callable[[], object] | None], None] = functools.partial(
+            _serve_lowlevel, reader, options, ttl
+        )
+    else:
+        serve = functools.partial(_serve_highlevel, reader, options, timeout, fuse_options)
     if options.foreground:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
-        fs = RepositoryFS(reader, prefetch_siblings=options.prefetch, attr_timeout=timeout)
-        Bridge(fs, options.mountpoint, foreground=True, **fuse_options)
+        serve(None)
         return 0
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -119,13 +132,7 @@ def mount(options: MountOptions) -> int:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
         status = 1
         try:
-            fs = RepositoryFS(
-                reader,
-                on_ready=lambda: os.write(write_end, b"1"),
-                prefetch_siblings=options.prefetch,
-                attr_timeout=timeout,
-            )
-            Bridge(fs, options.mountpoint, foreground=True, **fuse_options)
+            serve(lambda: os.write(write_end, b"1"))
             status = 0
         except BaseException:  # the parent reports failure; the details go to the log
             logging.exception("mount failed")
@@ -137,7 +144,42 @@ def mount(options: MountOptions) -> int:
     if ready != b"1":
         os.waitpid(pid, 0)
         raise ClientError(f"mounting {options.mountpoint} failed; see {log_file}")
+    if options.fuse == "lowlevel" and os.geteuid() == 0:
+        set_read_ahead(options.mountpoint, READ_AHEAD_KB)
     return 0
+
+
+def _serve_highlevel(
+    reader: RepositoryReader, options: MountOptions, timeout: float,
+    fuse_options: dict[str, object], on_ready: Callable[[], object] | None,
+) -> None:  # fmt: skip
+    fs = RepositoryFS(
+        reader, on_ready=on_ready, prefetch_siblings=options.prefetch, attr_timeout=timeout
+    )
+    Bridge(fs, options.mountpoint, foreground=True, **fuse_options)
+
+
+def _serve_lowlevel(
+    reader: RepositoryReader, options: MountOptions, ttl: float,
+    on_ready: Callable[[], object] | None,
+) -> None:  # fmt: skip
+    """Serve until unmounted: libfuse3's low-level API, names, attributes and listings
+    cached by the kernel for a day, and a thread that follows new revisions."""
+    assert reader.manifest is not None
+    fuse_options = ["ro", f"fsname=cvmfs-py:{reader.manifest.name}", "default_permissions"]
+    if os.geteuid() == 0:
+        fuse_options.append("allow_other")
+    ops = RepositoryOps(reader, on_ready, prefetch_siblings=options.prefetch)
+    session = Session(ops, options.mountpoint, fuse_options, readdirplus=READDIRPLUS)
+    follower = RevisionFollower(ops, Kernel(session.inval_entry, session.inval_inode), ttl)
+    try:
+        session.mount()
+        follower.start()
+        session.loop()
+    finally:
+        follower.stop()
+        ops.close()
+        session.close()
 
 
 def umount(mountpoint: str) -> int:
