@@ -81,7 +81,6 @@ def _mount(args: argparse.Namespace) -> int:
         max_ttl=args.max_ttl,
         prefetch=not args.no_prefetch,
         name=name,
-        fuse=args.fuse,
     )
     return mount(options)
 
@@ -210,15 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-prefetch",
         action="store_true",
-        help="fetch only what is read (default: opening a file also fetches the other "
-        "unchunked files of its directory in the background, files like it first)",
-    )
-    p.add_argument(
-        "--fuse",
-        choices=["highlevel", "lowlevel"],
-        default="highlevel",
-        help="FUSE layer: highlevel (libfuse through mfusepy) or lowlevel (libfuse3's "
-        "low-level API: kernel-cached names and pages, one inode per content)",
+        help="fetch only what is read (default: the first read of a file in a directory "
+        "also fetches the directory's other unchunked files in the background, files like "
+        "it first)",
     )
     group = p.add_mutually_exclusive_group()
     group.add_argument("--tag", help="mount the revision with this tag")

@@ -12,9 +12,10 @@ import hashlib
 import threading
 from dataclasses import dataclass, field
 
+from cvmfs_client.fuse_lowlevel import ROOT_INODE
 from cvmfs_format.catalog import Chunk, Entry
 
-ROOT_INODE = 1
+__all__ = ["ROOT_INODE", "InodeTable", "Node", "content_key"]
 
 
 def content_key(entry: Entry, chunks: list[Chunk] | None) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 from cvmfs_client import mount_info
 from cvmfs_client.content import ChunkedObject, open_content, warm
-from cvmfs_client.fuse_inodes import ROOT_INODE, InodeTable, Node, content_key
+from cvmfs_client.fuse_inodes import InodeTable, Node, content_key
 from cvmfs_client.fuse_lowlevel import AddEntry, Attr, Reply
 from cvmfs_client.prefetch import CACHE_SHARE, Prefetcher
 from cvmfs_client.repository import RepositoryReader
@@ -32,13 +32,9 @@ OnLookup = Callable[[str, Entry], None]
 OnRead = Callable[[str, Entry, int, int], None]
 
 
-def _type_only(mode: int) -> int:
-    return stat.S_IFMT(mode)
-
-
 def listing_signature(children: Sequence[Entry]) -> int:
     """What a READDIR reply of a directory depends on: its names and their types."""
-    return hash(frozenset((c.name, _type_only(c.mode)) for c in children))
+    return hash(frozenset((c.name, stat.S_IFMT(c.mode)) for c in children))
 
 
 class RepositoryOps:
@@ -227,7 +223,11 @@ class RepositoryOps:
             return content.readinto(buffer, offset)
 
     def readdir(self, ino: int, offset: int, add: AddEntry, plus: bool) -> None:
-        self._count("readdirplus" if plus else "readdir")
+        """READDIR only: the mount does not ask for READDIRPLUS. Measured on a cold
+        `find` of an 11.7k-entry tree, 3 interleaved runs: READDIRPLUS cut LOOKUPs from
+        1,513 to 569 but took 2.08-2.56 s against 1.51-2.38 s, and it hands the kernel
+        an inode to hold for every file listed, where `find -type f` needs only d_type."""
+        self._count("readdir")
         self.refresh()
         node = self._node(ino)
         if not node.entry.is_dir:
@@ -246,24 +246,13 @@ class RepositoryOps:
         for index in range(offset, len(names)):
             name, child = names[index]
             if child is None:
-                sent = add(name, dot, index + 1)
-            elif not plus:
-                # Only the type and an inode number travel in a plain READDIR.
-                pseudo = (1 << 62) | (hash(child.path) & ((1 << 61) - 1))
-                sent = add(name, Reply(Attr(pseudo, child.mode, 0, 1, 0), 0, 0), index + 1)
+                reply = dot
             else:
-                sent = self._add_plus(ino, name, child, add, index + 1)
-            if not sent:
+                # Only the type and an inode number travel in a READDIR reply.
+                pseudo = (1 << 62) | (hash(child.path) & ((1 << 61) - 1))
+                reply = Reply(Attr(pseudo, child.mode, 0, 1, 0), 0, 0)
+            if not add(name, reply, index + 1):
                 return
-
-    def _add_plus(self, parent: int, name: bytes, child: Entry, add: AddEntry, next_: int) -> bool:
-        """A READDIRPLUS entry counts as a lookup, once the kernel got it."""
-        node = self.node_for(child)
-        if not add(name, self._reply(node), next_):
-            self.table.unused(node)
-            return False
-        self.table.looked_up(parent, child.name, node)
-        return True
 
     def statfs(self, ino: int) -> tuple[int, int]:
         self._count("statfs")
@@ -326,6 +315,3 @@ class RepositoryOps:
 
     def close(self) -> None:
         self._prefetcher.close()
-
-
-__all__ = ["DAY", "ROOT_INODE", "RepositoryOps", "listing_signature"]

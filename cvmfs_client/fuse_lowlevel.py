@@ -109,13 +109,18 @@ STAT_SIZE = _STAT.size
 _ENTRY_HEAD = struct.Struct("=QQ")
 _ENTRY_TAIL = struct.Struct("=dd")
 ENTRY_SIZE = _ENTRY_HEAD.size + STAT_SIZE + _ENTRY_TAIL.size
+# struct fuse_dirent of the kernel ABI: ino, off, namelen, type; the name follows, padded
+# with zeros to 8 bytes
+_DIRENT = struct.Struct("=QQII")
+_PADDING = bytes(8)
 # struct statvfs: bsize frsize blocks bfree bavail files ffree favail fsid flag namemax
 _STATVFS = struct.Struct("=11Q24x")
 
 
-def _pack_entry(buf: Any, reply: Reply) -> None:
+def _pack_entry(buf: Any, reply: Reply, nodeid: int | None = None) -> None:
+    """nodeid 0 sends attributes without an inode the kernel must count (. and ..)."""
     attr = reply.attr
-    _ENTRY_HEAD.pack_into(buf, 0, attr.ino, 0)
+    _ENTRY_HEAD.pack_into(buf, 0, attr.ino if nodeid is None else nodeid, 0)
     _STAT.pack_into(buf, _ENTRY_HEAD.size, *_stat_fields(attr))
     _ENTRY_TAIL.pack_into(
         buf, _ENTRY_HEAD.size + STAT_SIZE, reply.attr_timeout, reply.entry_timeout
@@ -429,26 +434,37 @@ class Session:
         except BaseException as exc:
             self._fail(req, exc)
             return
-        self.lib.fuse_reply_buf(req, buf, done)
+        self.lib.fuse_reply_buf(req, ctypes.addressof(buf), done)
 
     def _list(self, req: int, ino: int, size: int, offset: int, plus: bool) -> None:
         _keep_thread_state()
         buf = _buffer(size)
-        address = ctypes.addressof(buf)
-        add_direntry = self.lib.fuse_add_direntry_plus if plus else self.lib.fuse_add_direntry
+        view = memoryview(buf).cast("B")
         used = 0
         scratch = ctypes.create_string_buffer(ENTRY_SIZE)
+        address = ctypes.addressof(buf)
 
         def add(name: bytes, reply: Reply, next_offset: int) -> bool:
             nonlocal used
             if plus:
-                _pack_entry(scratch, reply)
-                packed: Any = scratch
-            else:
-                packed = _STAT.pack(*_stat_fields(reply.attr))
-            need = add_direntry(req, address + used, size - used, name, packed, next_offset)
+                _pack_entry(scratch, reply, 0 if name in (b".", b"..") else reply.attr.ino)
+                need = self.lib.fuse_add_direntry_plus(
+                    req, address + used, size - used, name, scratch, next_offset
+                )
+                if need > size - used:
+                    return False
+                used += need
+                return True
+            # struct fuse_dirent, as fuse_add_direntry writes it, packed here: a sixth of
+            # the cost of a ctypes call and a struct stat per entry.
+            end = used + _DIRENT.size + len(name)
+            need = (end - used + 7) & ~7
             if need > size - used:
                 return False
+            attr = reply.attr
+            _DIRENT.pack_into(view, used, attr.ino, next_offset, len(name), attr.mode >> 12)
+            view[end - len(name) : end] = name
+            view[end : used + need] = _PADDING[: used + need - end]
             used += need
             return True
 
@@ -457,7 +473,7 @@ class Session:
         except BaseException as exc:
             self._fail(req, exc)
             return
-        self.lib.fuse_reply_buf(req, buf, used)
+        self.lib.fuse_reply_buf(req, address, used)
 
     def _readdir(self, req: int, ino: int, size: int, offset: int, fi: int) -> None:
         self._list(req, ino, size, offset, False)

@@ -39,6 +39,7 @@ class RevisionFollower:
         self._stop = False
         self.invalidations = 0  # entries and inodes the kernel was told to drop
         self._pending = False  # a switch whose invalidation has not run yet
+        self._expired = False  # the kernel's entries were evicted for an expired manifest
         ops.on_switch = self._switch_seen
         self._thread = threading.Thread(target=self._run, name="revisions", daemon=True)
 
@@ -62,8 +63,13 @@ class RevisionFollower:
             try:
                 if self.ops.reader.refresh():
                     self.ops.note_switch()  # sets _pending
-            except CvmfsError:
-                pass  # expired and not renewed: requests answer EIO and log it
+                self._expired = False
+            except CvmfsError:  # expired and not renewed
+                if not self._expired:  # from now on every name is asked for, and refused
+                    self._expired = True
+                    log.warning("manifest expired: evicting every known entry")
+                    for directory in self.ops.table.directories():
+                        self._evict(directory)
             if self._pending:
                 self._pending = False
                 self.switched()

@@ -1,27 +1,28 @@
-"""`cvmfs-client mount --fuse lowlevel`: the kernel caches names, attributes, listings
+"""`cvmfs-client mount` on libfuse3's low-level API: the kernel caches names, attributes, listings
 and pages for a day, one inode per content; a revision switch drops exactly what
 changed, while files opened or mapped before it keep their revision's bytes."""
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Repo, client_daemon, run_cli
 from tests.test_mount import Mount, make_release, republish_other
+from tests.test_trust import head, release, signed_manifest
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or os.geteuid() != 0,
     reason="needs /dev/fuse and root (libfuse3 mounts without fusermount3)",
 )
-
-LOWLEVEL = ("--fuse", "lowlevel")
 
 
 def stats(mnt: Path) -> dict[str, object]:
@@ -45,7 +46,7 @@ def inodes_settle_to(mnt: Path, expected: int, timeout: float = 20) -> None:
 def switching(repo: Repo, tmp_path: Path) -> Iterator[tuple[Mount, Repo, Path]]:
     src = make_release(tmp_path)
     run_cli("cvmbuild", "publish", src, "--repo", repo.dir, "--path", "/sw/1.0")
-    with Mount(repo, tmp_path / "mnt", tmp_path / "cache", "--max-ttl", "1", *LOWLEVEL) as m:
+    with Mount(repo, tmp_path / "mnt", tmp_path / "cache", "--max-ttl", "1") as m:
         yield m, repo, src
 
 
@@ -132,6 +133,27 @@ def test_stat_shows_requests_by_kind(switching: tuple[Mount, Repo, Path]) -> Non
     assert "lookup " in line and "read " in line
 
 
+def test_names_the_kernel_cached_are_refused_once_the_manifest_expired(
+    repo: Repo, tmp_path: Path
+) -> None:
+    release(tmp_path, repo, "1.0")
+    soon = replace(head(repo), expires=int(time.time()) + 6)
+    (repo.dir / "manifest").write_bytes(signed_manifest(repo, soon))
+    with Mount(repo, tmp_path / "mnt", tmp_path / "cache", "--max-ttl", "1") as m:
+        run_sh = m.path / "sw/1.0/bin/run.sh"
+        assert run_sh.read_text() == "echo 1.0\n"  # its name now cached for a day
+        time.sleep(max(0.0, soon.expires - time.time()))
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                run_sh.read_text()
+            except OSError as refused:
+                assert refused.errno == errno.EIO
+                break
+            assert time.monotonic() < deadline, "a cached name was served past expiry"
+            time.sleep(0.2)
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -151,7 +173,7 @@ def test_memory_stays_bounded_on_a_walk_of_a_large_tree(repo: Repo, tmp_path: Pa
         for f in range(999):
             (directory / f"f{f:03}.py").write_bytes(b"")
     run_cli("cvmbuild", "publish", src, "--repo", repo.dir, "--path", "/big", timeout=1800)
-    with Mount(repo, tmp_path / "mnt", tmp_path / "cache", *LOWLEVEL) as m:
+    with Mount(repo, tmp_path / "mnt", tmp_path / "cache") as m:
         pid = client_daemon(m.path)
         assert pid is not None
         os.listdir(m.path / "big")
