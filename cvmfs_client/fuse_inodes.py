@@ -82,7 +82,10 @@ class InodeTable:
         with self._lock:
             ino = self._by_key.get((entry.path, key))
             if ino is not None:
-                return self._by_ino[ino]
+                node = self._by_ino[ino]
+                if entry.is_dir:  # looked up at a newer revision than its invalidation
+                    node.entry = entry
+                return node
             ino, self._next = self._next, self._next + 1
             node = Node(ino, entry.path, key, entry, chunks)
             self._by_ino[ino] = node

@@ -37,10 +37,11 @@ def test_a_path_with_the_same_content_keeps_its_inode_and_new_content_gets_anoth
     assert table.get(new).entry.hash == "bb" * 32
 
 
-def test_a_directory_keeps_its_inode_whatever_its_attributes_become() -> None:
+def test_a_directory_keeps_its_inode_and_takes_its_newest_attributes() -> None:
     table = InodeTable(ROOT)
     first = looked_up(table, directory("/d", mtime=1))
     assert looked_up(table, directory("/d", mtime=2)) == first
+    assert table.get(first).entry.mtime_ns == 2
 
 
 def test_a_chunked_file_is_its_chunk_list() -> None:
