@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import platform
+import signal
 import struct
 import threading
 from collections.abc import Callable, Sequence
@@ -295,6 +296,9 @@ class Session:
         """Serve requests on MAX_THREADS threads, each with its own /dev/fuse clone,
         until unmounted (or, with signals, SIGINT/SIGTERM/SIGHUP)."""
         if signals:
+            # libfuse takes only signals left at their default, and Python's SIGINT
+            # handler would never run while this thread waits in C.
+            previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
             self.lib.fuse_set_signal_handlers(self.se)
         config = self.lib.fuse_loop_cfg_create()
         self.lib.fuse_loop_cfg_set_clone_fd(config, 1)
@@ -305,6 +309,7 @@ class Session:
             self.lib.fuse_loop_cfg_destroy(config)
             if signals:
                 self.lib.fuse_remove_signal_handlers(self.se)
+                signal.signal(signal.SIGINT, previous)
 
     def close(self) -> None:
         if self._mounted:

@@ -8,6 +8,8 @@ import errno
 import json
 import mmap
 import os
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Repo, client_daemon, run_cli
+from tests.conftest import BIN, Repo, client_daemon, run_cli
 from tests.test_mount import Mount, make_release, republish_other
 from tests.test_trust import head, release, signed_manifest
 
@@ -188,3 +190,32 @@ def test_memory_stays_bounded_on_a_walk_of_a_large_tree(repo: Repo, tmp_path: Pa
         print(f"RSS {before} KiB before, +{grown} KiB after walking {walked} entries")
         assert grown < 400 * 1024  # about 2 KiB an entry, the kernel's inodes included
         inodes_settle_to(m.path, 1, timeout=60)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_foreground_mount_unmounts_and_exits_on_ctrl_c_or_term(
+    repo: Repo, tmp_path: Path, sig: signal.Signals
+) -> None:
+    release(tmp_path, repo, "1.0")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen(
+        [str(BIN / "cvmfs-client"), "mount", str(repo.dir), str(mnt), "--key", str(repo.pub),
+         "--cache-dir", str(tmp_path / "cache"), "--foreground"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.ismount(mnt):
+            assert proc.poll() is None and time.monotonic() < deadline, "never mounted"
+            time.sleep(0.1)
+        assert (mnt / "sw/1.0/bin/run.sh").read_text() == "echo 1.0\n"
+        proc.send_signal(sig)
+        assert proc.wait(timeout=20) == 0
+        assert not os.path.ismount(mnt)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if os.path.ismount(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
