@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 MIN_PERIOD_S = 0.25
 MAX_PERIOD_S = 60.0
+STOP_WAIT_S = 10.0  # an invalidation under way after unmount fails fast (ENOTCONN)
 
 
 class Kernel:
@@ -47,8 +48,11 @@ class RevisionFollower:
         self._thread.start()
 
     def stop(self) -> None:
+        """Returns once no notification can be under way (the session goes next)."""
         self._stop = True
         self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(STOP_WAIT_S)
 
     def _switch_seen(self) -> None:
         self._pending = True
