@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cvmfs_client.fuse_lowlevel import ROOT_INODE
 from cvmfs_format.catalog import Chunk, Entry
@@ -41,10 +41,7 @@ class Node:
     lookups: int = 0
     state: object = None  # what the reader keeps per inode (a chunked file's read-ahead)
     failed: bool = False  # a read of it failed: counted once, however often the kernel retries
-    # directories only: names the kernel may cache, positive (name -> inode) and negative
-    children: dict[str, int] = field(default_factory=dict)
-    negatives: set[str] = field(default_factory=set)
-    listing: int | None = None  # signature of the listing last sent (None: never listed)
+    listing: int | None = None  # a directory's listing signature last sent (None: never)
 
 
 @dataclass(frozen=True)
@@ -67,6 +64,10 @@ class InodeTable:
         self._next = ROOT_INODE + 1
         self._by_ino: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, "/", "", root, lookups=1)}
         self._by_key: dict[tuple[str, str], int] = {("/", ""): ROOT_INODE}
+        # Per directory inode, the names the kernel may cache: positive ones (name ->
+        # inode) and negative ones. Apart from the nodes: most nodes are files.
+        self._children: dict[int, dict[str, int]] = {}
+        self._negatives: dict[int, set[str]] = {}
 
     def __len__(self) -> int:
         return len(self._by_ino)
@@ -95,10 +96,9 @@ class InodeTable:
     def looked_up(self, parent: int, name: str, node: Node) -> None:
         with self._lock:
             node.lookups += 1
-            directory = self._by_ino.get(parent)
-            if directory is not None:
-                directory.children[name] = node.ino
-                directory.negatives.discard(name)
+            if parent in self._by_ino:
+                self._children.setdefault(parent, {})[name] = node.ino
+                self._negatives.get(parent, set()).discard(name)
 
     def unused(self, node: Node) -> None:
         with self._lock:
@@ -108,10 +108,9 @@ class InodeTable:
     def missing(self, parent: int, name: str) -> None:
         """The kernel caches that name is not in parent."""
         with self._lock:
-            directory = self._by_ino.get(parent)
-            if directory is not None:
-                directory.negatives.add(name)
-                directory.children.pop(name, None)
+            if parent in self._by_ino:
+                self._negatives.setdefault(parent, set()).add(name)
+                self._children.get(parent, {}).pop(name, None)
 
     def listed(self, ino: int, signature: int) -> None:
         with self._lock:
@@ -131,10 +130,12 @@ class InodeTable:
     def _drop(self, node: Node) -> None:
         del self._by_ino[node.ino]
         del self._by_key[node.path, node.key]
+        self._children.pop(node.ino, None)
+        self._negatives.pop(node.ino, None)
         parent_path, _, name = node.path.rpartition("/")
-        parent = self._by_key.get((parent_path or "/", ""))
-        if parent is not None and self._by_ino[parent].children.get(name) == node.ino:
-            del self._by_ino[parent].children[name]
+        siblings = self._children.get(self._by_key.get((parent_path or "/", ""), 0), {})
+        if siblings.get(name) == node.ino:
+            del siblings[name]
 
     def directories(self) -> list[DirectoryView]:
         with self._lock:
@@ -143,8 +144,11 @@ class InodeTable:
                     n.ino,
                     n.path,
                     n.entry,
-                    {name: self._by_ino[i].key for name, i in n.children.items()},
-                    frozenset(n.negatives),
+                    {
+                        name: self._by_ino[i].key
+                        for name, i in self._children.get(n.ino, {}).items()
+                    },
+                    frozenset(self._negatives.get(n.ino, ())),
                     n.listing,
                 )  # fmt: skip
                 for n in self._by_ino.values()
