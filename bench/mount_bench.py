@@ -6,7 +6,10 @@ Publishes bench/work/release1 (a venv with numpy, scipy, pandas, matplotlib, sym
 1 GiB random file into a fresh repository, serves it with nginx on loopback, and times a
 Python import of the big packages cold (fresh mount, empty cache, kernel caches dropped)
 and warm (again on the same mount), a cold `find -type f`, and sequential reads of the
-big file. Prints a markdown table of medians with ratios against native disk.
+big file. Prints a markdown table of medians with ratios against native disk, and the
+FUSE requests by kind our mount answered (user.stats) for each cold and warm import and
+cold find. Other processes dropping the kernel's caches during a run (another bench, the
+tests) show up as LOOKUPs and READs in the warm import.
 
     /tmp/venv/bin/python bench/mount_bench.py [--tree DIR] [--repeat N] [--output FILE]
 
