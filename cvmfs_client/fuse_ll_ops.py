@@ -311,6 +311,12 @@ class RepositoryOps:
         )
 
     def _warm(self, chunk: Chunk) -> None:
+        cache = self.reader.cache
+        if cache is not None and chunk.hash in cache:
+            # A reader fetched it while it was queued. Not opened again here: a worker
+            # that lags would hash and repair an entry changed since, under `cache
+            # verify`; the next READ of it checks it anyway.
+            return
         warm(self.reader, chunk)
 
     def close(self) -> None:
