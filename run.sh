@@ -9,7 +9,7 @@ cd "$here"
 SYSTEM_PACKAGES=(
   python3 python3-venv python3-dev build-essential pkg-config
   libcurl4-openssl-dev libssl-dev curl ca-certificates
-  fuse libfuse2 nginx squid borgbackup restic cmake
+  fuse libfuse2 libfuse3-3 nginx squid borgbackup restic cmake
   mmdebstrap squashfs-tools dosfstools mtools syslinux syslinux-common
   syslinux-efi qemu-utils qemu-system-x86 ovmf
   boinc-client libboinc-app7 redis-server autofs systemd

@@ -79,6 +79,8 @@ def _stat(args: argparse.Namespace) -> int:
             and value is not None
         ):
             value = f"{value} ({human(value)})"
+        elif isinstance(value, dict):  # requests by kind
+            value = ", ".join(f"{k} {v}" for k, v in sorted(value.items())) or "none"
         print(f"{key + ':':<18} {value}")
     return 0
 
@@ -187,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-prefetch",
         action="store_true",
-        help="fetch only what is read (default: opening a file also fetches the other "
-        "unchunked files of its directory in the background, files like it first)",
+        help="fetch only what is read (default: the first read of a file in a directory "
+        "also fetches the directory's other unchunked files in the background, files like "
+        "it first)",
     )
     group = p.add_mutually_exclusive_group()
     group.add_argument("--tag", help="mount the revision with this tag")

@@ -9,22 +9,26 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cvmfs_client.cache import ObjectCache, lock_cache_dir, wait_until_free
 from cvmfs_client.daemon_log import LogSettings, destination, start_logging
 from cvmfs_client.errors import ClientError
 from cvmfs_client.fetcher import OfflineFallback, fetcher_for
-from cvmfs_client.fuse_bridge import Bridge
-from cvmfs_client.fuse_ops import RepositoryFS
+from cvmfs_client.fuse_ll_ops import DAY, RepositoryOps
+from cvmfs_client.fuse_lowlevel import Session, set_read_ahead
+from cvmfs_client.fuse_revisions import Kernel, RevisionFollower
 from cvmfs_client.repository import RepositoryReader
 from cvmfs_client.trust_store import default_state_dir, open_trust
 from cvmfs_format.manifest import MANIFEST_FILE
 from cvmfs_format.signed import key_fingerprint
 from cvmfs_format.whitelist import WHITELIST_FILE
 
-ENTRY_TIMEOUT_S = 60  # content is immutable per revision: let the kernel cache it
+READ_AHEAD_KB = 1024  # the largest READ libfuse3 negotiates (max_pages 256)
 UMOUNT_WAIT_S = 10  # for the daemon to exit and free its cache directory
 
 
@@ -87,27 +91,16 @@ def mount(options: MountOptions) -> int:
         raise ClientError(f"{options.mountpoint}: mount point is not a directory")
     if os.path.ismount(options.mountpoint):
         raise ClientError(f"{options.mountpoint}: something is already mounted there")
+    if os.geteuid() != 0 and shutil.which("fusermount3") is None:
+        raise ClientError("mounting as a user needs fusermount3: apt-get install fuse3")
     reader = open_reader(options)
-    assert reader.manifest is not None
-    ttl = reader.manifest.ttl if options.max_ttl is None else options.max_ttl
-    kcache = ENTRY_TIMEOUT_S if options.kcache_timeout is None else options.kcache_timeout
-    timeout = min(kcache, ttl)
-    fuse_options = {
-        "ro": True,
-        "fsname": f"cvmfs-py:{reader.manifest.name}",
-        # No auto_cache: RepositoryFS.open tells the kernel when to keep a file's pages.
-        "entry_timeout": timeout,
-        "attr_timeout": timeout,
-        "negative_timeout": timeout,
-        "default_permissions": True,
-    }
-    if os.geteuid() == 0:
-        fuse_options["allow_other"] = True
     log_file = os.path.join(options.cache_dir, "client.log")
     if options.foreground:
         _start_logging(options, reader, log_file)
-        fs = RepositoryFS(reader, prefetch_siblings=options.prefetch, attr_timeout=timeout)
-        Bridge(fs, options.mountpoint, foreground=True, **fuse_options)
+        # From a thread of its own: stat'ing the mount point waits for init to return.
+        serve(
+            reader, options, lambda: threading.Thread(target=_read_ahead, args=(options,)).start()
+        )
         return 0
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -129,13 +122,7 @@ def mount(options: MountOptions) -> int:
 
         try:
             _start_logging(options, reader, log_file)
-            fs = RepositoryFS(
-                reader,
-                on_ready=mounted,
-                prefetch_siblings=options.prefetch,
-                attr_timeout=timeout,
-            )
-            Bridge(fs, options.mountpoint, foreground=True, **fuse_options)
+            serve(reader, options, mounted)
             status = 0
         except BaseException:  # the parent reports failure; the details go to the log
             logging.exception("mount failed")
@@ -148,7 +135,36 @@ def mount(options: MountOptions) -> int:
         os.waitpid(pid, 0)
         where = destination(options.log, log_file)
         raise ClientError(f"mounting {options.mountpoint} failed; see {where}")
+    _read_ahead(options)
     return 0
+
+
+def serve(reader: RepositoryReader, options: MountOptions, on_ready: Callable[[], object]) -> None:
+    """Serve until unmounted: libfuse3's low-level API, names, attributes, listings and
+    pages cached by the kernel (fuse_ll_ops.py), and a thread that follows new revisions
+    and invalidates what they change (fuse_revisions.py)."""
+    assert reader.manifest is not None
+    ttl = reader.manifest.ttl if options.max_ttl is None else options.max_ttl
+    fuse_options = ["ro", f"fsname=cvmfs-py:{reader.manifest.name}", "default_permissions"]
+    if os.geteuid() == 0:
+        fuse_options.append("allow_other")
+    timeout = DAY if options.kcache_timeout is None else options.kcache_timeout
+    ops = RepositoryOps(reader, on_ready, prefetch_siblings=options.prefetch, timeout=timeout)
+    session = Session(ops, options.mountpoint, fuse_options, readdirplus=False)
+    follower = RevisionFollower(ops, Kernel(session.inval_entry, session.inval_inode), ttl)
+    try:
+        session.mount()
+        follower.start()
+        session.loop()
+    finally:
+        follower.stop()
+        ops.close()
+        session.close()
+
+
+def _read_ahead(options: MountOptions) -> None:
+    if os.geteuid() == 0:
+        set_read_ahead(options.mountpoint, READ_AHEAD_KB)
 
 
 def _start_logging(options: MountOptions, reader: RepositoryReader, log_file: str) -> None:
@@ -171,7 +187,8 @@ def umount(mountpoint: str) -> int:
         objects = json.loads(os.getxattr(mountpoint, "user.stats"))["cache_dir"]
     except (OSError, ValueError, KeyError):
         objects = None  # not ours, or not answering: nothing to wait for
-    command = ["fusermount", "-u", mountpoint] if os.geteuid() != 0 else ["umount", mountpoint]
+    fusermount = shutil.which("fusermount3") or "fusermount"
+    command = [fusermount, "-u", mountpoint] if os.geteuid() != 0 else ["umount", mountpoint]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise ClientError(f"unmounting {mountpoint} failed: {result.stderr.strip()}")

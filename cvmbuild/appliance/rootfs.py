@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 import shutil
@@ -26,8 +25,8 @@ from cvmbuild.appliance.initramfs import AGENT_PATH
 from cvmbuild.appliance.process import run
 from cvmbuild.appliance.recipe import Recipe, mount_point
 
-# What cvmfs_client and cvmfs_format import, as Debian packages (mfusepy is copied in).
-CLIENT_PACKAGES = ["python3-cryptography", "python3-zstandard", "python3-pycurl", "libfuse2"]
+# What cvmfs_client and cvmfs_format import or load, as Debian packages.
+CLIENT_PACKAGES = ["python3-cryptography", "python3-zstandard", "python3-pycurl", "libfuse3-3"]
 BOOT_RECORD = "cvmbuild-boot-packages"  # written by the download hook, read and removed
 
 
@@ -152,7 +151,7 @@ def appliance_settings(recipe: Recipe) -> str:
 
 
 def install_appliance_files(rootfs: Rootfs, recipe: Recipe) -> list[tuple[str, str]]:
-    """cvmfs-client, mfusepy, the guest agent (with the Co-Pilot agent) and the records
+    """cvmfs-client, the guest agent (with the Co-Pilot agent) and the records
     of what the image is."""
     tree = rootfs.tree
     site = tree / "usr/lib/python3/dist-packages"
@@ -162,10 +161,6 @@ def install_appliance_files(rootfs: Rootfs, recipe: Recipe) -> list[tuple[str, s
             site / package.__name__,
             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
         )
-    spec = importlib.util.find_spec("mfusepy")
-    if spec is None or spec.origin is None:
-        raise ApplianceError("mfusepy is not installed; `pip install mfusepy`")
-    shutil.copy(spec.origin, site / "mfusepy.py")
     write = _writer(tree)
     write("usr/bin/cvmfs-client", CLIENT_SCRIPT, 0o755)
     write(AGENT_PATH.lstrip("/"), Path(guest_agent.__file__).read_text(), 0o755)
@@ -174,10 +169,7 @@ def install_appliance_files(rootfs: Rootfs, recipe: Recipe) -> list[tuple[str, s
         write(str(beside).lstrip("/"), Path(module.__file__).read_text())  # type: ignore[arg-type]
     write("etc/cvmappliance/appliance.json", appliance_settings(recipe) + "\n")
     write("etc/cvmappliance/recipe.toml", recipe.text)
-    ours = [
-        ("cvmfs-client", importlib.metadata.version("cvmfs-py")),
-        ("mfusepy", importlib.metadata.version("mfusepy")),
-    ]
+    ours = [("cvmfs-client", importlib.metadata.version("cvmfs-py"))]
     lines = [f"{n} {v}" for n, v in [*rootfs.packages, *rootfs.boot_packages, *ours]]
     write("etc/cvmappliance/packages.txt", "\n".join(lines) + "\n")
     write("etc/hostname", recipe.appliance.hostname + "\n")
@@ -187,7 +179,6 @@ def install_appliance_files(rootfs: Rootfs, recipe: Recipe) -> list[tuple[str, s
     for path in (
         "usr/lib/python3/dist-packages/cvmfs_client",
         "usr/lib/python3/dist-packages/cvmfs_format",
-        "usr/lib/python3/dist-packages/mfusepy.py",
     ):
         run(["chroot", tree, "python3", "-m", "compileall", "-q",
              "--invalidation-mode", "unchecked-hash", f"/{path}"])  # fmt: skip
