@@ -14,7 +14,7 @@ from cvmbuild.ingest import DEFAULT_LEVEL
 from cvmbuild.layout import DEFAULT_MAX_ENTRIES
 from cvmbuild.publish import PublishOptions, publish
 from cvmbuild.settings import PublishSettings, resolve
-from cvmfs_client import console
+from cvmfs_client import console, network
 from cvmfs_client.console import parse_size
 
 
@@ -59,9 +59,13 @@ def _publish(args: argparse.Namespace) -> int:
         token=_token(settings.token_file),
         endpoint_url=args.endpoint_url,
         dry_run=args.dry_run,
+        ca_bundle=args.ca_bundle,
     )
     summary = publish(args.src, settings.repo, settings.path, options)
-    print(summary.line())
+    if args.json:
+        console.print_json(summary.document())
+    else:
+        print(summary.line())
     return 0
 
 
@@ -103,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", help="name the new revision (CVMBUILD_TAG)")
     p.add_argument("--message", help="a note stored with the revision (CVMBUILD_MESSAGE)")
     p.add_argument("--keys", help="key directory (default: REPO.keys)")
+    network.add_ca_bundle(p)
     p.add_argument(
         "--compression-level",
         type=int,

@@ -21,7 +21,9 @@ from cvmbuild.ingest import DEFAULT_LEVEL, FileContent, Ingestor
 from cvmbuild.layout import DEFAULT_MAX_ENTRIES, build_catalogs
 from cvmbuild.scan import SourceEntry, scan
 from cvmbuild.statcache import StatCache
+from cvmfs_client import network
 from cvmfs_client.console import human
+from cvmfs_client.progress import Progress
 from cvmfs_format.catalog_writer import Subtree
 from cvmfs_format.objects import verify_stored
 from cvmfs_format.paths import normalize
@@ -46,6 +48,7 @@ class PublishOptions:
     token: str | None = None  # for an http(s) repository
     endpoint_url: str | None = None  # for an s3:// repository (else AWS_ENDPOINT_URL)
     dry_run: bool = False  # show what would be uploaded; change nothing
+    ca_bundle: str | None = None  # for an https repository (default: the system's CAs)
 
 
 @dataclass(frozen=True)
@@ -158,13 +161,10 @@ class _DryRunSession:
 Session = _LocalSession | _RemoteSession | _DryRunSession
 
 
-def is_url(location: str) -> bool:
-    return location.startswith(("http://", "https://"))
-
-
 @contextlib.contextmanager
 def _session(location: str, prefix: str, options: PublishOptions) -> Iterator[Session]:
-    if is_url(location):
+    network.check_location(location, s3=True)
+    if network.is_url(location):
         if not options.token:
             raise BuildError(
                 f"{location}: publishing over HTTP needs a token "
@@ -173,7 +173,9 @@ def _session(location: str, prefix: str, options: PublishOptions) -> Iterator[Se
             )
         from cvmbuild import remote  # requests costs 0.15 s to import: only when needed
 
-        gateway = remote.Gateway(location, options.token)
+        gateway = remote.Gateway(
+            location, options.token, ca_bundle=network.ca_bundle(options.ca_bundle)
+        )
         if options.dry_run:
             yield _DryRunSession(gateway.missing)
             return

@@ -9,7 +9,7 @@ import stat
 import sys
 import time
 
-from cvmfs_client import console
+from cvmfs_client import console, network
 from cvmfs_client.console import human
 from cvmfs_client.content import open_content, pieces
 from cvmfs_client.errors import ClientError
@@ -21,7 +21,7 @@ from cvmfs_format.trust import pinned_name
 
 def _open(args: argparse.Namespace) -> RepositoryReader:
     trust, floors = open_trust(args.key, args.name, default_state_dir())
-    reader = RepositoryReader(fetcher_for(args.repo, args.proxy or ""), trust)
+    reader = RepositoryReader(fetcher_for(args.repo, args.proxy or "", args.ca_bundle), trust)
     reader.load_manifest()
     floors.store(trust.floor)
     if args.tag is not None or args.revision is not None:
@@ -81,6 +81,7 @@ def _mount(args: argparse.Namespace) -> int:
         max_ttl=args.max_ttl,
         prefetch=not args.no_prefetch,
         name=name,
+        ca_bundle=network.ca_bundle(args.ca_bundle or config.ca_bundle),
     )
     return mount(options)
 
@@ -138,10 +139,10 @@ def _preload(args: argparse.Namespace) -> int:
 
     options = MountOptions(
         url=args.url, mountpoint="", key_file=args.key, cache_dir=args.cache_dir,
-        proxies=args.proxy or "", name=args.name,
+        proxies=args.proxy or "", name=args.name, ca_bundle=network.ca_bundle(args.ca_bundle),
     )  # fmt: skip
     reader = open_reader(options)
-    files, objects = preload(reader, args.path)
+    files, objects = preload(reader, args.path, progress=True)
     assert reader.cache is not None and reader.manifest is not None
     print(
         f"preloaded {args.path} of revision {reader.manifest.revision}: {files} files, "
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--key", required=True, help="the repository's master public key (NAME.pub)")
         p.add_argument("--name", help=NAME_HELP)
         p.add_argument("--proxy", help="HTTP proxies in CernVM-FS syntax (see mount --help)")
+        network.add_ca_bundle(p)
         group = p.add_mutually_exclusive_group()
         group.add_argument("--tag", help="read the revision with this tag")
         group.add_argument("--revision", type=int, help="read this revision")
@@ -204,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         "('|' load-balances, ';' fails over; default DIRECT)",
     )
     p.add_argument("--foreground", action="store_true", help="stay in the foreground")
+    network.add_ca_bundle(p, config_key=True)
     p.add_argument(
         "--no-prefetch",
         action="store_true",
@@ -233,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help=NAME_HELP)
     p.add_argument("--path", default="/", help="subtree to preload (default /)")
     p.add_argument("--proxy", help="HTTP proxies in CernVM-FS syntax")
+    network.add_ca_bundle(p)
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_preload)
     p = sub.add_parser("umount", help="unmount a repository")

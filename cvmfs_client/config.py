@@ -24,6 +24,7 @@ class ClientConfig:
     public_key: str | None = None  # CVMFS_PUBLIC_KEY: the master public key file
     tag: str | None = None  # CVMFS_REPOSITORY_TAG
     revision: int | None = None  # CVMFS_REPOSITORY_REVISION
+    ca_bundle: str | None = None  # CVMFS_CA_BUNDLE: CA certificates for https
 
     @property
     def quota_bytes(self) -> int | None:
@@ -38,6 +39,7 @@ KEYS = {
     "CVMFS_PUBLIC_KEY": "public_key",
     "CVMFS_REPOSITORY_TAG": "tag",
     "CVMFS_REPOSITORY_REVISION": "revision",
+    "CVMFS_CA_BUNDLE": "ca_bundle",
 }
 _INTEGER = {"quota_limit_mb", "revision"}
 

@@ -43,6 +43,7 @@ class MountOptions:
     prefetch: bool = True  # fetch a directory's small files when one of them is opened
     name: str | None = None  # the repository's name (default: the key file's NAME.pub)
     state_dir: str | None = None  # where revision floors are kept (default_state_dir())
+    ca_bundle: str | None = None  # CA certificates for https (default: the system's)
 
 
 def default_cache_dir(name: str, base: str | None = None) -> str:
@@ -65,7 +66,7 @@ def open_reader(options: MountOptions) -> RepositoryReader:
     lock_cache_dir(options.cache_dir)
     cache = ObjectCache(os.path.join(options.cache_dir, "objects"), options.quota)
     fetcher = OfflineFallback(
-        fetcher_for(options.url, options.proxies),
+        fetcher_for(options.url, options.proxies, options.ca_bundle),
         options.cache_dir,
         frozenset({MANIFEST_FILE, WHITELIST_FILE}),
         prefix=f"{trust.name}-{key_fingerprint(trust.master_key)[:16]}",

@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from cvmfs_client import console
-from cvmfs_client.console import human
+from cvmfs_client import console, network
+from cvmfs_client.console import human, utc
 from cvmfs_format.objects import ObjectRef
 from cvmfs_format.signed import format_time
 from cvmfs_format.trust import pinned_name
@@ -273,14 +273,16 @@ def _replicate(args: argparse.Namespace) -> int:
     from repo_server import keys
     from repo_server import replicate as replicate_mod
 
+    network.check_location(args.dir, urls=False)
     r = replicate_mod.replicate(
         args.url,
         Path(args.dir),
         keys.load_public_key(Path(args.key)),
         pinned_name(args.key, args.name),
         workers=args.workers,
-        progress=sys.stderr.isatty(),
+        progress=True,
         timeout=args.timeout,
+        ca_bundle=args.ca_bundle,
     )
     for number in r.skipped:
         print(
@@ -403,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up after this long, keeping the mirror as it was (default 3600); what "
         "was fetched is kept for the next run",
     )  # fmt: skip
+    network.add_ca_bundle(p)
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_replicate)
     wl = sub.add_parser("whitelist", help="manage the signing-key whitelist")

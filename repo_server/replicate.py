@@ -24,7 +24,9 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from cvmfs_client import network
 from cvmfs_client.fetcher import CurlFetcher, DeadlinePassed
+from cvmfs_client.progress import Progress
 from cvmfs_format import manifest as manifest_mod
 from cvmfs_format.catalog import Catalog
 from cvmfs_format.errors import CvmfsError, NotFoundError
@@ -101,6 +103,7 @@ def replicate(
     progress: bool = False,
     timeout: float = DEFAULT_TIMEOUT_S,
     clock: Callable[[], float] = time.time,
+    ca_bundle: str | None = None,
 ) -> ReplicaReport:
     """Bring mirror_dir up to the source's verified head revision and tagged revisions,
     within timeout seconds (the mirror lock is never held longer)."""
@@ -109,7 +112,7 @@ def replicate(
     if timeout <= 0:
         raise RepoError("--timeout must be more than 0 seconds")
     start = time.monotonic()
-    source = _source(url, start + timeout)
+    source = _source(url, start + timeout, ca_bundle)
     mirror_dir = _prepare_directory(Path(mirror_dir))
     storage = LocalStorage(mirror_dir)
     with _mirror_lock(mirror_dir):
@@ -150,13 +153,17 @@ def replicate(
     )
 
 
-def _source(url: str, deadline: float) -> CurlFetcher:
+def _source(url: str, deadline: float, ca_bundle: str | None) -> CurlFetcher:
     """The client's fetcher: the same GET stack, size bounds, low-speed cut-off and
     retries as every reader; mirrors of the source may be given separated by ';'."""
     urls = [u for u in url.split(";") if u]
-    if not urls or not all(u.startswith(("http://", "https://")) for u in urls):
+    for u in urls:
+        network.check_location(u)
+    if not urls or not all(network.is_url(u) for u in urls):
         raise RepoError(f"{url!r}: expected the repository's http:// or https:// URL")
-    return CurlFetcher(urls, timeout_s=SOURCE_TIMEOUT_S, deadline=deadline)
+    return CurlFetcher(
+        urls, timeout_s=SOURCE_TIMEOUT_S, deadline=deadline, ca_bundle=network.ca_bundle(ca_bundle)
+    )
 
 
 def _prepare_directory(mirror_dir: Path) -> Path:
@@ -213,9 +220,12 @@ class _Replication:
         self.have: set[str] = set()  # objects known to be in the mirror
 
     def run(self, trust: TrustedState, old: bytes | None, now: float) -> _Outcome:
-        wl_data = self.source.fetch(
-            WHITELIST_FILE, MAX_DOCUMENT_SIZE, lambda d: (trust.update_whitelist(d, now), d)[1]
-        )
+        try:
+            wl_data = self.source.fetch(
+                WHITELIST_FILE, MAX_DOCUMENT_SIZE, lambda d: (trust.update_whitelist(d, now), d)[1]
+            )
+        except NotFoundError as exc:
+            raise network.not_a_repository(self.source.describe(), str(exc)) from exc
         data = self.source.fetch(
             MANIFEST_FILE, MAX_DOCUMENT_SIZE, lambda d: (trust.update_manifest(d, now), d)[1]
         )
