@@ -226,8 +226,8 @@ def publish(
             policy=options.chunking,
             workers=options.workers,
         )
-        with _progress(options.progress, sum(e.size for e in to_read)) as advance:
-            ingestor.progress = advance
+        with Progress("publishing", sum(e.size for e in to_read), enabled=options.progress) as bar:
+            ingestor.progress = bar.update
             ingested = ingestor.ingest(to_read)
         contents.update((relpath, content) for relpath, (_, content) in ingested.items())
         # A file that changed since the scan was read as it is now: describe that.
@@ -288,21 +288,3 @@ def _reuse_from_cache(
                 del known[entry.relpath]
                 to_read.append(entry)
     return known, to_read
-
-
-class _progress:
-    """A byte progress bar on stderr when it is a terminal, else nothing."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.bar = None
-        if enabled and sys.stderr.isatty() and total > 0:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="publishing", leave=False)
-
-    def __enter__(self) -> Callable[[int], None]:
-        return self.bar.update if self.bar is not None else (lambda n: None)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from cvmfs_client.progress import Progress
 from cvmfs_format.catalog import Catalog, NestedRef, TreeStats
 from cvmfs_format.catalog_rules import (
     check_root_catalog,
@@ -33,8 +34,22 @@ class CheckReport:
     # A catalog or the history is damaged: publishing does not bring those back.
     structure_damaged: bool = False
 
+    def summary(self) -> dict[str, object]:
+        """What `check --json` prints."""
+        return {
+            "ok": not self.problems,
+            "revisions": self.revisions,
+            "catalogs": self.catalogs,
+            "objects": self.objects,
+            "problems": self.problems,
+            "warnings": self.warnings,
+            "corrupt_objects": sorted(self.corrupt),
+        }
 
-def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
+
+def check(
+    repo: LocalRepository, all_revisions: bool = False, progress: bool = False
+) -> CheckReport:
     report = CheckReport()
     try:
         head = repo.head()
@@ -84,10 +99,14 @@ def check(repo: LocalRepository, all_revisions: bool = False) -> CheckReport:
     report.catalogs = len(seen_catalogs)
     report.objects = len(objects)
     report.structure_damaged |= bool(damaged)  # so far only catalogs
-    with ThreadPoolExecutor() as pool:
+    with (
+        ThreadPoolExecutor() as pool,
+        Progress("checking", len(objects), "objects", enabled=progress) as bar,
+    ):
         for digest, problem, corrupt in pool.map(
             lambda item: _verify_object(repo, *item), objects.items()
         ):
+            bar.update(1)
             if problem:
                 damaged[digest] = problem
                 report.content_damaged = True

@@ -91,10 +91,13 @@ def _check(args: argparse.Namespace) -> int:
     moved: list[str] = []
     if args.repair:
         with repo.lock():  # no publish may reuse an object while it is moved away
-            report = check_mod.check(repo, all_revisions=args.all)
+            report = check_mod.check(repo, all_revisions=args.all, progress=True)
             moved = damage.quarantine_corrupt(repo, report.corrupt)
     else:
-        report = check_mod.check(repo, all_revisions=args.all)
+        report = check_mod.check(repo, all_revisions=args.all, progress=True)
+    if args.json:
+        console.print_json({**report.summary(), **({"quarantined": moved} if args.repair else {})})
+        return 1 if report.problems else 0
     for problem in report.problems:
         print(problem)
     for warning in report.warnings:
@@ -221,7 +224,7 @@ def _gc(args: argparse.Namespace) -> int:
         keep_revisions=args.keep_revisions,
         grace=args.grace,
         dry_run=args.dry_run,
-        progress=sys.stderr.isatty(),
+        progress=True,
     )
     verbs = ("kept", "dropped", "removed")
     if r.dry_run:

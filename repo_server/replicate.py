@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -328,11 +328,9 @@ class _Replication:
         and a file, in many small steps that hold the GIL; on two cores two processes
         mirrored a release in 4.6 s where one process with four threads took 7.8 s.
         """
-        from tqdm import tqdm
-
         batches = [refs[i : i + BATCH] for i in range(0, len(refs), BATCH)]
         root = str(self.storage.root)
-        bar = tqdm(total=len(refs), unit="obj", desc=label, leave=False, disable=not self.progress)
+        bar = Progress(f"replicating {label}", len(refs), "objects", enabled=self.progress)
         try:
             if self.workers == 1 or len(batches) <= 1:
                 for batch in batches:
@@ -352,7 +350,7 @@ class _Replication:
         finally:
             bar.close()
 
-    def _fetched(self, batch: list[ObjectRef], counts: tuple[int, int], bar: Any) -> None:
+    def _fetched(self, batch: list[ObjectRef], counts: tuple[int, int], bar: Progress) -> None:
         self.counters.add(*counts)
         self.have.update(ref.digest for ref in batch)
         bar.update(len(batch))
