@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cvmbuild", description="Publish build trees into a repository."
     )
+    console.add_version(parser)
     console.add_debug(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("publish", help="publish SRC at /PREFIX as a new signed revision")
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="show what would be uploaded and stored; change nothing",
     )
+    console.add_json(p)
     p.add_argument("--tag", help="name the new revision (CVMBUILD_TAG)")
     p.add_argument("--message", help="a note stored with the revision (CVMBUILD_MESSAGE)")
     p.add_argument("--keys", help="key directory (default: REPO.keys)")

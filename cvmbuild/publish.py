@@ -64,8 +64,28 @@ class PublishSummary:
     seconds: float
     dry_run: bool = False
 
+    @property
+    def dedup_percent(self) -> float:
+        """How much of the tree's content was already stored."""
+        return 100.0 * (1 - self.new_raw_bytes / self.bytes) if self.bytes else 100.0
+
+    def document(self) -> dict[str, object]:
+        """What `publish --json` prints: the line's numbers, in bytes and seconds."""
+        return {
+            "dry_run": self.dry_run,
+            "revision": None if self.dry_run else self.revision,
+            "path": self.path,
+            "files": self.files,
+            "bytes": self.bytes,
+            "new_stored_bytes": self.new_stored_bytes,
+            "objects_written": self.objects_written,
+            "catalogs_written": self.catalogs_written,
+            "dedup_percent": round(self.dedup_percent, 1),
+            "seconds": round(self.seconds, 3),
+        }
+
     def line(self) -> str:
-        dedup = 100.0 * (1 - self.new_raw_bytes / self.bytes) if self.bytes else 100.0
+        dedup = self.dedup_percent
         if self.dry_run:
             return (
                 f"dry run, nothing changed: publishing {self.files} files, "

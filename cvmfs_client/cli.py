@@ -98,6 +98,9 @@ def _stat(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ClientError(f"{args.mountpoint}: not a cvmfs-client mount ({exc.strerror})") from exc
     stats = json.loads(raw)
+    if args.json:
+        console.print_json(stats)
+        return 0
     for key, value in stats.items():
         if (
             key in ("cache_bytes", "cache_quota", "bytes_downloaded", "content_fetched")
@@ -108,14 +111,25 @@ def _stat(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_CORRUPTION_FOUND = 3  # `cache verify` found (and removed) corrupt entries, as restic
+
+
 def _cache(args: argparse.Namespace) -> int:
     """Works beside a mount using the cache too: the mount fetches what is removed."""
-    from cvmfs_client.cache import CacheInUse, ObjectCache, lock_cache_dir
+    from cvmfs_client.cache import CacheInUse, ObjectCache, check_cache_dir, lock_cache_dir
+    from cvmfs_client.config import ClientConfig, load_config
     from cvmfs_client.mount import default_cache_dir
 
-    cache_dir = args.cache_dir or default_cache_dir(args.name)
-    if not os.path.isdir(os.path.join(cache_dir, "objects")):
-        raise ClientError(f"{cache_dir}: no cache there; give the --cache-dir of a mount")
+    config = load_config(args.config) if args.config else ClientConfig()
+    cache_dir = args.cache_dir
+    if cache_dir is None:
+        key = config.public_key
+        if args.name is None and key is None:
+            raise ClientError(
+                "which cache? give --cache-dir, --name, or a --config with CVMFS_PUBLIC_KEY"
+            )
+        cache_dir = default_cache_dir(pinned_name(key or "", args.name), config.cache_base)
+    check_cache_dir(cache_dir)
     try:
         lock_cache_dir(cache_dir)
         owner = True
@@ -127,6 +141,7 @@ def _cache(args: argparse.Namespace) -> int:
         for digest in removed:
             print(f"removed corrupt entry {digest}")
         print(f"cache verified: {len(cache)} entries ok, {len(removed)} removed")
+        return EXIT_CORRUPTION_FOUND if removed else 0
     else:
         freed = cache.clean()
         print(f"cache cleaned: {human(freed)} freed")
@@ -161,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cvmfs-client", description="Read a cvmfs-py repository, verifying every byte."
     )
+    console.add_version(parser)
     console.add_debug(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in (
@@ -220,13 +236,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_mount)
     p = sub.add_parser("stat", help="revision, route, cache and error counters of a mount")
     p.add_argument("mountpoint")
+    console.add_json(p)
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_stat)
-    p = sub.add_parser("cache", help="maintain the local cache")
+    p = sub.add_parser(
+        "cache",
+        help="maintain the local cache (verify exits 3 when it found and removed corrupt entries)",
+    )
     p.add_argument("action", choices=["verify", "clean"])
-    group = p.add_mutually_exclusive_group(required=True)
+    group = p.add_mutually_exclusive_group()
     group.add_argument("--cache-dir", help="cache directory (as given to mount)")
-    group.add_argument("--name", help="repository name: its cache under the default cache base")
+    group.add_argument("--name", help="repository name: its cache under the cache base")
+    p.add_argument(
+        "--config",
+        help="the mount's KEY=VALUE settings: the cache under CVMFS_CACHE_BASE, named for "
+        "--name or CVMFS_PUBLIC_KEY",
+    )
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_cache)
     p = sub.add_parser("preload", help="fill a cache for offline use")

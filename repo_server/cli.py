@@ -46,7 +46,7 @@ def _tokens(args: argparse.Namespace, repo: LocalRepository) -> TokenStore:
 def _serve(args: argparse.Namespace) -> int:
     from repo_server.gateway import Gateway
     from repo_server.leases import Leases
-    from repo_server.serve import serve
+    from repo_server.serve import bind, serve
 
     repo = _repo(args)
     host, sep, port = args.listen.rpartition(":")
@@ -54,13 +54,14 @@ def _serve(args: argparse.Namespace) -> int:
         raise RepoError(f"--listen {args.listen!r}: expected HOST:PORT")
     tokens = _tokens(args, repo)
     count = len(tokens.tokens())
+    listener = bind(host.strip("[]"), int(port))
     print(
         f"serving {repo.root} on http://{host}:{port}/; publish API with {count} tokens "
         f"from {tokens.path}",
         file=sys.stderr,
         flush=True,
     )
-    serve(repo.root, host.strip("[]"), int(port), Gateway(repo, tokens, Leases(args.lease_ttl)))
+    serve(repo.root, listener, Gateway(repo, tokens, Leases(args.lease_ttl)))
     return 0
 
 
@@ -75,7 +76,12 @@ def _token_add(args: argparse.Namespace) -> int:
 
 
 def _token_list(args: argparse.Namespace) -> int:
-    for token in _tokens(args, _repo(args)).tokens():
+    tokens = _tokens(args, _repo(args)).tokens()
+    if args.json:
+        listed = [{"name": t.name, "path": t.path, "created": utc(t.created)} for t in tokens]
+        console.print_json({"tokens": listed})
+        return 0
+    for token in tokens:
         print(f"{token.name}\t{token.path}\t{format_time(token.created)}")
     return 0
 
@@ -130,6 +136,24 @@ def _repair_advice(report: check_mod.CheckReport, moved: list[str]) -> None:
 def _info(args: argparse.Namespace) -> int:
     i = check_mod.info(_repo(args))
     s = i.stats
+    if args.json:
+        console.print_json(
+            {
+                "name": i.name,
+                "revision": i.revision,
+                "published": utc(i.published),
+                "manifest_expires": utc(i.expires),
+                "whitelist_expires": utc(i.whitelist_expires),
+                "files": s.files,
+                "directories": s.dirs,
+                "symlinks": s.symlinks,
+                "catalogs": s.catalogs,
+                "logical_bytes": s.bytes,
+                "stored_bytes": i.stored_bytes,
+                "stored_objects": i.stored_objects,
+            }
+        )
+        return 0
     print(f"name:              {i.name}")
     print(f"revision:          {i.revision}")
     print(f"published:         {format_time(i.published)}")
@@ -147,7 +171,12 @@ def _info(args: argparse.Namespace) -> int:
 
 def _tags(args: argparse.Namespace) -> int:
     repo = _repo(args)
-    for tag in repo.history(repo.head()).tags():
+    tags = repo.history(repo.head()).tags()
+    if args.json:
+        listed = [{"name": t.name, "revision": t.revision, "created": utc(t.created)} for t in tags]
+        console.print_json({"tags": listed})
+        return 0
+    for tag in tags:
         print(f"{tag.name}\trevision {tag.revision}\t{format_time(tag.created)}")
     return 0
 
@@ -214,6 +243,10 @@ def _diff(args: argparse.Namespace) -> int:
         ObjectRef.catalog(old.root_hash, old.root_size),
         ObjectRef.catalog(new.root_hash, new.root_size),
     )
+    if args.json:
+        listed = [{"change": diff_mod.KIND_NAMES[c.kind], "path": c.path} for c in changes]
+        console.print_json({"from": old.revision, "to": new.revision, "changes": listed})
+        return 0
     sys.stdout.writelines(f"{change.kind} {change.path}\n" for change in changes)
     return 0
 
@@ -310,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="repo-server", description="Create, serve and operate repositories."
     )
+    console.add_version(parser)
     console.add_debug(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -352,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--name", required=True, help="who the token is for, e.g. atlas-ci")
         if action == "add":
             p.add_argument("--path", required=True, help="may publish at and below, e.g. /sw/atlas")
+        if action == "list":
+            console.add_json(p)
         console.add_debug(p, subcommand=True)
         p.set_defaults(func=func)
     p = command("check", _check, "verify every reachable catalog, object and signature")
@@ -362,8 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="move objects that fail verification to quarantine/, so that publishing the "
         "files named again stores them",
     )
-    command("info", _info, "show name, revision and sizes")
-    command("tags", _tags, "list tags")
+    console.add_json(p)
+    console.add_json(command("info", _info, "show name, revision and sizes"))
+    console.add_json(command("tags", _tags, "list tags"))
     command("resign", _resign, "re-sign the current manifest with a fresh expiry")
     p = command("tag", _tag, "name a revision (default: the head), or --delete a tag")
     what = p.add_mutually_exclusive_group(required=True)
@@ -376,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("diff", _diff, "list paths added (+), removed (-), modified (M) from A to B")
     p.add_argument("a", metavar="A", help="revision number or tag")
     p.add_argument("b", metavar="B", help="revision number or tag")
+    console.add_json(p)
     p = command("gc", _gc, "delete the objects that no kept revision reaches")
     p.add_argument(
         "--keep-revisions", type=int, metavar="N",

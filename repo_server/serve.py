@@ -9,6 +9,7 @@ are immutable and cached for a year; the manifest and whitelist for a short time
 from __future__ import annotations
 
 import os
+import socket
 import stat
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -22,6 +23,7 @@ from starlette.staticfiles import NotModifiedResponse
 from cvmfs_format.manifest import MANIFEST_FILE
 from cvmfs_format.objects import is_hash
 from cvmfs_format.whitelist import WHITELIST_FILE
+from repo_server.errors import RepoError
 from repo_server.gateway import Gateway
 from repo_server.http_caching import IMMUTABLE, SIGNED_DOCUMENT_MAX_AGE_S
 
@@ -90,9 +92,27 @@ def create_app(root: Path, ttl: int = 60, gateway: Gateway | None = None) -> Sta
     )
 
 
-def serve(root: Path, host: str, port: int, gateway: Gateway | None = None) -> None:
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything says "serving": a port in use is
+    a one-line error, not a message followed by a traceback."""
+    try:
+        return socket.create_server(
+            (host, port),
+            family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+            backlog=2048,
+        )
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise RepoError(
+            f"--listen {host}:{port}: cannot listen there ({why}); stop what uses the port "
+            "or choose another"
+        ) from exc
+
+
+def serve(root: Path, listener: socket.socket, gateway: Gateway | None = None) -> None:
     import uvicorn
 
     # One process: leases live in its memory (docs/PUBLISHING.md).
     app = create_app(root, gateway=gateway)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[listener])
