@@ -252,8 +252,9 @@ class CurlFetcher:
                 log.warning("%s: %s; trying the next mirror or proxy", relpath, error)
         if not_found and not_found >= set(self._routes()):
             if len(not_found) == 1:
-                raise NotFoundError(f"no {relpath} there: HTTP 404")
-            raise NotFoundError(f"no {relpath} on any mirror: HTTP 404")
+                base, _ = next(iter(not_found))
+                raise NotFoundError(f"{base}/{relpath}: not found (HTTP 404)")
+            raise NotFoundError(f"{relpath}: not found on any mirror (HTTP 404)")
         if len(failed) == 1:
             raise next(iter(failed.values()))
         said = "; ".join(str(e) for e in list(failed.values())[-3:])

@@ -46,7 +46,7 @@ def _tokens(args: argparse.Namespace, repo: LocalRepository) -> TokenStore:
 def _serve(args: argparse.Namespace) -> int:
     from repo_server.gateway import Gateway
     from repo_server.leases import Leases
-    from repo_server.serve import bind, serve
+    from repo_server.serve import serve
 
     repo = _repo(args)
     host, sep, port = args.listen.rpartition(":")
@@ -54,14 +54,17 @@ def _serve(args: argparse.Namespace) -> int:
         raise RepoError(f"--listen {args.listen!r}: expected HOST:PORT")
     tokens = _tokens(args, repo)
     count = len(tokens.tokens())
-    listener = bind(host.strip("[]"), int(port))
-    print(
-        f"serving {repo.root} on http://{host}:{port}/; publish API with {count} tokens "
-        f"from {tokens.path}",
-        file=sys.stderr,
-        flush=True,
-    )
-    serve(repo.root, listener, Gateway(repo, tokens, Leases(args.lease_ttl)))
+
+    def announce() -> None:
+        print(
+            f"serving {repo.root} on http://{host}:{port}/; publish API with {count} tokens "
+            f"from {tokens.path}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    gateway = Gateway(repo, tokens, Leases(args.lease_ttl))
+    serve(repo.root, host.strip("[]"), int(port), gateway, announce)
     return 0
 
 

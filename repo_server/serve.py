@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
@@ -93,8 +94,8 @@ def create_app(root: Path, ttl: int = 60, gateway: Gateway | None = None) -> Sta
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before anything says "serving": a port in use is
-    a one-line error, not a message followed by a traceback."""
+    """The listening socket. A port in use is a one-line error, said before anything
+    announces "serving"."""
     try:
         return socket.create_server(
             (host, port),
@@ -109,10 +110,20 @@ def bind(host: str, port: int) -> socket.socket:
         ) from exc
 
 
-def serve(root: Path, listener: socket.socket, gateway: Gateway | None = None) -> None:
+def serve(
+    root: Path,
+    host: str,
+    port: int,
+    gateway: Gateway | None = None,
+    announce: Callable[[], None] = lambda: None,
+) -> None:
+    """Serve until stopped; announce() once the port is bound. Everything slow to set
+    up comes first, so the port does not accept connections that nobody answers."""
     import uvicorn
 
     # One process: leases live in its memory (docs/PUBLISHING.md).
     app = create_app(root, gateway=gateway)
-    config = uvicorn.Config(app, log_level="warning", access_log=False)
-    uvicorn.Server(config).run(sockets=[listener])
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    listener = bind(host, port)
+    announce()
+    server.run(sockets=[listener])

@@ -138,9 +138,18 @@ def test_a_wrong_path_and_a_server_without_a_repository(
 
 
 class _Failing(BaseHTTPRequestHandler):
+    """Every GET fails with 503 (a proxy whose backend is down); every POST with 405,
+    as a static web server answers the publish API."""
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         self.server.hits += 1  # type: ignore[attr-defined]
         self.send_response(503)
+        self.end_headers()
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.server.hits += 1  # type: ignore[attr-defined]
+        self.send_response(405)
+        self.send_header("Content-Length", "0")
         self.end_headers()
 
     def log_message(self, *args: object) -> None:
@@ -161,12 +170,18 @@ def failing_server() -> Iterator[ThreadingHTTPServer]:
         thread.join()
 
 
-def test_a_server_error_is_retried_then_named(published: Repo) -> None:
+def test_a_server_error_is_retried_then_named(published: Repo, token: Path, tmp_path: Path) -> None:
     with failing_server() as server:
         url = f"http://127.0.0.1:{server.server_address[1]}/repo"
         line = one_error_line(ls(url, published))
         assert "server error (HTTP 503)" in line and "try again later" in line
         assert server.hits == 3  # type: ignore[attr-defined]
+
+        server.hits = 0  # type: ignore[attr-defined]
+        line = one_error_line(publish_to(url, tmp_path, token))
+        assert f"{url}/api/v1/leases: method not allowed (HTTP 405" in line
+        assert "publishing needs the URL of a `repo-server serve`" in line
+        assert server.hits == 1  # type: ignore[attr-defined]  # not worth a retry
 
 
 # -- TLS ---------------------------------------------------------------------------------

@@ -60,8 +60,16 @@ def test_every_program_prints_the_product_version() -> None:
 def test_reports_as_json_documents(repo: Repo, release: Path, tmp_path: Path) -> None:
     first = as_json(
         run_cli(
-            "cvmbuild", "publish", release, "--repo", repo.dir, "--path", "/sw/1.0",
-            "--tag", "v1", "--json",
+            "cvmbuild",
+            "publish",
+            release,
+            "--repo",
+            repo.dir,
+            "--path",
+            "/sw/1.0",
+            "--tag",
+            "v1",
+            "--json",
         )  # fmt: skip
     )
     assert first["revision"] == 1 and first["path"] == "/sw/1.0" and first["dry_run"] is False
@@ -71,8 +79,15 @@ def test_reports_as_json_documents(repo: Repo, release: Path, tmp_path: Path) ->
     (release / "NEWS").write_text("second\n")
     dry = as_json(
         run_cli(
-            "cvmbuild", "publish", release, "--repo", repo.dir, "--path", "/sw/1.0",
-            "--dry-run", "--json",
+            "cvmbuild",
+            "publish",
+            release,
+            "--repo",
+            repo.dir,
+            "--path",
+            "/sw/1.0",
+            "--dry-run",
+            "--json",
         )  # fmt: skip
     )
     assert dry["dry_run"] is True and dry["revision"] is None
@@ -142,7 +157,9 @@ def test_cache_verify_exits_3_after_removing_corruption(
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else b"" for p in root.rglob("*")}
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() else b"" for p in root.rglob("*")
+    }
 
 
 def test_cache_commands_refuse_what_is_not_a_cache(tmp_path: Path) -> None:
