@@ -36,13 +36,16 @@ class Progress:
         self.stream = stream or sys.stderr
         self.done = 0
         self._bar: Any = None
-        self._lines = enabled and total > 0 and not self.stream.isatty()
         self._lock = threading.Lock()
         self._start = self._last = time.monotonic()
         self._interval = _interval()
-        if enabled and total > 0 and self.stream.isatty():
-            from tqdm import tqdm  # only on a terminal: the appliance's client may lack it
-
+        self._lines = enabled and total > 0
+        if self._lines and self.stream.isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:  # the appliance carries the client without it: lines then
+                return
+            self._lines = False
             self._bar = tqdm(
                 total=total, unit=unit, unit_scale=unit == "B", desc=desc, leave=False,
                 file=self.stream,
