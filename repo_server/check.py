@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from cvmfs_client.console import utc
 from cvmfs_client.progress import Progress
 from cvmfs_format.catalog import Catalog, NestedRef, TreeStats
 from cvmfs_format.catalog_rules import (
@@ -34,7 +35,7 @@ class CheckReport:
     # A catalog or the history is damaged: publishing does not bring those back.
     structure_damaged: bool = False
 
-    def summary(self) -> dict[str, object]:
+    def document(self) -> dict[str, object]:
         """What `check --json` prints."""
         return {
             "ok": not self.problems,
@@ -205,6 +206,23 @@ class Info:
     stats: TreeStats
     stored_bytes: int
     stored_objects: int
+
+    def document(self) -> dict[str, object]:
+        """What `info --json` prints."""
+        return {
+            "name": self.name,
+            "revision": self.revision,
+            "published": utc(self.published),
+            "manifest_expires": utc(self.expires),
+            "whitelist_expires": utc(self.whitelist_expires),
+            "files": self.stats.files,
+            "directories": self.stats.dirs,
+            "symlinks": self.stats.symlinks,
+            "catalogs": self.stats.catalogs,
+            "logical_bytes": self.stats.bytes,
+            "stored_bytes": self.stored_bytes,
+            "stored_objects": self.stored_objects,
+        }
 
 
 def info(repo: LocalRepository) -> Info:

@@ -105,7 +105,7 @@ def _check(args: argparse.Namespace) -> int:
     else:
         report = check_mod.check(repo, all_revisions=args.all, progress=True)
     if args.json:
-        console.print_json({**report.summary(), **({"quarantined": moved} if args.repair else {})})
+        console.print_json({**report.document(), **({"quarantined": moved} if args.repair else {})})
         return 1 if report.problems else 0
     for problem in report.problems:
         print(problem)
@@ -140,22 +140,7 @@ def _info(args: argparse.Namespace) -> int:
     i = check_mod.info(_repo(args))
     s = i.stats
     if args.json:
-        console.print_json(
-            {
-                "name": i.name,
-                "revision": i.revision,
-                "published": utc(i.published),
-                "manifest_expires": utc(i.expires),
-                "whitelist_expires": utc(i.whitelist_expires),
-                "files": s.files,
-                "directories": s.dirs,
-                "symlinks": s.symlinks,
-                "catalogs": s.catalogs,
-                "logical_bytes": s.bytes,
-                "stored_bytes": i.stored_bytes,
-                "stored_objects": i.stored_objects,
-            }
-        )
+        console.print_json(i.document())
         return 0
     print(f"name:              {i.name}")
     print(f"revision:          {i.revision}")
