@@ -40,9 +40,9 @@ def run(
         code = handler(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
         return code
-    except BrokenPipeError:
-        if not _stdout_gone():
-            raise
+    except BrokenPipeError as exc:
+        if not _stdout_gone():  # another pipe (a tool's, a socket's): a real error
+            return _error(exc, debug)
         # Nobody reads what is left (`diff | head -1`); exit as quietly as `cat` would.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -51,10 +51,14 @@ def run(
         print("error: interrupted", file=sys.stderr)
         return 130
     except (CvmfsError, OSError) as exc:
-        if getattr(args, "debug", False):
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return _error(exc, debug)
+
+
+def _error(exc: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"error: {exc}", file=sys.stderr)
+    return 1
 
 
 def _stdout_gone() -> bool:
