@@ -16,6 +16,7 @@ from typing import Any
 from copilot_manager import gc as gc_module
 from copilot_manager.errors import ManagerError
 from cvmfs_format.errors import CvmfsError
+from cvmfs_format.version import add_version
 
 DEFAULT_TOKENS = "copilot-tokens"
 
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="copilot-manager", description="The Co-Pilot job manager (docs/COPILOT.md)."
     )
+    add_version(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -14,7 +14,7 @@ from cvmbuild.ingest import DEFAULT_LEVEL
 from cvmbuild.layout import DEFAULT_MAX_ENTRIES
 from cvmbuild.publish import PublishOptions, publish
 from cvmbuild.settings import PublishSettings, resolve
-from cvmfs_client import console
+from cvmfs_client import console, network
 from cvmfs_client.console import parse_size
 
 
@@ -61,10 +61,14 @@ def _publish(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         replace=args.replace,
         force_tag=args.force_tag,
+        ca_bundle=args.ca_bundle,
     )
     summary = publish(args.src, settings.repo, settings.path, options)
-    print(summary.line())
-    sys.stdout.writelines(f"{text}\n" for text in summary.details())
+    if args.json:
+        console.print_json(summary.document())
+    else:
+        print(summary.line())
+        sys.stdout.writelines(f"{text}\n" for text in summary.details())
     return 0
 
 
@@ -97,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cvmbuild", description="Publish build trees into a repository."
     )
+    console.add_version(parser)
     console.add_debug(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("publish", help="publish SRC at /PREFIX as a new signed revision")
@@ -133,12 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow removing what is below --path but not in SRC (other releases)",
     )
+    console.add_json(p)
     p.add_argument("--tag", help="name the new revision (CVMBUILD_TAG)")
     p.add_argument(
         "--force-tag", action="store_true", help="move --tag if it names another revision"
     )
     p.add_argument("--message", help="a note stored with the revision (CVMBUILD_MESSAGE)")
     p.add_argument("--keys", help="key directory (default: REPO.keys)")
+    network.add_ca_bundle(p)
     p.add_argument(
         "--compression-level",
         type=int,

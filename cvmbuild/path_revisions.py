@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvmbuild.errors import BuildError
-from cvmbuild.publish import Committed, committed, is_url
+from cvmbuild.publish import Committed, committed
+from cvmfs_client.network import is_url
 from cvmfs_format.errors import FormatError
 from cvmfs_format.paths import normalize
 from repo_server import operations, revisions

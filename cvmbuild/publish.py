@@ -21,7 +21,9 @@ from cvmbuild.ingest import DEFAULT_LEVEL, FileContent, Ingestor
 from cvmbuild.layout import DEFAULT_MAX_ENTRIES, build_catalogs
 from cvmbuild.scan import SourceEntry, scan
 from cvmbuild.statcache import StatCache
+from cvmfs_client import network
 from cvmfs_client.console import human
+from cvmfs_client.progress import Progress
 from cvmfs_format.catalog_writer import Subtree
 from cvmfs_format.objects import verify_stored
 from cvmfs_format.paths import normalize
@@ -50,6 +52,7 @@ class PublishOptions:
     dry_run: bool = False  # show what would be uploaded and changed; change nothing
     replace: bool = False  # may remove what is below the path but not in the tree
     force_tag: bool = False  # may move an existing tag to the new revision
+    ca_bundle: str | None = None  # for an https repository (default: the system's CAs)
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,30 @@ class PublishSummary:
         lines = [f"  {text}" for text in self.changes.lines(would=True)]
         return lines + [f"  would be refused: {why}" for why in self.refusals]
 
+    @property
+    def dedup_percent(self) -> float:
+        """How much of the tree's content was already stored."""
+        return 100.0 * (1 - self.new_raw_bytes / self.bytes) if self.bytes else 100.0
+
+    def document(self) -> dict[str, object]:
+        """What `publish --json` prints: the line's numbers, in bytes and seconds."""
+        return {
+            "dry_run": self.dry_run,
+            "revision": None if self.dry_run else self.revision,
+            "path": self.path,
+            "files": self.files,
+            "bytes": self.bytes,
+            "new_stored_bytes": self.new_stored_bytes,
+            "objects_written": self.objects_written,
+            "catalogs_written": self.catalogs_written,
+            "dedup_percent": round(self.dedup_percent, 1),
+            "seconds": round(self.seconds, 3),
+            "changes": self.changes.to_json(),
+            "refusals": list(self.refusals),
+        }
+
     def line(self) -> str:
-        dedup = 100.0 * (1 - self.new_raw_bytes / self.bytes) if self.bytes else 100.0
+        dedup = self.dedup_percent
         if self.dry_run:
             return (
                 f"dry run, nothing changed: publishing {self.files} files, "
@@ -208,13 +233,10 @@ class DryRunSink:
 Session = _LocalSession | _RemoteSession
 
 
-def is_url(location: str) -> bool:
-    return location.startswith(("http://", "https://"))
-
-
 @contextlib.contextmanager
 def _session(location: str, prefix: str, options: PublishOptions) -> Iterator[Session]:
-    if is_url(location):
+    network.check_location(location, s3=True)
+    if network.is_url(location):
         if not options.token:
             raise BuildError(
                 f"{location}: publishing over HTTP needs a token "
@@ -223,7 +245,9 @@ def _session(location: str, prefix: str, options: PublishOptions) -> Iterator[Se
             )
         from cvmbuild import remote  # requests costs 0.15 s to import: only when needed
 
-        gateway = remote.Gateway(location, options.token)
+        gateway = remote.Gateway(
+            location, options.token, ca_bundle=network.ca_bundle(options.ca_bundle)
+        )
         with gateway.lease(prefix, dry_run=options.dry_run) as lease:
             session = _RemoteSession(gateway, lease, options.dry_run)
             try:
@@ -271,8 +295,8 @@ def publish(
             policy=options.chunking,
             workers=options.workers,
         )
-        with _progress(options.progress, sum(e.size for e in to_read)) as advance:
-            ingestor.progress = advance
+        with Progress("publishing", sum(e.size for e in to_read), enabled=options.progress) as bar:
+            ingestor.progress = bar.update
             ingested = ingestor.ingest(to_read)
         contents.update((relpath, content) for relpath, (_, content) in ingested.items())
         # A file that changed since the scan was read as it is now: describe that.
@@ -335,21 +359,3 @@ def _reuse_from_cache(
                 del known[entry.relpath]
                 to_read.append(entry)
     return known, to_read
-
-
-class _progress:
-    """A byte progress bar on stderr when it is a terminal, else nothing."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.bar = None
-        if enabled and sys.stderr.isatty() and total > 0:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="publishing", leave=False)
-
-    def __enter__(self) -> Callable[[int], None]:
-        return self.bar.update if self.bar is not None else (lambda n: None)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.close()

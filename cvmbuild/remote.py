@@ -19,10 +19,12 @@ from typing import Any
 
 import requests
 
-from cvmbuild import __version__
 from cvmbuild.errors import BuildError
+from cvmfs_client import network
+from cvmfs_client.network import Role
 from cvmfs_format.catalog_writer import Subtree
 from cvmfs_format.pack import API, MISSING_LIMIT, encode_pack, pack_overhead
+from cvmfs_format.version import product_version
 
 PACK_TARGET = 8 << 20  # bytes per upload request
 UPLOAD_WORKERS = 4
@@ -35,10 +37,18 @@ TIMEOUT_S = (10, 300)  # connect, read (a commit of a big tree takes a while)
 class Gateway:
     """The publish API of one repo-server, seen from a publisher."""
 
-    def __init__(self, url: str, token: str, *, sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        ca_bundle: str | None = None,
+    ):
         self.url = url.rstrip("/")
         self.token = token
         self.sleep = sleep
+        self.ca_bundle = ca_bundle
         self._local = threading.local()
 
     def _session(self) -> requests.Session:
@@ -46,32 +56,40 @@ class Gateway:
         if session is None:
             session = requests.Session()
             session.headers["Authorization"] = f"Bearer {self.token}"
-            session.headers["User-Agent"] = f"cvmbuild/{__version__}"
+            session.headers["User-Agent"] = f"cvmbuild/{product_version()}"
             self._local.session = session
         return session
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """JSON answer of an API call. Retries with backoff what a retry can fix: a
-        failed connection, or a proxy's 5xx while the server restarts. An error the
-        server itself answered is final (GatewayRefusal): every request may be sent
-        twice (uploads are idempotent; a commit sent again gets the first's outcome)."""
+        refused or dropped connection, a timeout, a proxy's 5xx while the server
+        restarts; not a wrong host name or certificate. An error the server itself
+        answered is final (GatewayRefusal): every request may be sent twice (uploads
+        are idempotent; a commit sent again gets the first's outcome)."""
         url = f"{self.url}{API}{path}"
+        if self.ca_bundle is not None:
+            # Per request: requests lets REQUESTS_CA_BUNDLE override a session's verify.
+            kwargs["verify"] = self.ca_bundle
         for attempt in range(ATTEMPTS):
             try:
                 response = self._session().request(method, url, timeout=TIMEOUT_S, **kwargs)
             except requests.RequestException as exc:
-                problem = f"{method} {url}: {exc.__class__.__name__}: {exc}"
+                error = network.from_exception(url, exc)
             else:
                 if response.status_code < 300:
                     return response.json() if response.content else None
                 message = _server_message(response)
-                if message is not None or response.status_code < 500:
-                    raise GatewayRefusal(response.status_code, message or _error_text(response))
-                problem = f"{method} {url}: HTTP {response.status_code} {_error_text(response)}"
+                if message is not None:
+                    raise GatewayRefusal(response.status_code, message)
+                error = network.http_failure(
+                    url, response.status_code, Role.PUBLISH, response.reason
+                )
+            if not error.transient:
+                break
             if attempt + 1 < ATTEMPTS:
-                _say(f"{problem}; retrying")
+                _say(f"{error.summary}; retrying ({attempt + 2} of {ATTEMPTS})")
                 self.sleep(0.5 * 2**attempt)
-        raise BuildError(f"{problem}; the server is unreachable or failing, try again later")
+        raise BuildError(str(error))
 
     @contextlib.contextmanager
     def lease(
@@ -280,7 +298,7 @@ def commit(
     does not know it refuses rather than commits)."""
     route = "preview" if dry_run else "commit"
     answer = gateway.call(
-        "POST", f"/leases/{lease}/{route}", json={**ask, "tool": f"cvmbuild {__version__}"}
+        "POST", f"/leases/{lease}/{route}", json={**ask, "tool": f"cvmbuild {product_version()}"}
     )
     return dict(answer)
 

@@ -2,5 +2,3 @@
 
 Carried inside the appliance, so it depends on nothing from cvmbuild or repo_server.
 """
-
-__version__ = "0.1.0"

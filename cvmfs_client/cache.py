@@ -65,6 +65,26 @@ def lock_cache_dir(cache_dir: str) -> int:
     return fd
 
 
+def check_cache_dir(cache_dir: str) -> None:
+    """Refuse, touching nothing, a directory that is not a client cache: `cache clean`
+    must never delete what a mistyped --cache-dir names. A cache has the lock file a
+    mount or preload took, and objects/ holds only tmp/ and two-hex-digit folders."""
+    objects = os.path.join(cache_dir, "objects")
+    try:
+        names = os.listdir(objects)
+        is_cache = os.path.isfile(os.path.join(cache_dir, LOCK_FILE)) and all(
+            name == "tmp" or (len(name) == 2 and all(c in "0123456789abcdef" for c in name))
+            for name in names
+        )
+    except OSError:
+        is_cache = False
+    if not is_cache:
+        raise ClientError(
+            f"{cache_dir}: not a cvmfs-client cache (left untouched); give the --cache-dir "
+            "a mount or preload used"
+        )
+
+
 def wait_until_free(cache_dir: str, timeout: float) -> bool:
     """Wait until no process holds cache_dir's lock (a mount daemon exits shortly after
     its file system is unmounted); whether it is free."""

@@ -9,7 +9,7 @@ import stat
 import sys
 import time
 
-from cvmfs_client import console
+from cvmfs_client import console, network
 from cvmfs_client.config_cli import CONFIG_DIR_HELP
 from cvmfs_client.config_cli import add_parsers as add_config_parsers
 from cvmfs_client.console import human
@@ -22,7 +22,7 @@ from cvmfs_client.trust_store import default_state_dir, open_trust
 
 def _open(args: argparse.Namespace) -> RepositoryReader:
     trust, floors = open_trust(args.key, args.name, default_state_dir())
-    reader = RepositoryReader(fetcher_for(args.repo, args.proxy or ""), trust)
+    reader = RepositoryReader(fetcher_for(args.repo, args.proxy or "", args.ca_bundle), trust)
     reader.load_manifest()
     floors.store(trust.floor)
     if args.tag is not None or args.revision is not None:
@@ -73,6 +73,9 @@ def _stat(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ClientError(f"{args.mountpoint}: not a cvmfs-client mount ({exc.strerror})") from exc
     stats = json.loads(raw)
+    if args.json:
+        console.print_json(stats)
+        return 0
     for key, value in stats.items():
         if (
             key in ("cache_bytes", "cache_quota", "bytes_downloaded", "content_fetched")
@@ -85,14 +88,27 @@ def _stat(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_CORRUPTION_FOUND = 3  # `cache verify` found (and removed) corrupt entries, as restic
+
+
 def _cache(args: argparse.Namespace) -> int:
     """Works beside a mount using the cache too: the mount fetches what is removed."""
-    from cvmfs_client.cache import CacheInUse, ObjectCache, lock_cache_dir
+    from cvmfs_client.cache import CacheInUse, ObjectCache, check_cache_dir, lock_cache_dir
+    from cvmfs_client.config import ClientConfig, load_config
     from cvmfs_client.mount import default_cache_dir
+    from cvmfs_format.trust import pinned_name
 
-    cache_dir = args.cache_dir or default_cache_dir(args.name)
-    if not os.path.isdir(os.path.join(cache_dir, "objects")):
-        raise ClientError(f"{cache_dir}: no cache there; give the --cache-dir of a mount")
+    config = load_config(args.config) if args.config else ClientConfig()
+    cache_dir = args.cache_dir
+    if cache_dir is None:
+        key = config.public_keys[0] if config.public_keys else None
+        name = args.name or config.repository
+        if name is None and key is None:
+            raise ClientError(
+                "which cache? give --cache-dir, --name, or a --config with CVMFS_PUBLIC_KEY"
+            )
+        cache_dir = default_cache_dir(pinned_name(key or "", name), config.cache_base)
+    check_cache_dir(cache_dir)
     try:
         lock_cache_dir(cache_dir)
         owner = True
@@ -104,6 +120,7 @@ def _cache(args: argparse.Namespace) -> int:
         for digest in removed:
             print(f"removed corrupt entry {digest}")
         print(f"cache verified: {len(cache)} entries ok, {len(removed)} removed")
+        return EXIT_CORRUPTION_FOUND if removed else 0
     else:
         freed = cache.clean()
         print(f"cache cleaned: {human(freed)} freed")
@@ -116,10 +133,10 @@ def _preload(args: argparse.Namespace) -> int:
 
     options = MountOptions(
         url=args.url, mountpoint="", key_file=args.key, cache_dir=args.cache_dir,
-        proxies=args.proxy or "", name=args.name,
+        proxies=args.proxy or "", name=args.name, ca_bundle=network.ca_bundle(args.ca_bundle),
     )  # fmt: skip
     reader = open_reader(options)
-    files, objects = preload(reader, args.path)
+    files, objects = preload(reader, args.path, progress=True)
     assert reader.cache is not None and reader.manifest is not None
     print(
         f"preloaded {args.path} of revision {reader.manifest.revision}: {files} files, "
@@ -138,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cvmfs-client", description="Read a cvmfs-py repository, verifying every byte."
     )
+    console.add_version(parser)
     console.add_debug(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in (
@@ -152,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--key", required=True, help="the repository's master public key (NAME.pub)")
         p.add_argument("--name", help=NAME_HELP)
         p.add_argument("--proxy", help="HTTP proxies in CernVM-FS syntax (see mount --help)")
+        network.add_ca_bundle(p)
         group = p.add_mutually_exclusive_group()
         group.add_argument("--tag", help="read the revision with this tag")
         group.add_argument("--revision", type=int, help="read this revision")
@@ -186,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         "('|' load-balances, ';' fails over; default DIRECT)",
     )
     p.add_argument("--foreground", action="store_true", help="stay in the foreground")
+    network.add_ca_bundle(p, config_key=True)
     p.add_argument(
         "--no-prefetch",
         action="store_true",
@@ -200,13 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_mount, usage_error=p.error)
     p = sub.add_parser("stat", help="revision, route, cache and error counters of a mount")
     p.add_argument("mountpoint")
+    console.add_json(p)
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_stat)
-    p = sub.add_parser("cache", help="maintain the local cache")
+    p = sub.add_parser(
+        "cache",
+        help="maintain the local cache (verify exits 3 when it found and removed corrupt entries)",
+    )
     p.add_argument("action", choices=["verify", "clean"])
-    group = p.add_mutually_exclusive_group(required=True)
+    group = p.add_mutually_exclusive_group()
     group.add_argument("--cache-dir", help="cache directory (as given to mount)")
-    group.add_argument("--name", help="repository name: its cache under the default cache base")
+    group.add_argument("--name", help="repository name: its cache under the cache base")
+    p.add_argument(
+        "--config",
+        help="the mount's KEY=VALUE settings: the cache under CVMFS_CACHE_BASE, named for "
+        "--name or CVMFS_PUBLIC_KEY",
+    )
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_cache)
     p = sub.add_parser("preload", help="fill a cache for offline use")
@@ -216,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help=NAME_HELP)
     p.add_argument("--path", default="/", help="subtree to preload (default /)")
     p.add_argument("--proxy", help="HTTP proxies in CernVM-FS syntax")
+    network.add_ca_bundle(p)
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_preload)
     p = sub.add_parser("umount", help="unmount a repository")

@@ -44,6 +44,7 @@ class ClientConfig:
     syslog_facility: int | None = None  # CVMFS_SYSLOG_FACILITY
     usyslog: str | None = None  # CVMFS_USYSLOG: a file instead of syslog
     debuglog: str | None = None  # CVMFS_DEBUGLOG: a debug log file
+    ca_bundle: str | None = None  # CVMFS_CA_BUNDLE: CA certificates for https
     # Every variable's last assignment (values with @fqrn@ expanded), for showconfig.
     effective: tuple[Assignment, ...] = field(default=(), compare=False)
     ignored: tuple[Assignment, ...] = field(default=(), compare=False)
@@ -146,6 +147,7 @@ SETTINGS: dict[str, tuple[str, Convert]] = {
     "CVMFS_SYSLOG_FACILITY": ("syslog_facility", _facility),
     "CVMFS_USYSLOG": ("usyslog", _path),
     "CVMFS_DEBUGLOG": ("debuglog", _path),
+    "CVMFS_CA_BUNDLE": ("ca_bundle", _path),
 }
 assert {n for n, _ in SETTINGS.values()} <= {f.name for f in fields(ClientConfig)}
 

@@ -13,9 +13,12 @@ from typing import Protocol, TypeVar
 
 import pycurl
 
+from cvmfs_client import network
 from cvmfs_client.errors import FetchError
+from cvmfs_client.network import NetworkError
 from cvmfs_format.durable import write_atomic
 from cvmfs_format.errors import FormatError, NotFoundError, VerificationError
+from cvmfs_format.version import product_version
 
 CONNECT_TIMEOUT_S = 5
 LOW_SPEED_TIME_S = 10  # a server that sends < 1 KiB/s for this long is cut off
@@ -101,12 +104,17 @@ class CurlFetcher:
         proxies: str = "",
         timeout_s: float = 30.0,
         deadline: float | None = None,
+        ca_bundle: str | None = None,
     ):
         """deadline: a time.monotonic() after which every fetch fails at once (a job's
-        overall time limit, e.g. `repo-server replicate --timeout`)."""
+        overall time limit, e.g. `repo-server replicate --timeout`). ca_bundle: a PEM
+        file of the CA certificates that sign the servers' (default: the system's)."""
         if not urls:
             raise FetchError("no repository URL given")
+        for url in urls:
+            network.check_location(url)
         self.urls = [u.rstrip("/") for u in urls]
+        self.ca_bundle = ca_bundle
         self.proxy_groups = parse_proxies(proxies)
         self.timeout_s = timeout_s
         self.deadline = deadline
@@ -155,7 +163,9 @@ class CurlFetcher:
             handle.setopt(pycurl.LOW_SPEED_LIMIT, 1024)
             handle.setopt(pycurl.LOW_SPEED_TIME, LOW_SPEED_TIME_S)
             handle.setopt(pycurl.NOSIGNAL, 1)
-            handle.setopt(pycurl.USERAGENT, "cvmfs-client/0.1")
+            handle.setopt(pycurl.USERAGENT, f"cvmfs-client/{product_version()}")
+            if self.ca_bundle is not None:
+                handle.setopt(pycurl.CAINFO, self.ca_bundle)
             self._local.curl = handle
         return handle
 
@@ -176,14 +186,14 @@ class CurlFetcher:
         handle.setopt(pycurl.PROXY, "" if proxy == DIRECT else proxy)
         handle.setopt(pycurl.WRITEFUNCTION, write)
         handle.setopt(pycurl.TIMEOUT_MS, max(1, int(self._time_left() * 1000)))
-        via = "" if proxy == DIRECT else f" via {proxy}"
+        via = "" if proxy == DIRECT else proxy
         try:
             handle.perform()
         except pycurl.error as exc:
             if too_large:
-                raise _TooLarge(f"{url}{via}: larger than the expected {max_bytes} bytes") from exc
+                raise _TooLarge(f"{url}: larger than the expected {max_bytes} bytes") from exc
             self._time_left()  # a timeout that was the deadline's ends the job
-            raise FetchError(f"{url}{via}: {exc.args[-1]}") from exc
+            raise network.from_curl(url, exc.args[0], exc.args[-1], via=via) from exc
         with self._lock:
             self.bytes_downloaded += buffer.tell()
         return int(handle.getinfo(pycurl.RESPONSE_CODE)), buffer.getvalue()
@@ -200,50 +210,69 @@ class CurlFetcher:
         return routes
 
     def fetch(self, relpath: str, max_bytes: int, decode: Callable[[bytes], T]) -> T:
-        errors: list[str] = []
-        refused = ""  # the last answer that failed verification: the likeliest cause
+        """Every route is tried; those that failed in a way a retry may fix (refused,
+        timeout, 5xx) are tried again after a pause, the others (DNS, TLS, 404, a wrong
+        answer) are not: a mistyped host name fails at once."""
+        failed: dict[tuple[str, str], FetchError] = {}  # the last error of each route
+        final: set[tuple[str, str]] = set()  # routes a retry will not help
+        not_found: set[tuple[str, str]] = set()
+        refused: FetchError | None = None  # a wrong answer: the likeliest cause
         for attempt in range(RETRIES + 1):
-            routes = self._routes()
-            not_found = wrong_answers = 0
-            for base, proxy in routes:
+            routes = [route for route in self._routes() if route not in final]
+            if not routes:
+                break
+            if attempt:
+                time.sleep(min(0.2 * 2 ** (attempt - 1), self._time_left()))
+            for route in routes:
+                base, proxy = route
                 url = f"{base}/{relpath}"
                 try:
                     status, body = self._get(url, proxy, max_bytes)
                     if status == 200:
                         result = decode(body)
-                        self._preferred = (base, proxy)
+                        self._preferred = route
                         log.debug("%s: %d bytes from %s via %s", relpath, len(body), base, proxy)
                         return result
-                    not_found += status == 404
-                    errors.append(f"{url}: HTTP {status}")
+                    where = url if proxy == DIRECT else f"{url} via {proxy}"
+                    error: FetchError = network.http_failure(where, status)
+                    if status == 404:
+                        not_found.add(route)
+                    if not (isinstance(error, NetworkError) and error.transient):
+                        final.add(route)
                 except (_TooLarge, VerificationError, FormatError) as exc:
-                    wrong_answers += 1
-                    refused = str(exc)
-                    errors.append(refused)
+                    error = FetchError(str(exc) if str(exc).startswith(url) else f"{url}: {exc}")
+                    final.add(route)
+                    refused = error
                 except DeadlinePassed as exc:
                     raise DeadlinePassed(f"{relpath}: {exc}") from None
                 except FetchError as exc:
-                    errors.append(str(exc))
+                    error = exc
+                    if isinstance(exc, NetworkError) and not exc.transient:
+                        final.add(route)
+                failed[route] = error
                 with self._lock:
                     self.failures += 1
-                if errors:
-                    log.warning("%s: %s; trying the next mirror or proxy", relpath, errors[-1])
-            if not_found == len(routes):
-                raise NotFoundError(f"{relpath}: not found on any mirror")
-            if not_found + wrong_answers == len(routes):
-                break  # every source answered, wrongly: asking again will not help
-            if attempt < RETRIES:
-                time.sleep(min(0.2 * 2**attempt, self._time_left()))
-        shown = errors[-3:]
-        if refused and refused not in shown:
-            shown = [refused, *errors[-2:]]
-        raise FetchError(f"{relpath}: every mirror failed ({'; '.join(shown)})")
+                log.warning("%s: %s; trying the next mirror or proxy", relpath, error)
+        if not_found and not_found >= set(self._routes()):
+            if len(not_found) == 1:
+                base, _ = next(iter(not_found))
+                raise NotFoundError(f"{base}/{relpath}: not found (HTTP 404)")
+            raise NotFoundError(f"{relpath}: not found on any mirror (HTTP 404)")
+        if len(failed) == 1:
+            raise next(iter(failed.values()))
+        shown = list(failed.values())[-3:]
+        if refused is not None and refused not in shown:
+            shown = [refused, *shown[-2:]]
+        said = "; ".join(str(e) for e in shown)
+        raise FetchError(f"{relpath}: every mirror failed: {said}")
 
 
-def fetcher_for(location: str, proxies: str = "") -> Fetcher:
+def fetcher_for(location: str, proxies: str = "", ca_bundle: str | None = None) -> Fetcher:
     """A repository location is a directory or a ';'-separated list of http(s) URLs."""
-    if location.startswith(("http://", "https://")):
-        return CurlFetcher([u for u in location.split(";") if u], proxies=proxies)
+    if network.is_url(location):
+        urls = [u for u in location.split(";") if u]
+        return CurlFetcher(urls, proxies=proxies, ca_bundle=network.ca_bundle(ca_bundle))
+    network.check_location(location)
     if not os.path.isdir(location):
         raise FetchError(f"{location}: not a directory or an http(s):// URL")
     return DirectoryFetcher(location)

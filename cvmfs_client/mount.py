@@ -49,6 +49,7 @@ class MountOptions:
     state_dir: str | None = None  # where revision floors are kept (default_state_dir())
     kcache_timeout: float | None = None  # the kernel's entry and attribute cache (seconds)
     log: LogSettings = LogSettings()  # where the mount's messages go (daemon_log)
+    ca_bundle: str | None = None  # CA certificates for https (default: the system's)
 
 
 def default_cache_dir(name: str, base: str | None = None) -> str:
@@ -71,7 +72,7 @@ def open_reader(options: MountOptions) -> RepositoryReader:
     lock_cache_dir(options.cache_dir)
     cache = ObjectCache(os.path.join(options.cache_dir, "objects"), options.quota)
     fetcher = OfflineFallback(
-        fetcher_for(options.url, options.proxies),
+        fetcher_for(options.url, options.proxies, options.ca_bundle),
         options.cache_dir,
         frozenset({MANIFEST_FILE, WHITELIST_FILE}),
         prefix=f"{trust.name}-{key_fingerprint(trust.master_key)[:16]}",

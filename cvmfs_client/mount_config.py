@@ -8,6 +8,7 @@ import glob
 import os
 from dataclasses import dataclass
 
+from cvmfs_client import network
 from cvmfs_client.config import ClientConfig, ConfigError
 from cvmfs_client.errors import ClientError
 from cvmfs_client.fetcher import fetcher_for
@@ -31,6 +32,7 @@ class Given:
     max_ttl: float | None = None
     foreground: bool = False
     prefetch: bool = True
+    ca_bundle: str | None = None
 
 
 def key_candidates(config: ClientConfig, config_dir: str | None) -> list[str]:
@@ -65,6 +67,7 @@ def mount_options(
             "give the repository's name (cvmfs-client mount REPO_NAME MOUNTPOINT)"
         )
     proxies = given.proxy or config.http_proxy or ""
+    ca_bundle = network.ca_bundle(given.ca_bundle or config.ca_bundle)
     key = given.key
     if key is None:
         candidates = key_candidates(config, config_dir)
@@ -77,7 +80,7 @@ def mount_options(
             raise ClientError(
                 f"{len(candidates)} public keys configured: give the repository's name"
             )
-        key = choose_key(candidates, name or "", fetcher_for(url, proxies))
+        key = choose_key(candidates, name or "", fetcher_for(url, proxies, ca_bundle))
     name = pinned_name(key, name)
     pinned = given.tag is not None or given.revision is not None
     return MountOptions(
@@ -95,4 +98,5 @@ def mount_options(
         name=name,
         kcache_timeout=config.kcache_timeout_s,
         log=config.log,
+        ca_bundle=ca_bundle,
     )

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from cvmfs_client.content import open_content, pieces
+from cvmfs_client.network import not_a_repository
 from cvmfs_format import paths
 from cvmfs_format.catalog import Catalog, Chunk, Entry, NestedRef
 from cvmfs_format.catalog_rules import check_nested_catalog, check_root_catalog
@@ -121,12 +122,15 @@ class RepositoryReader:
         newest revision (unless an older one is pinned)."""
         now = self.clock()
         trust = self.trust
-        self.fetcher.fetch(
-            WHITELIST_FILE, MAX_DOCUMENT_SIZE, lambda data: trust.update_whitelist(data, now)
-        )
-        manifest = self.fetcher.fetch(
-            MANIFEST_FILE, MAX_DOCUMENT_SIZE, lambda data: trust.update_manifest(data, now)
-        )
+        try:
+            self.fetcher.fetch(
+                WHITELIST_FILE, MAX_DOCUMENT_SIZE, lambda data: trust.update_whitelist(data, now)
+            )
+            manifest = self.fetcher.fetch(
+                MANIFEST_FILE, MAX_DOCUMENT_SIZE, lambda data: trust.update_manifest(data, now)
+            )
+        except NotFoundError as exc:
+            raise not_a_repository(self.fetcher.describe(), str(exc)) from exc
         self._loaded_at = self.clock()
         if not self.pinned:
             self._use_root(manifest.root_hash, manifest.root_size)

@@ -61,7 +61,14 @@ def parse(data: bytes) -> tuple[Whitelist, bytes, bytes]:
 def verify(data: bytes, master_key: Ed25519PublicKey, now: float) -> Whitelist:
     """Parse and check the master key's signature and the expiry."""
     whitelist, body, signature = parse(data)
-    signed.verify_signature(master_key, signature, body, "whitelist")
+    try:
+        signed.verify_signature(master_key, signature, body, "whitelist")
+    except VerificationError as exc:
+        # Far more often a wrong key than a forged whitelist: say which to check first.
+        raise VerificationError(
+            f"{exc}: this key is not the repository's master key (give the {whitelist.name}.pub "
+            "that `repo-server init` wrote), or the whitelist was altered"
+        ) from exc
     if now >= whitelist.expires:
         raise VerificationError(
             f"whitelist of {whitelist.name!r} expired at {signed.format_time(whitelist.expires)} "

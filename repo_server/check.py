@@ -5,6 +5,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from cvmfs_client.console import utc
+from cvmfs_client.progress import Progress
 from cvmfs_format.catalog import Catalog, NestedRef, TreeStats
 from cvmfs_format.catalog_rules import (
     check_root_catalog,
@@ -33,8 +35,20 @@ class CheckReport:
     # A catalog or the history is damaged: publishing does not bring those back.
     structure_damaged: bool = False
 
+    def document(self) -> dict[str, object]:
+        """What `check --json` prints."""
+        return {
+            "ok": not self.problems,
+            "revisions": self.revisions,
+            "catalogs": self.catalogs,
+            "objects": self.objects,
+            "problems": self.problems,
+            "warnings": self.warnings,
+            "corrupt_objects": sorted(self.corrupt),
+        }
 
-def check(repo: Readable, all_revisions: bool = False) -> CheckReport:
+
+def check(repo: Readable, all_revisions: bool = False, progress: bool = False) -> CheckReport:
     """Verify the head (and the tagged revisions, or all) as clients would read them; a
     LocalRepository's key files too (rotation_warnings)."""
     report = CheckReport()
@@ -87,10 +101,14 @@ def check(repo: Readable, all_revisions: bool = False) -> CheckReport:
     report.catalogs = len(seen_catalogs)
     report.objects = len(objects)
     report.structure_damaged |= bool(damaged)  # so far only catalogs
-    with ThreadPoolExecutor() as pool:
+    with (
+        ThreadPoolExecutor() as pool,
+        Progress("checking", len(objects), "objects", enabled=progress) as bar,
+    ):
         for digest, problem, corrupt in pool.map(
             lambda item: _verify_object(repo, *item), objects.items()
         ):
+            bar.update(1)
             if problem:
                 damaged[digest] = problem
                 report.content_damaged = True
@@ -190,6 +208,23 @@ class Info:
     stored_bytes: int
     stored_objects: int
     refused: str | None  # why clients refuse the head (e.g. it expired), if they do
+
+    def document(self) -> dict[str, object]:
+        """What `info --json` prints."""
+        return {
+            "name": self.name,
+            "revision": self.revision,
+            "published": utc(self.published),
+            "manifest_expires": utc(self.expires),
+            "whitelist_expires": utc(self.whitelist_expires),
+            "files": self.stats.files,
+            "directories": self.stats.dirs,
+            "symlinks": self.stats.symlinks,
+            "catalogs": self.stats.catalogs,
+            "logical_bytes": self.stats.bytes,
+            "stored_bytes": self.stored_bytes,
+            "stored_objects": self.stored_objects,
+        }
 
 
 def info(repo: LocalRepository) -> Info:

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from cvmfs_client import console
-from cvmfs_client.console import human
+from cvmfs_client import console, network
+from cvmfs_client.console import human, utc
 from cvmfs_format.objects import ObjectRef
 from cvmfs_format.signed import format_time
 from cvmfs_format.trust import pinned_name
@@ -55,14 +55,17 @@ def _serve(args: argparse.Namespace) -> int:
         raise RepoError(f"--listen {args.listen!r}: expected HOST:PORT")
     tokens = _tokens(args, repo)
     count = len(tokens.tokens())
-    print(
-        f"serving {repo.root} on http://{host}:{port}/; publish API with {count} tokens "
-        f"from {tokens.path}",
-        file=sys.stderr,
-        flush=True,
-    )
+
+    def announce() -> None:
+        print(
+            f"serving {repo.root} on http://{host}:{port}/; publish API with {count} tokens "
+            f"from {tokens.path}",
+            file=sys.stderr,
+            flush=True,
+        )
+
     gateway = Gateway(repo, tokens, Leases(args.lease_ttl))
-    serve(repo.root, host.strip("[]"), int(port), gateway, args.access_log)
+    serve(repo.root, host.strip("[]"), int(port), gateway, args.access_log, announce)
     return 0
 
 
@@ -117,7 +120,12 @@ def _token_add(args: argparse.Namespace) -> int:
 
 
 def _token_list(args: argparse.Namespace) -> int:
-    for token in _tokens(args, _repo(args)).tokens():
+    tokens = _tokens(args, _repo(args)).tokens()
+    if args.json:
+        listed = [{"name": t.name, "path": t.path, "created": utc(t.created)} for t in tokens]
+        console.print_json({"tokens": listed})
+        return 0
+    for token in tokens:
         print(f"{token.name}\t{token.path}\t{format_time(token.created)}")
     return 0
 
@@ -141,14 +149,19 @@ def _check(args: argparse.Namespace) -> int:
                 "--repair works on the repository's own directory with its key directory; "
                 "repair a mirror with `repo-server replicate URL DIR --key PUB --repair`"
             )
-        report = check_mod.check(pinned.open_pinned(args.dir, args.key, args.name), args.all)
+        report = check_mod.check(
+            pinned.open_pinned(args.dir, args.key, args.name), args.all, progress=True
+        )
     elif args.repair:
         repo = _repo(args)
         with repo.lock():  # no publish may reuse an object while it is moved away
-            report = check_mod.check(repo, all_revisions=args.all)
+            report = check_mod.check(repo, all_revisions=args.all, progress=True)
             moved = damage.quarantine_corrupt(repo.storage, report.corrupt)
     else:
-        report = check_mod.check(_repo(args), all_revisions=args.all)
+        report = check_mod.check(_repo(args), all_revisions=args.all, progress=True)
+    if args.json:
+        console.print_json({**report.document(), **({"quarantined": moved} if args.repair else {})})
+        return 1 if report.problems else 0
     for problem in report.problems:
         print(problem)
     for warning in report.warnings:
@@ -184,6 +197,9 @@ def _info(args: argparse.Namespace) -> int:
     for line in _refusal(repo, i, time.time()):
         print(line)
     s = i.stats
+    if args.json:
+        console.print_json(i.document())
+        return 0
     print(f"name:              {i.name}")
     print(f"revision:          {i.revision}")
     print(f"published:         {format_time(i.published)}")
@@ -219,7 +235,12 @@ def _refusal(repo: LocalRepository, i: check_mod.Info, now: float) -> list[str]:
 
 def _tags(args: argparse.Namespace) -> int:
     repo = _repo(args)
-    for tag in repo.history(repo.head()).tags():
+    tags = repo.history(repo.head()).tags()
+    if args.json:
+        listed = [{"name": t.name, "revision": t.revision, "created": utc(t.created)} for t in tags]
+        console.print_json({"tags": listed})
+        return 0
+    for tag in tags:
         print(f"{tag.name}\trevision {tag.revision}\t{format_time(tag.created)}")
     return 0
 
@@ -337,6 +358,10 @@ def _diff(args: argparse.Namespace) -> int:
         ObjectRef.catalog(old.root_hash, old.root_size),
         ObjectRef.catalog(new.root_hash, new.root_size),
     )
+    if args.json:
+        listed = [{"change": diff_mod.KIND_NAMES[c.kind], "path": c.path} for c in changes]
+        console.print_json({"from": old.revision, "to": new.revision, "changes": listed})
+        return 0
     sys.stdout.writelines(f"{change.kind} {change.path}\n" for change in changes)
     return 0
 
@@ -347,7 +372,7 @@ def _gc(args: argparse.Namespace) -> int:
         keep_revisions=args.keep_revisions,
         grace=args.grace,
         dry_run=args.dry_run,
-        progress=sys.stderr.isatty(),
+        progress=True,
     )
     verbs = ("kept", "dropped", "removed")
     if r.dry_run:
@@ -399,15 +424,17 @@ def _replicate(args: argparse.Namespace) -> int:
     from repo_server import keys
     from repo_server import replicate as replicate_mod
 
+    network.check_location(args.dir, urls=False)
     r = replicate_mod.replicate(
         args.url,
         Path(args.dir),
         keys.load_public_key(Path(args.key)),
         pinned_name(args.key, args.name),
         workers=args.workers,
-        progress=sys.stderr.isatty(),
+        progress=True,
         timeout=args.timeout,
         repair=args.repair,
+        ca_bundle=args.ca_bundle,
     )
     if r.repaired:
         print(
@@ -437,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="repo-server", description="Create, serve and operate repositories."
     )
+    console.add_version(parser)
     console.add_debug(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -490,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--name", required=True, help="who the token is for, e.g. atlas-ci")
         if action == "add":
             p.add_argument("--path", required=True, help="may publish at and below, e.g. /sw/atlas")
+        if action == "list":
+            console.add_json(p)
         console.add_debug(p, subcommand=True)
         p.set_defaults(func=func)
     p = command("check", _check, "verify every reachable catalog, object and signature")
@@ -506,8 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="move objects that fail verification to quarantine/, so that publishing the "
         "files named again stores them",
     )
-    command("info", _info, "show name, revision and sizes")
-    command("tags", _tags, "list tags")
+    console.add_json(p)
+    console.add_json(command("info", _info, "show name, revision and sizes"))
+    console.add_json(command("tags", _tags, "list tags"))
     command("resign", _resign, "re-sign the current manifest with a fresh expiry")
     p = command("tag", _tag, "name a revision (default: the head), or --delete a tag")
     what = p.add_mutually_exclusive_group(required=True)
@@ -530,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("diff", _diff, "list paths added (+), removed (-), modified (M) from A to B")
     p.add_argument("a", metavar="A", help="revision number or tag")
     p.add_argument("b", metavar="B", help="revision number or tag")
+    console.add_json(p)
     p = command("gc", _gc, "delete the objects that no kept revision reaches")
     p.add_argument(
         "--keep-revisions", type=int, metavar="N",
@@ -568,6 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="verify every object the mirror holds too; move those that fail to "
         "DIR/quarantine/ and fetch them again",
     )
+    network.add_ca_bundle(p)
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_replicate)
     wl = sub.add_parser("whitelist", help="manage the signing-key whitelist")

@@ -18,6 +18,7 @@ from cvmfs_format.objects import ObjectRef
 ADDED = "+"
 REMOVED = "-"
 MODIFIED = "M"
+KIND_NAMES = {ADDED: "added", REMOVED: "removed", MODIFIED: "modified"}  # for --json
 
 
 class Change(NamedTuple):

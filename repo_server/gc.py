@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from cvmfs_client.progress import Progress
 from cvmfs_format.history import RevisionRecord
 from cvmfs_format.objects import ObjectRef
 from repo_server.check import walk_catalogs
@@ -130,12 +131,10 @@ def _mark(repo: LocalRepository, roots: set[ObjectRef]) -> set[str]:
 def _sweep(
     repo: LocalRepository, reachable: set[str], cutoff: float, dry_run: bool, progress: bool
 ) -> tuple[int, int, int]:
-    from tqdm import tqdm
-
     storage = repo.storage
     stored = list(storage.iter_objects())
     removed = removed_bytes = spared = 0
-    with tqdm(total=len(stored), unit="obj", desc="gc", leave=False, disable=not progress) as bar:
+    with Progress("gc", len(stored), "objects", enabled=progress) as bar:
         for digest, size in stored:
             bar.update(1)
             if digest in reachable:

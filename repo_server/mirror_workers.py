@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from cvmfs_client.fetcher import CurlFetcher
+from cvmfs_client.progress import Progress
 from cvmfs_format.errors import VerificationError
 from cvmfs_format.objects import ObjectRef
 from repo_server.storage import LocalStorage
@@ -72,10 +73,8 @@ def on_workers(
     and a file, in many small steps that hold the GIL; on two cores two processes
     mirrored a release in 4.6 s where one process with four threads took 7.8 s.
     """
-    from tqdm import tqdm
-
     batches = [refs[i : i + BATCH] for i in range(0, len(refs), BATCH)]
-    bar = tqdm(total=len(refs), unit="obj", desc=label, leave=False, disable=not progress)
+    bar = Progress(f"replicating {label}", len(refs), "objects", enabled=progress)
     try:
         if workers == 1 or len(batches) <= 1:
             for batch in batches:

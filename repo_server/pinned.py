@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from cvmfs_client import network
+from cvmfs_client.network import is_url as is_url
 from cvmfs_format import manifest as manifest_mod
 from cvmfs_format.errors import NotFoundError
 from cvmfs_format.history import History
@@ -97,19 +99,21 @@ class PinnedRepository:
         )
 
 
-def is_url(location: str) -> bool:
-    return location.startswith(("http://", "https://"))
-
-
-def http_fetcher(location: str, deadline: float | None = None) -> CurlFetcher:
+def http_fetcher(
+    location: str, deadline: float | None = None, ca_bundle: str | None = None
+) -> CurlFetcher:
     """The client's fetcher for a repository's URL (mirrors of it separated by ';'):
     the same GET stack, size bounds, low-speed cut-off and retries as every reader."""
     from cvmfs_client.fetcher import CurlFetcher
 
     urls = [url for url in location.split(";") if url]
+    for url in urls:
+        network.check_location(url)
     if not urls or not all(is_url(url) for url in urls):
         raise RepoError(f"{location!r}: expected the repository's http:// or https:// URL")
-    return CurlFetcher(urls, timeout_s=SOURCE_TIMEOUT_S, deadline=deadline)
+    return CurlFetcher(
+        urls, timeout_s=SOURCE_TIMEOUT_S, deadline=deadline, ca_bundle=network.ca_bundle(ca_bundle)
+    )
 
 
 def open_pinned(location: str, key_file: str, name: str | None = None) -> PinnedRepository:

@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from cvmfs_client import network
 from cvmfs_client.fetcher import CurlFetcher, DeadlinePassed
 from cvmfs_format import manifest as manifest_mod
 from cvmfs_format.catalog import Catalog
@@ -83,6 +84,7 @@ def replicate(
     timeout: float = DEFAULT_TIMEOUT_S,
     clock: Callable[[], float] = time.time,
     repair: bool = False,
+    ca_bundle: str | None = None,
 ) -> ReplicaReport:
     """Bring mirror_dir up to the source's verified head revision and tagged revisions,
     within timeout seconds (the mirror lock is never held longer); with repair, verify
@@ -92,7 +94,7 @@ def replicate(
     if timeout <= 0:
         raise RepoError("--timeout must be more than 0 seconds")
     start = time.monotonic()
-    source = http_fetcher(url, start + timeout)
+    source = http_fetcher(url, start + timeout, ca_bundle)
     mirror_dir = _prepare_directory(Path(mirror_dir))
     storage = LocalStorage(mirror_dir)
     with _mirror_lock(mirror_dir):
@@ -198,9 +200,12 @@ class _Replication:
         self.have: set[str] = set()  # objects known to be in the mirror
 
     def run(self, trust: TrustedState, old: bytes | None, now: float) -> _Outcome:
-        wl_data = self.source.fetch(
-            WHITELIST_FILE, MAX_DOCUMENT_SIZE, lambda d: (trust.update_whitelist(d, now), d)[1]
-        )
+        try:
+            wl_data = self.source.fetch(
+                WHITELIST_FILE, MAX_DOCUMENT_SIZE, lambda d: (trust.update_whitelist(d, now), d)[1]
+            )
+        except NotFoundError as exc:
+            raise network.not_a_repository(self.source.describe(), str(exc)) from exc
         data = self.source.fetch(
             MANIFEST_FILE, MAX_DOCUMENT_SIZE, lambda d: (trust.update_manifest(d, now), d)[1]
         )

@@ -19,6 +19,7 @@ from pathlib import Path
 import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from cvmfs_client.network import check_location
 from cvmfs_format import manifest as manifest_mod
 from cvmfs_format import whitelist as whitelist_mod
 from cvmfs_format.catalog import TreeStats
@@ -308,6 +309,7 @@ def open_repository(
 ) -> LocalRepository:
     """The repository a command names: a local directory, or s3://BUCKET[/PREFIX] at
     endpoint_url (default: AWS_ENDPOINT_URL, else AWS)."""
+    check_location(location, urls=False, s3=True)
     if not is_s3_location(location):
         return LocalRepository(Path(location), keydir)
     storage = S3Storage.from_location(location, endpoint_url)
@@ -318,6 +320,7 @@ def init_repository(
     location: str, name: str, keydir: Path | None = None, endpoint_url: str | None = None
 ) -> LocalRepository:
     """Create the repository a command names (see open_repository) with new keys."""
+    check_location(location, urls=False, s3=True)
     if not is_s3_location(location):
         return LocalRepository.init(Path(location), name, keydir)
     storage = S3Storage.from_location(location, endpoint_url)

@@ -13,7 +13,6 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from importlib import metadata
 from typing import TYPE_CHECKING
 
 import zstandard
@@ -32,6 +31,7 @@ from cvmfs_format.history import History
 from cvmfs_format.manifest import Manifest
 from cvmfs_format.objects import ObjectRef
 from cvmfs_format.store import ObjectSink, Storage
+from cvmfs_format.version import product_version
 from repo_server.changes import Changes, name_paths, tree_changes
 from repo_server.errors import Refused
 from repo_server.loading import load_verified
@@ -44,10 +44,7 @@ PUBLISH, REMOVE, ROLLBACK = "publish", "remove", "rollback"
 
 def tool(program: str) -> str:
     """How a revision names the tool that made it, e.g. `cvmbuild 0.1.0`."""
-    try:
-        return f"{program} {metadata.version('cvmfs-py')}"
-    except metadata.PackageNotFoundError:
-        return program
+    return f"{program} {product_version()}"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import stat
+from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from types import FrameType
@@ -30,6 +32,7 @@ from cvmfs_format.objects import is_hash
 from cvmfs_format.whitelist import WHITELIST_FILE
 from repo_server import monitoring, operator_api
 from repo_server.access_log import ACCESS_LOGGER, AccessLog, open_logs
+from repo_server.errors import RepoError
 from repo_server.gateway import Gateway
 from repo_server.http_caching import IMMUTABLE, SIGNED_DOCUMENT_MAX_AGE_S
 from repo_server.metrics import Metrics
@@ -113,11 +116,35 @@ def create_app(
     )
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket. A port in use is a one-line error, said before anything
+    announces "serving"."""
+    try:
+        return socket.create_server(
+            (host, port),
+            family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+            backlog=2048,
+        )
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise RepoError(
+            f"--listen {host}:{port}: cannot listen there ({why}); stop what uses the port "
+            "or choose another"
+        ) from exc
+
+
 def serve(
-    root: Path, host: str, port: int, gateway: Gateway, access_log: str | None = None
+    root: Path,
+    host: str,
+    port: int,
+    gateway: Gateway,
+    access_log: str | None = None,
+    announce: Callable[[], None] = lambda: None,
 ) -> None:
     """Serve until stopped: the access log to access_log (default: stderr), errors with
-    their tracebacks to stderr; recorded for `repo-server leases` meanwhile."""
+    their tracebacks to stderr; recorded for `repo-server leases` meanwhile. announce()
+    once the port is bound; everything slow to set up comes first, so the port does not
+    accept connections that nobody answers."""
     import uvicorn
 
     open_logs(access_log)
@@ -128,9 +155,11 @@ def serve(
     with operator_api.registered(gateway.repo.keydir, host, port) as secret:
         app = create_app(root, gateway=gateway, operator_secret=secret)
         # log_config None: uvicorn's own errors go to the error log open_logs set up.
-        uvicorn.run(
-            app, host=host, port=port, log_level="warning", access_log=False, log_config=None
-        )
+        config = uvicorn.Config(app, log_level="warning", access_log=False, log_config=None)
+        server = uvicorn.Server(config)
+        listener = bind(host, port)
+        announce()
+        server.run(sockets=[listener])
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
