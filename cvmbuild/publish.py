@@ -46,6 +46,7 @@ class PublishOptions:
     token: str | None = None  # for an http(s) repository
     endpoint_url: str | None = None  # for an s3:// repository (else AWS_ENDPOINT_URL)
     dry_run: bool = False  # show what would be uploaded; change nothing
+    bundle_trace: Path | None = None  # write its prefetch bundles into src first
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,10 @@ def publish(
     prefix = normalize(prefix)
     compressor = zstandard.ZstdCompressor(level=options.level)
     with _session(location, prefix, options) as session:
+        if options.bundle_trace is not None and not options.dry_run:
+            from cvmbuild.bundle import make_bundles
+
+            _warn("bundles: " + make_bundles(options.bundle_trace, Path(src), prefix).line())
         entries = scan(src, skip_special=options.skip_special, warn=_warn)
         repo_id = location if "://" in location else str(Path(location).resolve())
         cache = StatCache(repo_id, prefix, src)

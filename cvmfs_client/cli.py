@@ -81,6 +81,7 @@ def _mount(args: argparse.Namespace) -> int:
         max_ttl=args.max_ttl,
         prefetch=not args.no_prefetch,
         name=name,
+        trace=os.path.abspath(args.trace) if args.trace else None,
     )
     return mount(options)
 
@@ -97,6 +98,7 @@ def _stat(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ClientError(f"{args.mountpoint}: not a cvmfs-client mount ({exc.strerror})") from exc
     stats = json.loads(raw)
+    requests = stats.pop("requests", None)  # by kind, when the FUSE layer counts them
     for key, value in stats.items():
         if (
             key in ("cache_bytes", "cache_quota", "bytes_downloaded", "content_fetched")
@@ -104,6 +106,10 @@ def _stat(args: argparse.Namespace) -> int:
         ):
             value = f"{value} ({human(value)})"
         print(f"{key + ':':<18} {value}")
+    if isinstance(requests, dict):
+        print("requests:")
+        for kind, count in sorted(requests.items(), key=lambda kv: -kv[1]):
+            print(f"  {kind + ':':<16} {count}")
     return 0
 
 
@@ -207,8 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-prefetch",
         action="store_true",
-        help="fetch only what is read (default: opening a file also fetches the other "
-        "unchunked files of its directory in the background, files like it first)",
+        help="fetch only what is read (default: a file with a prefetch bundle beside it "
+        "fetches the bundle's members in the background when first looked up; without "
+        "one, opening a file fetches the other small files of its directory)",
+    )
+    p.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="append the first access of each file and chunk to FILE, for `cvmbuild bundle`",
     )
     group = p.add_mutually_exclusive_group()
     group.add_argument("--tag", help="mount the revision with this tag")

@@ -36,6 +36,10 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 _thread = threading.local()
 Op = TypeVar("Op", bound=Callable[..., Any])
+# Called after each lookup of a regular file, and before each read (path, entry,
+# offset, size): the access tracer and the bundle fetcher (cvmfs_client.trace, .bundles).
+OnLookup = Callable[[str, Entry], None]
+OnRead = Callable[[str, Entry, int, int], None]
 
 
 def on_fuse_thread(op: Op) -> Op:
@@ -78,8 +82,16 @@ class RepositoryFS(Operations):  # type: ignore[misc]
         *,
         prefetch_siblings: bool = True,
         attr_timeout: float = 60.0,
+        on_lookup: OnLookup | None = None,
+        on_read: OnRead | None = None,
+        more_statistics: Callable[[], dict[str, Any]] | None = None,
+        bundled: Callable[[str], bool] | None = None,
     ):
         self.reader = reader
+        self.on_lookup = on_lookup
+        self.on_read = on_read
+        self.more_statistics = more_statistics
+        self.bundled = bundled  # directories a prefetch bundle covers: no sibling prefetch
         self.on_ready = on_ready
         self._handles: dict[int, OpenFile] = {}
         self._kernel = KernelView(attr_timeout)
@@ -147,7 +159,10 @@ class RepositoryFS(Operations):  # type: ignore[misc]
                 content_fetched=cache.stats.bytes_fetched,
                 evictions=cache.stats.evictions,
                 corrupt_entries=cache.stats.corrupt_entries,
+                fetch_wait_s=round(cache.stats.fetch_wait_s, 3),
             )
+        if self.more_statistics is not None:
+            stats.update(self.more_statistics())
         return stats
 
     # -- operations -------------------------------------------------------------------
@@ -164,6 +179,8 @@ class RepositoryFS(Operations):  # type: ignore[misc]
     def getattr(self, path: str, fh: int | None = None) -> c_stat:
         entry = self._entry(path)
         if entry.is_file:
+            if self.on_lookup is not None:
+                self.on_lookup(entry.path, entry)
             entry = entry._replace(size=self._kernel.size_to_tell(entry.path, entry.size))
         return self._stat(entry)
 
@@ -206,6 +223,8 @@ class RepositoryFS(Operations):  # type: ignore[misc]
         entry = self._entry(path)
         if not entry.is_file:
             raise FuseOSError(errno.EISDIR if entry.is_dir else errno.EINVAL)
+        if self.on_lookup is not None:
+            self.on_lookup(entry.path, entry)
         try:
             content = open_content(self.reader, entry, self._prefetcher.chunks)
         except CvmfsError as exc:
@@ -228,6 +247,8 @@ class RepositoryFS(Operations):  # type: ignore[misc]
         if not self.prefetch_siblings or cache is None:
             return
         parent = entry.path.rpartition("/")[0] or "/"
+        if self.bundled is not None and self.bundled(parent):
+            return
         key = (self.reader.root_hash, parent)
         with self._lock:
             if key in self._warmed_dirs:
@@ -250,6 +271,9 @@ class RepositoryFS(Operations):  # type: ignore[misc]
     def read(self, buffer: memoryview, offset: int, fh: int) -> int:
         """Read up to len(buffer) bytes at offset into buffer; returns the count."""
         handle = self._handles[fh]
+        if self.on_read is not None:
+            entry = handle.content.entry
+            self.on_read(entry.path, entry, offset, len(buffer))
         try:
             return handle.readinto(buffer, offset)
         except CvmfsError as exc:

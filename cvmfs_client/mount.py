@@ -11,14 +11,18 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TextIO
 
+from cvmfs_client.bundles import BundleFetcher
 from cvmfs_client.cache import ObjectCache, lock_cache_dir, wait_until_free
 from cvmfs_client.errors import ClientError
 from cvmfs_client.fetcher import OfflineFallback, fetcher_for
 from cvmfs_client.fuse_bridge import Bridge
 from cvmfs_client.fuse_ops import RepositoryFS
 from cvmfs_client.repository import RepositoryReader
+from cvmfs_client.trace import Tracer
 from cvmfs_client.trust_store import default_state_dir, open_trust
 from cvmfs_format.manifest import MANIFEST_FILE
 from cvmfs_format.signed import key_fingerprint
@@ -40,7 +44,8 @@ class MountOptions:
     max_ttl: float | None = None
     tag: str | None = None
     revision: int | None = None
-    prefetch: bool = True  # fetch a directory's small files when one of them is opened
+    prefetch: bool = True  # prefetch bundles, and a directory's small files when one is opened
+    trace: str | None = None  # append the first access of each file and chunk to this file
     name: str | None = None  # the repository's name (default: the key file's NAME.pub)
     state_dir: str | None = None  # where revision floors are kept (default_state_dir())
 
@@ -80,11 +85,56 @@ def open_reader(options: MountOptions) -> RepositoryReader:
     return reader
 
 
+def _both(*hooks: Callable[..., None]) -> Callable[..., None] | None:
+    """One callable calling each hook in turn (None for none)."""
+    if len(hooks) < 2:
+        return hooks[0] if hooks else None
+
+    def call(*args: Any) -> None:
+        for hook in hooks:
+            hook(*args)
+
+    return call
+
+
+def _filesystem(
+    reader: RepositoryReader,
+    options: MountOptions,
+    trace_out: TextIO | None,
+    **kwargs: Any,
+) -> tuple[RepositoryFS, Tracer | None]:
+    """The FUSE operations with the tracer and the bundle fetcher the options ask for
+    (started here: in the daemon, since threads do not survive its fork)."""
+    tracer = Tracer(reader, trace_out) if trace_out is not None else None
+    bundles = BundleFetcher(reader) if options.prefetch and reader.cache is not None else None
+    hooks = [h for h in (tracer, bundles) if h is not None]
+    fs = RepositoryFS(
+        reader,
+        prefetch_siblings=options.prefetch,
+        on_lookup=_both(*(h.on_lookup for h in hooks)),
+        on_read=_both(*(h.on_read for h in hooks)),
+        more_statistics=bundles.statistics if bundles else None,
+        bundled=bundles.covers if bundles else None,
+        **kwargs,
+    )
+    return fs, tracer
+
+
+def _open_trace(path: str | None) -> TextIO | None:
+    if path is None:
+        return None
+    try:
+        return open(path, "a", encoding="utf-8")
+    except OSError as exc:
+        raise ClientError(f"--trace {path}: {exc.strerror}; give a writable file") from None
+
+
 def mount(options: MountOptions) -> int:
     if not os.path.isdir(options.mountpoint):
         raise ClientError(f"{options.mountpoint}: mount point is not a directory")
     if os.path.ismount(options.mountpoint):
         raise ClientError(f"{options.mountpoint}: something is already mounted there")
+    trace_out = _open_trace(options.trace)
     reader = open_reader(options)
     assert reader.manifest is not None
     ttl = reader.manifest.ttl if options.max_ttl is None else options.max_ttl
@@ -103,8 +153,12 @@ def mount(options: MountOptions) -> int:
     log_file = os.path.join(options.cache_dir, "client.log")
     if options.foreground:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
-        fs = RepositoryFS(reader, prefetch_siblings=options.prefetch, attr_timeout=timeout)
-        Bridge(fs, options.mountpoint, foreground=True, **fuse_options)
+        fs, tracer = _filesystem(reader, options, trace_out, attr_timeout=timeout)
+        try:
+            Bridge(fs, options.mountpoint, foreground=True, **fuse_options)
+        finally:
+            if tracer is not None:
+                tracer.close()
         return 0
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -118,11 +172,13 @@ def mount(options: MountOptions) -> int:
         os.dup2(log_fd, 2)
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
         status = 1
+        tracer = None
         try:
-            fs = RepositoryFS(
+            fs, tracer = _filesystem(
                 reader,
+                options,
+                trace_out,
                 on_ready=lambda: os.write(write_end, b"1"),
-                prefetch_siblings=options.prefetch,
                 attr_timeout=timeout,
             )
             Bridge(fs, options.mountpoint, foreground=True, **fuse_options)
@@ -130,8 +186,15 @@ def mount(options: MountOptions) -> int:
         except BaseException:  # the parent reports failure; the details go to the log
             logging.exception("mount failed")
         finally:
+            try:
+                if tracer is not None:
+                    tracer.close()
+            except OSError:
+                logging.exception("writing the trace failed")
             os._exit(status)
     os.close(write_end)
+    if trace_out is not None:
+        trace_out.close()  # the daemon holds its own copy
     ready = os.read(read_end, 1)
     os.close(read_end)
     if ready != b"1":
