@@ -130,6 +130,8 @@ def test_a_traced_import_becomes_bundles_that_fill_a_fresh_cache_before_the_read
             assert not cached(cache, chunks[-1].hash)  # never read by the traced import
             assert not cached(cache, sha256(alpha / "unused.py"))
             run_import(mnt, "/sw/1.0", "alpha, beta")
+            # A bundle covers alpha/: no sibling prefetch fetches what the trace never read.
+            assert not cached(cache, sha256(alpha / "unused.py"))
             stats = stat_of(mnt)
             assert int(stats["bundles_read"]) == 2
             assert int(stats["bundle_hits"]) >= len(wanted)
@@ -246,3 +248,17 @@ def test_publish_with_a_trace_publishes_its_bundles_over_http(repo: Repo, tmp_pa
         shown = run_cli("cvmfs-client", "cat", url, "/sw/3/pkg/.cvmfsbundle-__init__.py",
                         "--key", repo.pub).stdout  # fmt: skip
     assert json.loads(shown)["dependencies"] == ["/sw/3/pkg/b.py", "/sw/3/pkg/a.py"]
+
+
+def test_stat_shows_the_requests_a_fuse_layer_counts_by_kind(tmp_path: Path) -> None:
+    """What `stat` reads is the mount root's user.stats attribute: any file can carry one."""
+    root = tmp_path / "root"
+    root.touch()
+    stats = {"revision": 3, "fetch_wait_s": 0.25, "requests": {"READ": 12, "LOOKUP": 40}}
+    try:
+        os.setxattr(root, "user.stats", json.dumps(stats).encode())
+    except OSError as exc:
+        pytest.skip(f"no user xattrs on {tmp_path}: {exc.strerror}")
+    out = run_cli("cvmfs-client", "stat", root).stdout.decode().splitlines()
+    assert out[:2] == ["revision:          3", "fetch_wait_s:      0.25"]
+    assert [line.split() for line in out[2:]] == [["requests:"], ["LOOKUP:", "40"], ["READ:", "12"]]
