@@ -105,6 +105,30 @@ def _groups(files: dict[str, _File]) -> dict[str, list[str]]:
     return groups
 
 
+def _bundles(files: dict[str, _File]) -> dict[str, list[str]]:
+    """Trigger -> members, in first-read order. A group's trigger is its first file
+    touched, its members the other files of it that were read. A trigger that was read
+    is also a member of the bundle triggered just before it: its own bundle starts only
+    when it is looked up, and then its read waits (numpy.libs/libopenblas.so, which
+    numpy's import loads, joins numpy's bundle)."""
+    if not files:
+        return {}
+    triggers = [
+        (min(group, key=lambda rel: files[rel].first_access), group)
+        for group in _groups(files).values()
+    ]
+    triggers.sort(key=lambda pair: files[pair[0]].first_access)
+    bundles: dict[str, list[str]] = {}
+    for index, (trigger, group) in enumerate(triggers):
+        members = bundles.setdefault(trigger, [])
+        members += [rel for rel in group if files[rel].first_read is not None and rel != trigger]
+        if index > 0 and files[trigger].first_read is not None:
+            bundles[triggers[index - 1][0]].append(trigger)
+    for members in bundles.values():
+        members.sort(key=lambda rel: files[rel].first_read or 0)
+    return {trigger: members for trigger, members in bundles.items() if members}
+
+
 def _remove_old_bundles(tree: Path) -> None:
     """The bundles an earlier run wrote: a tree holds the bundles of one trace."""
     for root, _dirs, names in os.walk(tree):
@@ -135,16 +159,11 @@ def make_bundles(
     files, absent = _traced_files(events, tree, traced_at)
     _remove_old_bundles(tree)
     written = members_total = 0
-    for group in _groups(files).values() if files else []:
-        trigger = min(group, key=lambda rel: files[rel].first_access)
-        read = [rel for rel in group if files[rel].first_read is not None and rel != trigger]
-        read.sort(key=lambda rel: files[rel].first_read or 0)
-        if not read:
-            continue
+    for trigger, members in _bundles(files).items():
         base = prefix.rstrip("/")
         bundle = bundle_format.Bundle(
-            [f"{base}/{rel}" for rel in read],
-            {f"{base}/{rel}": _merged(files[rel].ranges) for rel in read if files[rel].ranges},
+            [f"{base}/{rel}" for rel in members],
+            {f"{base}/{rel}": _merged(files[rel].ranges) for rel in members if files[rel].ranges},
         )
         directory, _, name = trigger.rpartition("/")
         if len(bundle_format.bundle_name(name).encode()) > MAX_NAME_BYTES:
@@ -152,5 +171,5 @@ def make_bundles(
         target = tree / directory / bundle_format.bundle_name(name)
         target.write_bytes(bundle_format.encode(bundle, generator=GENERATOR))
         written += 1
-        members_total += len(read)
+        members_total += len(members)
     return BundleSummary(written, members_total, absent)

@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bundle",
         metavar="TRACE",
         help="first write the prefetch bundles of TRACE (from `cvmfs-client mount --trace`) "
-        "into SRC, as `cvmbuild bundle` does",
+        "into SRC, as `cvmbuild bundle` does (not with --dry-run)",
     )
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_publish)
