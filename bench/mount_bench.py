@@ -11,6 +11,11 @@ FUSE requests by kind our mount answered (user.stats) for each cold and warm imp
 cold find. Other processes dropping the kernel's caches during a run (another bench, the
 tests) show up as LOOKUPs and READs in the warm import.
 
+Prefetch bundles: the import is traced on a mount of release 1 (and a smaller import
+too), and release 1 is published again with the bundles of each trace; release 2
+(bench/work/release2, when make_release_tree.py built it) is published with release 1's
+bundles. Those variants time only the imports, interleaved with the others.
+
     /tmp/venv/bin/python bench/mount_bench.py [--tree DIR] [--repeat N] [--output FILE]
 
 Needs root (drop_caches, mounts), nginx, squashfs-tools, squashfuse and rclone.
@@ -51,13 +56,21 @@ BIN = Path(sys.executable).parent  # cvmbuild, repo-server and cvmfs-client of o
 # standard library stay on native disk; only site-packages comes from the tree under test.
 PYTHON = Path(os.path.realpath(sys.executable))
 IMPORT = "import scipy.stats, pandas, matplotlib.pyplot, sympy"
+SMALL_IMPORT = "import scipy.stats, pandas"  # its bundles, applied to IMPORT
 SITE = "lib/python3.11/site-packages"
 NAME = "bench.example.org"
 RELEASE = "sw/release"
 BIG = "sw/big"
 BIG_SIZE = 1 << 30
-VARIANTS = ("native", "ours", "squashfuse", "squashfuse_ll", "rclone")
-OURS = ("ours",)  # our mounts: their FUSE requests by kind are reported
+# Ours with prefetch bundles: the prefix each is published at, and (trace, tree) it is
+# made of. The trace was recorded on release 1 at RELEASE.
+BUNDLED = {
+    "ours_bundle": ("sw/bundled", "full", "release1"),
+    "ours_small_bundle": ("sw/small", "small", "release1"),
+    "ours_r2_r1_bundle": ("sw/release2", "full", "release2"),
+}
+VARIANTS = ("native", "ours", *BUNDLED, "squashfuse", "squashfuse_ll", "rclone")
+OURS = ("ours",)  # its FUSE requests by kind are reported, its ratio judged
 # ours/native at most this; find and downloaded are absolute.
 TARGETS = {"cold": 1.3, "warm": 1.1}
 FIND_TARGET = 0.3  # seconds
@@ -119,9 +132,9 @@ def timed(cmd: list[str] | str, env: dict[str, str] | None = None) -> float:
     return run(cmd, env).wall
 
 
-def import_time(tree: Path) -> float:
+def import_time(tree: Path, statement: str = IMPORT) -> float:
     env = {"PYTHONPATH": str(tree / SITE), "PYTHONDONTWRITEBYTECODE": "1"}
-    return timed([str(PYTHON), "-S", "-c", IMPORT], env)
+    return timed([str(PYTHON), "-S", "-c", statement], env)
 
 
 def find_time(tree: Path) -> tuple[float, int]:
@@ -150,6 +163,17 @@ class Setup:
         # per variant of ours, per trial: FUSE requests by kind of the cold and warm import
         self.requests: dict[str, list[tuple[dict[str, int], dict[str, int]]]] = {}
         self.find_requests: dict[str, list[dict[str, int]]] = {}
+        self.bundles: dict[str, str] = {}  # what `cvmbuild bundle` said per variant
+        self.release2 = tree.with_name("release2")
+        self.variants = [
+            v
+            for v in VARIANTS
+            if BUNDLED.get(v, ("", "", ""))[2] != "release2" or self.has_release2
+        ]
+
+    @property
+    def has_release2(self) -> bool:
+        return self.release2.with_name("release2.complete").exists()
 
     @property
     def url(self) -> str:
@@ -210,10 +234,46 @@ class Setup:
         self.procs.append(proc)
         for port in (self.port, self.tree_port):
             wait_for("nginx", lambda p=port: accepting(p), proc)
+        self.prepare_bundles(cmd, env)
+
+    def trace(self, name: str, statement: str) -> Path:
+        """The trace of statement on a fresh mount of release 1."""
+        trace = self.run_dir / f"{name}.trace"
+        d = self.fresh_dir(f"trace-{name}")
+        (d / "mnt").mkdir()
+        run([str(BIN / "cvmfs-client"), "mount", self.url, str(d / "mnt"), "--key",
+             str(self.key), "--cache-dir", str(d / "cache"), "--trace", str(trace)])  # fmt: skip
+        self.mounts.append(d / "mnt")
+        try:
+            import_time(d / "mnt" / RELEASE, statement)
+        finally:
+            self.unmount(d / "mnt")  # writes the rest of the trace
+        return trace
+
+    def prepare_bundles(self, publish: list[str], env: dict[str, str]) -> None:
+        """Release trees with the bundles of each trace, published at their prefixes.
+        The trees are hard-linked copies: the bundles must not enter bench/work."""
+        start = time.monotonic()
+        traces = {"full": self.trace("full", IMPORT), "small": self.trace("small", SMALL_IMPORT)}
+        self.prep["trace imports"] = time.monotonic() - start
+        sources = {"release1": self.tree, "release2": self.release2}
+        for variant in self.variants:
+            if variant not in BUNDLED:
+                continue
+            prefix, trace, source = BUNDLED[variant]
+            copy = self.run_dir / "trees" / variant
+            copy.parent.mkdir(exist_ok=True)
+            run(["cp", "-al", str(sources[source]), str(copy)])
+            bundle = [str(BIN / "cvmbuild"), "bundle", str(traces[trace]), "--tree", str(copy)]
+            out = output_of([*bundle, "--path", f"/{prefix}", "--trace-path", f"/{RELEASE}"])
+            self.bundles[variant] = out.strip()
+            self.prep[f"publish {variant}"] = timed(
+                [*publish[:2], str(copy), *publish[2:], "--path", f"/{prefix}"], env
+            )
 
     def sent_log(self, variant: str) -> Path | None:
         """nginx's log of bytes sent to this variant, or None if it reads no HTTP."""
-        name = {"ours": "repo", "rclone": "tree"}.get(variant)
+        name = "repo" if variant.startswith("ours") else {"rclone": "tree"}.get(variant)
         return self.run_dir / "nginx" / f"{name}-access.log" if name else None
 
     def fresh_dir(self, what: str) -> Path:
@@ -232,12 +292,12 @@ class Setup:
         mnt = d / "mnt"
         mnt.mkdir()
         proc = None
-        if variant in OURS:
+        if variant.startswith("ours"):
             cache = d / "cache"
             run([str(BIN / "cvmfs-client"), "mount", self.url, str(mnt), "--key", str(self.key),
                  "--cache-dir", str(cache)])  # fmt: skip
             self.last_cache = cache
-            root, big = mnt / RELEASE, mnt / BIG
+            root, big = mnt / BUNDLED.get(variant, (RELEASE,))[0], mnt / BIG
         elif variant in ("squashfuse", "squashfuse_ll"):
             run([variant, str(self.image), str(mnt)])
             root, big = mnt, None
@@ -270,7 +330,7 @@ class Setup:
         if not os.path.ismount(mnt):
             return
         cmd = ["umount", str(mnt)]
-        if mnt.parent.name.startswith("ours"):
+        if mnt.parent.name.startswith(("ours", "trace")):  # waits for the daemon to exit
             cmd = [str(BIN / "cvmfs-client"), "umount", str(mnt)]
         if subprocess.run(cmd, capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
@@ -294,8 +354,17 @@ def client_stat(mnt: Path) -> dict[str, str]:
     }
 
 
+STAT_KEYS = {  # cvmfs-client stat's name of what each ours variant reports
+    "content": "content_fetched",
+    "io_errors": "io_errors",
+    "fetch wait": "fetch_wait_s",
+    "bundle hits": "bundle_hits",
+    "bundle fetched": "bundle_members_fetched",
+}
+
+
 def trial(setup: Setup, results: dict[str, dict[str, list[float]]], number: int) -> None:
-    for variant in VARIANTS:
+    for variant in setup.variants:
         got = results.setdefault(variant, {})
         log = setup.sent_log(variant)
         if log is not None:
@@ -313,11 +382,13 @@ def trial(setup: Setup, results: dict[str, dict[str, list[float]]], number: int)
                 warm = requests(root.parents[1])
                 warm = {k: n - cold.get(k, 0) for k, n in warm.items() if n > cold.get(k, 0)}
                 setup.requests.setdefault(variant, []).append((cold, warm))
+            if variant.startswith("ours"):
                 stat = client_stat(root.parents[1])
-                got.setdefault("content", []).append(float(stat["content_fetched"].split()[0]))
-                got.setdefault("io_errors", []).append(
-                    float(stat.get("io_errors", "nan").split()[0])
-                )
+                for key, name in STAT_KEYS.items():
+                    got.setdefault(key, []).append(float(stat.get(name, "nan").split()[0]))
+        if variant in BUNDLED:  # bundles change neither find nor the big file's reads
+            report_trial(number, variant, got)
+            continue
         with setup.mount(variant) as (root, big):
             drop_caches()
             wall, count = find_time(root)
@@ -330,11 +401,15 @@ def trial(setup: Setup, results: dict[str, dict[str, list[float]]], number: int)
                 drop_caches()
                 got.setdefault("read cold", []).append(read_mbs(big / "big.bin"))
                 got.setdefault("read warm", []).append(read_mbs(big / "big.bin"))
-        print(
-            f"trial {number} {variant}: " + ", ".join(f"{k} {v[-1]:.3g}" for k, v in got.items()),
-            file=sys.stderr,
-            flush=True,
-        )
+        report_trial(number, variant, got)
+
+
+def report_trial(number: int, variant: str, got: dict[str, list[float]]) -> None:
+    print(
+        f"trial {number} {variant}: " + ", ".join(f"{k} {v[-1]:.3g}" for k, v in got.items()),
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def machine(tree: Path) -> list[str]:
@@ -354,7 +429,7 @@ def report(
     results: dict[str, dict[str, list[float]]], setup: Setup, repeat: int, tree_bytes: int
 ) -> str:
     med = {v: {k: statistics.median(xs) for k, xs in got.items()} for v, got in results.items()}
-    names = list(VARIANTS)
+    names = list(setup.variants)
     n_files, _ = tree_stats(setup.tree)
     lines = [
         *machine(setup.tree),
@@ -372,6 +447,17 @@ def report(
         "--vfs-cache-mode full` of nginx serving the release tree itself with "
         "`autoindex on` (the repository layout has no listings); rclone shows symlinks as "
         "what they point to, so lib64 -> lib is walked twice by find",
+        "- ours_bundle: release 1 published again (at /sw/bundled) with the prefetch bundles "
+        f"of a traced cold import of the same statement; ours_small_bundle: with the bundles "
+        f"of a traced `{SMALL_IMPORT}` (at /sw/small); ours_r2_r1_bundle: release 2 "
+        "(bench/work/release2) with release 1's full-import bundles; "
+        + (
+            "its baseline is ours on release 1 (release 2 without bundles is not timed)"
+            if setup.has_release2
+            else "not run: release 2 was not built (bench/make_release_tree.py)"
+        )
+        + ". Bundle variants time only the imports. `cvmbuild bundle` said: "
+        + "; ".join(f"{v}: {text}" for v, text in setup.bundles.items()),
         "",
         "| measurement | " + " | ".join(names) + " | ours/native | target |",
         "| --- | " + " | ".join("---:" for _ in names) + " | ---: | --- |",
@@ -395,6 +481,20 @@ def report(
         f"{_verdict(med[judged]['find'] <= FIND_TARGET, f'{judged} ≤ {FIND_TARGET} s')} |"
     )
     lines.append(f"| files found | {cells('files', '{:.0f}')} | | |")
+    lines.append(
+        "| import, cold / native | "
+        + " | ".join(
+            f"{med[n]['cold'] / med['native']['cold']:.2f}" if "cold" in med.get(n, {}) else "–"
+            for n in names
+        )
+        + " | | |"
+    )
+    for key, title in (
+        ("fetch wait", "ours: readers waiting for fetches in the cold import (s)"),
+        ("bundle fetched", "ours: bundle members fetched"),
+        ("bundle hits", "ours: bundle hits (members read after a bundle fetched them)"),
+    ):
+        lines.append(f"| {title} | {cells(key, '{:.3g}')} | | |")
     frac = med[judged]["downloaded"] / tree_bytes
     mb = {n: {k: v / 1e6 for k, v in med.get(n, {}).items()} for n in names}
     lines.append(

@@ -62,6 +62,7 @@ def _publish(args: argparse.Namespace) -> int:
         replace=args.replace,
         force_tag=args.force_tag,
         ca_bundle=args.ca_bundle,
+        bundle_trace=Path(args.bundle) if args.bundle else None,
     )
     summary = publish(args.src, settings.repo, settings.path, options)
     if args.json:
@@ -94,6 +95,14 @@ def _change_path(args: argparse.Namespace) -> int:
         token=_token(args.token_file or os.environ.get("CVMBUILD_TOKEN_FILE")),
     )
     sys.stdout.writelines(f"{text}\n" for text in report(change, done))
+    return 0
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    from cvmbuild.bundle import make_bundles
+
+    summary = make_bundles(Path(args.trace), Path(args.tree), args.path, args.trace_path)
+    print(summary.line())
     return 0
 
 
@@ -168,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=str(ChunkPolicy().threshold),
         help="cut files larger than this into chunks: bytes, or with K, M, G (default 4M)",
     )
+    p.add_argument(
+        "--bundle",
+        metavar="TRACE",
+        help="first write the prefetch bundles of TRACE (from `cvmfs-client mount --trace`) "
+        "into SRC, as `cvmbuild bundle` does (not with --dry-run)",
+    )
     console.add_debug(p, subcommand=True)
     p.set_defaults(func=_publish)
     for name, text in (
@@ -191,6 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--keys", help="key directory (default: REPO.keys)")
         console.add_debug(p, subcommand=True)
         p.set_defaults(func=_change_path)
+    p = sub.add_parser(
+        "bundle", help="write prefetch bundles from an access trace into a build tree"
+    )
+    p.add_argument("trace", help="a file written by `cvmfs-client mount --trace`")
+    p.add_argument("--tree", required=True, help="the build tree to write the bundles into")
+    p.add_argument("--path", required=True, help="where the tree is published, e.g. /sw/1.2")
+    p.add_argument(
+        "--trace-path",
+        help="where the traced tree was mounted when the trace was recorded, e.g. the "
+        "previous release /sw/1.1 (default: --path)",
+    )
+    console.add_debug(p, subcommand=True)
+    p.set_defaults(func=_bundle)
     add_appliance_subcommands(sub)
     return parser
 

@@ -53,6 +53,7 @@ class PublishOptions:
     replace: bool = False  # may remove what is below the path but not in the tree
     force_tag: bool = False  # may move an existing tag to the new revision
     ca_bundle: str | None = None  # for an https repository (default: the system's CAs)
+    bundle_trace: Path | None = None  # write its prefetch bundles into src first
 
 
 @dataclass(frozen=True)
@@ -285,6 +286,10 @@ def publish(
     prefix = normalize(prefix)
     compressor = zstandard.ZstdCompressor(level=options.level)
     with _session(location, prefix, options) as session:
+        if options.bundle_trace is not None and not options.dry_run:
+            from cvmbuild.bundle import make_bundles
+
+            _warn("bundles: " + make_bundles(options.bundle_trace, Path(src), prefix).line())
         entries = scan(src, skip_special=options.skip_special, warn=_warn)
         repo_id = location if "://" in location else str(Path(location).resolve())
         cache = StatCache(repo_id, prefix, src)

@@ -114,6 +114,15 @@ class CacheStats:
     corrupt_entries: int = 0
     evictions: int = 0
     uncached: int = 0
+    fetch_wait_s: float = 0.0  # readers (not prefetchers) waiting for a fetch, summed
+
+
+_worker = threading.local()
+
+
+def background_thread() -> None:
+    """Mark the calling thread as a prefetcher: its fetches are nobody's wait."""
+    _worker.background = True
 
 
 def _signature(st: os.stat_result) -> Signature:
@@ -217,8 +226,15 @@ class ObjectCache:
             return self._fetching.setdefault(digest, threading.Lock())
 
     def _ensure(self, digest: str, fetch: Fetch) -> tuple[int, int]:
-        """(fd, size) of the verified entry, pinned; fetched when missing or bad."""
-        with self._fetch_lock(digest):
+        """(fd, size) of the verified entry, pinned; fetched when missing or bad. A
+        reader's time spent fetching, or waiting for another thread fetching the same
+        object, adds to stats.fetch_wait_s."""
+        lock = self._fetch_lock(digest)
+        waiting_since = None
+        if not lock.acquire(blocking=False):
+            waiting_since = time.monotonic()
+            lock.acquire()
+        try:
             fd = self._open_fd(digest)
             if fd is not None:
                 size = self._trusted(digest, fd)
@@ -229,8 +245,14 @@ class ObjectCache:
                         self.stats.hits += 1
                     return fd, size
                 self._discard(digest, fd)
+            waiting_since = waiting_since or time.monotonic()
             content = fetch()  # verified against digest by the fetch itself
             return self._store(digest, content), len(content)
+        finally:
+            lock.release()
+            if waiting_since is not None and not getattr(_worker, "background", False):
+                with self._lock:
+                    self.stats.fetch_wait_s += time.monotonic() - waiting_since
 
     def _open_fd(self, digest: str) -> int | None:
         try:

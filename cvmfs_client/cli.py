@@ -76,15 +76,18 @@ def _stat(args: argparse.Namespace) -> int:
     if args.json:
         console.print_json(stats)
         return 0
+    requests = stats.pop("requests", None)  # by kind, when the FUSE layer counts them
     for key, value in stats.items():
         if (
             key in ("cache_bytes", "cache_quota", "bytes_downloaded", "content_fetched")
             and value is not None
         ):
             value = f"{value} ({human(value)})"
-        elif isinstance(value, dict):  # requests by kind
-            value = ", ".join(f"{k} {v}" for k, v in sorted(value.items())) or "none"
         print(f"{key + ':':<18} {value}")
+    if isinstance(requests, dict):
+        print("requests:")
+        for kind, count in sorted(requests.items(), key=lambda kv: -kv[1]):
+            print(f"  {kind + ':':<16} {count}")
     return 0
 
 
@@ -209,9 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-prefetch",
         action="store_true",
-        help="fetch only what is read (default: the first read of a file in a directory "
-        "also fetches the directory's other unchunked files in the background, files like "
-        "it first)",
+        help="fetch only what is read (default: a file with a prefetch bundle beside it "
+        "fetches the bundle's members in the background when first looked up; without "
+        "one, opening a file fetches the other small files of its directory)",
+    )
+    p.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="append the first access of each file and chunk to FILE, for `cvmbuild bundle`",
     )
     group = p.add_mutually_exclusive_group()
     group.add_argument("--tag", help="mount the revision with this tag")

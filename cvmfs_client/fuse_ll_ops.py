@@ -51,8 +51,12 @@ class RepositoryOps:
         timeout: float = DAY,
         on_lookup: OnLookup | None = None,
         on_read: OnRead | None = None,
+        more_statistics: Callable[[], dict[str, Any]] | None = None,
+        bundled: Callable[[str], bool] | None = None,
     ):
         self.reader = reader
+        self.more_statistics = more_statistics
+        self.bundled = bundled  # directories a prefetch bundle covers: no sibling prefetch
         self.on_ready = on_ready
         self.timeout = timeout
         self.on_lookup = on_lookup
@@ -280,6 +284,8 @@ class RepositoryOps:
         with self._count_lock:
             stats["requests"] = dict(self.requests)
         stats["inodes"] = len(self.table)
+        if self.more_statistics is not None:
+            stats.update(self.more_statistics())
         return stats
 
     # -- prefetch -----------------------------------------------------------------------
@@ -293,6 +299,8 @@ class RepositoryOps:
         if not self.prefetch_siblings or cache is None:
             return
         parent = entry.path.rpartition("/")[0] or "/"
+        if self.bundled is not None and self.bundled(parent):
+            return
         with self._lock:
             if parent in self._warmed_dirs:
                 return

@@ -14,7 +14,9 @@ import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TextIO
 
+from cvmfs_client.bundles import BundleFetcher
 from cvmfs_client.cache import ObjectCache, lock_cache_dir, wait_until_free
 from cvmfs_client.daemon_log import LogSettings, destination, start_logging
 from cvmfs_client.errors import ClientError
@@ -23,6 +25,7 @@ from cvmfs_client.fuse_ll_ops import DAY, RepositoryOps
 from cvmfs_client.fuse_lowlevel import Session, set_read_ahead
 from cvmfs_client.fuse_revisions import Kernel, RevisionFollower
 from cvmfs_client.repository import RepositoryReader
+from cvmfs_client.trace import Tracer
 from cvmfs_client.trust_store import default_state_dir, open_trust
 from cvmfs_format.manifest import MANIFEST_FILE
 from cvmfs_format.signed import key_fingerprint
@@ -44,7 +47,8 @@ class MountOptions:
     max_ttl: float | None = None
     tag: str | None = None
     revision: int | None = None
-    prefetch: bool = True  # fetch a directory's small files when one of them is opened
+    prefetch: bool = True  # prefetch bundles, and a directory's small files when one is opened
+    trace: str | None = None  # append the first access of each file and chunk to this file
     name: str | None = None  # the repository's name (default: the key file's NAME.pub)
     state_dir: str | None = None  # where revision floors are kept (default_state_dir())
     kcache_timeout: float | None = None  # the kernel's entry and attribute cache (seconds)
@@ -87,6 +91,27 @@ def open_reader(options: MountOptions) -> RepositoryReader:
     return reader
 
 
+def _both(*hooks: Callable[..., None]) -> Callable[..., None] | None:
+    """One callable calling each hook in turn (None for none)."""
+    if len(hooks) < 2:
+        return hooks[0] if hooks else None
+
+    def call(*args: Any) -> None:
+        for hook in hooks:
+            hook(*args)
+
+    return call
+
+
+def _open_trace(path: str | None) -> TextIO | None:
+    if path is None:
+        return None
+    try:
+        return open(path, "a", encoding="utf-8")
+    except OSError as exc:
+        raise ClientError(f"--trace {path}: {exc.strerror}; give a writable file") from None
+
+
 def mount(options: MountOptions) -> int:
     if not os.path.isdir(options.mountpoint):
         raise ClientError(f"{options.mountpoint}: mount point is not a directory")
@@ -94,14 +119,17 @@ def mount(options: MountOptions) -> int:
         raise ClientError(f"{options.mountpoint}: something is already mounted there")
     if os.geteuid() != 0 and shutil.which("fusermount3") is None:
         raise ClientError("mounting as a user needs fusermount3: apt-get install fuse3")
+    trace_out = _open_trace(options.trace)
     reader = open_reader(options)
     log_file = os.path.join(options.cache_dir, "client.log")
     if options.foreground:
         _start_logging(options, reader, log_file)
         # From a thread of its own: stat'ing the mount point waits for init to return.
         serve(
-            reader, options, lambda: threading.Thread(target=_read_ahead, args=(options,)).start()
-        )
+            reader, options,
+            lambda: threading.Thread(target=_read_ahead, args=(options,)).start(),
+            trace_out,
+        )  # fmt: skip
         return 0
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -123,13 +151,15 @@ def mount(options: MountOptions) -> int:
 
         try:
             _start_logging(options, reader, log_file)
-            serve(reader, options, mounted)
+            serve(reader, options, mounted, trace_out)
             status = 0
         except BaseException:  # the parent reports failure; the details go to the log
             logging.exception("mount failed")
         finally:
             os._exit(status)
     os.close(write_end)
+    if trace_out is not None:
+        trace_out.close()  # the daemon holds its own copy
     ready = os.read(read_end, 1)
     os.close(read_end)
     if ready != b"1":
@@ -140,17 +170,32 @@ def mount(options: MountOptions) -> int:
     return 0
 
 
-def serve(reader: RepositoryReader, options: MountOptions, on_ready: Callable[[], object]) -> None:
+def serve(
+    reader: RepositoryReader,
+    options: MountOptions,
+    on_ready: Callable[[], object],
+    trace_out: TextIO | None = None,
+) -> None:
     """Serve until unmounted: libfuse3's low-level API, names, attributes, listings and
-    pages cached by the kernel (fuse_ll_ops.py), and a thread that follows new revisions
-    and invalidates what they change (fuse_revisions.py)."""
+    pages cached by the kernel (fuse_ll_ops.py), a thread that follows new revisions
+    and invalidates what they change (fuse_revisions.py), and the access tracer and
+    bundle fetcher the options ask for (started here: threads do not survive a fork)."""
     assert reader.manifest is not None
     ttl = reader.manifest.ttl if options.max_ttl is None else options.max_ttl
     fuse_options = ["ro", f"fsname=cvmfs-py:{reader.manifest.name}", "default_permissions"]
     if os.geteuid() == 0:
         fuse_options.append("allow_other")
     timeout = DAY if options.kcache_timeout is None else options.kcache_timeout
-    ops = RepositoryOps(reader, on_ready, prefetch_siblings=options.prefetch, timeout=timeout)
+    tracer = Tracer(reader, trace_out) if trace_out is not None else None
+    bundles = BundleFetcher(reader) if options.prefetch and reader.cache is not None else None
+    hooks = [h for h in (tracer, bundles) if h is not None]
+    ops = RepositoryOps(
+        reader, on_ready, prefetch_siblings=options.prefetch, timeout=timeout,
+        on_lookup=_both(*(h.on_lookup for h in hooks)),
+        on_read=_both(*(h.on_read for h in hooks)),
+        more_statistics=bundles.statistics if bundles else None,
+        bundled=bundles.covers if bundles else None,
+    )  # fmt: skip
     session = Session(ops, options.mountpoint, fuse_options, readdirplus=False)
     follower = RevisionFollower(ops, Kernel(session.inval_entry, session.inval_inode), ttl)
     try:
@@ -161,6 +206,11 @@ def serve(reader: RepositoryReader, options: MountOptions, on_ready: Callable[[]
         follower.stop()
         ops.close()
         session.close()
+        if tracer is not None:
+            try:
+                tracer.close()
+            except OSError:
+                logging.exception("writing the trace failed")
 
 
 def _read_ahead(options: MountOptions) -> None:

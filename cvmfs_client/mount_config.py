@@ -33,6 +33,7 @@ class Given:
     foreground: bool = False
     prefetch: bool = True
     ca_bundle: str | None = None
+    trace: str | None = None
 
 
 def key_candidates(config: ClientConfig, config_dir: str | None) -> list[str]:
@@ -99,4 +100,5 @@ def mount_options(
         kcache_timeout=config.kcache_timeout_s,
         log=config.log,
         ca_bundle=ca_bundle,
+        trace=os.path.abspath(given.trace) if given.trace else None,
     )

@@ -49,6 +49,7 @@ def statistics(
             content_fetched=cache.stats.bytes_fetched,
             evictions=cache.stats.evictions,
             corrupt_entries=cache.stats.corrupt_entries,
+            fetch_wait_s=round(cache.stats.fetch_wait_s, 3),
         )
     return stats
 

@@ -15,6 +15,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from cvmfs_client.cache import background_thread
 from cvmfs_format.catalog import Chunk, Entry
 from cvmfs_format.errors import CvmfsError
 
@@ -121,6 +122,7 @@ class Prefetcher:
                     self._queued[c.hash] = min(kept, self._queued.get(c.hash, kept))
 
     def _work(self) -> None:
+        background_thread()
         while (chunk := self._next()) is not None:
             try:
                 self._warm(chunk)
