@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmbuild.appliance import boot, cpio, disk, guest_agent, kmod, rootfs
+from cvmbuild.appliance import boot, cpio, disk, guest_agent, kmod, rootfs, seeds
 from cvmbuild.appliance.build import BUILD_STAGES
 from cvmbuild.appliance.errors import ApplianceError, RecipeError
 from cvmbuild.appliance.export import ExportResult, _check_budget
@@ -260,12 +260,12 @@ def test_user_data_comes_from_ec2_instance_metadata_with_a_token() -> None:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Imds)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        found = guest_agent.imds_user_data(f"http://127.0.0.1:{server.server_port}/latest")
+        found = seeds.imds_user_data(f"http://127.0.0.1:{server.server_port}/latest")
     finally:
         server.shutdown()
-    assert found is not None
-    text, source = found
-    assert guest_agent.parse_user_data(text, source) == {"job": {"command": "echo from-ec2"}}
+    assert found is not None and found.user_data is not None
+    parsed = guest_agent.parse_user_data(found.user_data, found.source)
+    assert parsed == {"job": {"command": "echo from-ec2"}}
     assert seen == [("PUT", "/latest/api/token", "60"), ("GET", "/latest/user-data", "token-1")]
 
 
