@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmbuild.appliance import boot, cpio, disk, guest_agent, kmod, rootfs, seeds
+from cvmbuild.appliance import boot, boot_disks, cpio, disk, guest_agent, kmod, rootfs, seeds
 from cvmbuild.appliance.build import BUILD_STAGES
 from cvmbuild.appliance.errors import ApplianceError, RecipeError
 from cvmbuild.appliance.export import ExportResult, _check_budget
@@ -338,7 +338,7 @@ def _qemu_img_info(path: Path, fmt: str) -> dict[str, object]:
 def _disk_of(built: Built, fmt: str, scratch: Path) -> tuple[Path, str]:
     """The disk file of a format as qemu-img reads it (the vmdk inside the OVA, the .hds
     inside the Parallels bundle)."""
-    return boot.disk_of(built.image(fmt), scratch)
+    return boot_disks.disk_of(built.image(fmt), scratch)
 
 
 @pytest.mark.slow

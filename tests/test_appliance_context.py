@@ -260,10 +260,11 @@ def test_shell_gives_a_root_shell_on_the_console_after_the_job(
     built: Built, served_repository: Served, tmp_path: Path
 ) -> None:
     """`cvmbuild boot --shell` on a terminal: the boot, the job, then a shell; `exit`
-    powers the appliance off and cvmbuild boot exits 0."""
+    powers the appliance off and cvmbuild boot exits 0. (With the default --accel auto:
+    where KVM fails, as on our CI machine, the shell comes up under TCG.)"""
     controller, terminal = pty.openpty()
     proc = subprocess.Popen(
-        [BIN / "cvmbuild", "boot", built.image("qcow2"), "--shell", "--accel", "tcg",
+        [BIN / "cvmbuild", "boot", built.image("qcow2"), "--shell",
          "--repo-url", served_repository.url, "--repo-key", served_repository.key,
          "--job", "echo the job ran"],
         stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True,

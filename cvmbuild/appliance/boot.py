@@ -10,18 +10,17 @@ import json
 import queue
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TextIO
 
-from cvmbuild.appliance.errors import BootError, ToolError
-from cvmbuild.appliance.exporters import qemu_img
-from cvmbuild.appliance.exporters.hdd import image_file_name
-from cvmbuild.appliance.process import require, run
+from cvmbuild.appliance.boot_disks import check_disk, disk_of, make_cache_disk, make_config_drive
+from cvmbuild.appliance.errors import BootError
+from cvmbuild.appliance.process import require
 from cvmbuild.boinc import accel as accel_mod
 from cvmbuild.boinc import console
 
@@ -33,11 +32,6 @@ HARDWARE = {
     "sata": ("sata", "e1000"),
     "ide": ("ide", "e1000"),
 }
-
-
-# A fixed VHD has its only header at the end, so qemu-img's probing takes it for raw.
-BY_SUFFIX = {".raw": "raw", ".img": "raw", ".qcow2": "qcow2", ".vdi": "vdi", ".vmdk": "vmdk",
-             ".vhd": "vpc"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -186,64 +180,6 @@ def qemu_command(
     return command
 
 
-def make_config_drive(path: Path, text: str) -> None:
-    """A small FAT disk labelled CIDATA with a user-data file (NoCloud style)."""
-    path.unlink(missing_ok=True)
-    run(["mkfs.fat", "-C", "-n", "CIDATA", path, "2048"])
-    source = path.with_name("user-data")
-    source.write_text(text)
-    run(["mcopy", "-i", path, source, "::/user-data"], env={"MTOOLS_SKIP_CHECK": "1"})
-
-
-def disk_of(image: Path, scratch: Path) -> tuple[Path, str]:
-    """The disk QEMU opens for an image file, OVA or Parallels bundle, with its format."""
-    if image.is_dir():
-        hds = image / image_file_name(image.name.removesuffix(".hdd"))
-        found = [hds] if hds.exists() else sorted(image.glob("*.hds"))
-        if not found:
-            raise BootError(f"{image}: no .hds image in this Parallels bundle")
-        return found[0], "parallels"
-    if image.suffix == ".ova":
-        with tarfile.open(image) as tar:
-            disks = [m for m in tar.getmembers() if m.name.endswith(".vmdk")]
-            if not disks:
-                raise BootError(f"{image}: no vmdk disk inside the OVA")
-            tar.extract(disks[0], scratch, filter="data")
-        return scratch / disks[0].name, "vmdk"
-    if not image.exists():
-        raise BootError(f"{image}: no such image")
-    if image.suffix in BY_SUFFIX:
-        return image, BY_SUFFIX[image.suffix]
-    return image, str(qemu_img.info(image)["format"])
-
-
-def check_disk(disk: Path, fmt: str, shown: Path) -> None:
-    """Refuse at once what is not a bootable disk image: qemu-img reads any file as raw,
-    and QEMU would then wait at the firmware's "no bootable device" until the timeout."""
-    if fmt != "raw":
-        try:
-            qemu_img.info(disk, fmt)
-        except ToolError as exc:
-            last = str(exc).splitlines()[-1]
-            raise BootError(f"{shown}: not a {fmt} disk image ({last})") from None
-        return
-    with open(disk, "rb") as f:
-        sector = f.read(512)
-    if len(sector) < 512 or sector[510:512] != b"\x55\xaa":
-        raise BootError(
-            f"{shown}: not a disk image (no boot sector): give a raw, qcow2, vdi, vmdk or "
-            "vhd image, an .ova or an .hdd bundle"
-        )
-
-
-def make_cache_disk(path: Path, size: str) -> None:
-    """An empty qcow2 disk the appliance formats (label CVMCACHE) on its first boot."""
-    if path.exists():
-        check_disk(path, "qcow2", path)
-        return
-    run(["qemu-img", "create", "-q", "-f", "qcow2", path, size])
-
-
 def boot(options: BootOptions) -> BootResult:
     """Boot and watch; with options.shell, the console is the user's and the result
     holds only QEMU's exit status (as job_exit)."""
@@ -287,18 +223,16 @@ def boot(options: BootOptions) -> BootResult:
                 cache_disk=options.cache_disk, interactive=options.shell,
             )  # fmt: skip
 
-        if options.shell:
-            status = subprocess.run(command(chosen)).returncode
-            return BootResult(job_exit=status)
+        watch = _attach if options.shell else partial(_watch, options=options)
         try:
-            return _watch(command(chosen), options)
+            return watch(command(chosen))
         except _KvmFailed as exc:
             if options.accel != "auto":
                 raise BootError(f"KVM failed ({exc}): use --accel tcg") from None
             fallback = accel_mod.software(options.cpu)
             print(f"cvmbuild boot: KVM failed ({exc}); booting again under software emulation "
                   f"(-cpu {fallback.cpu})", file=sys.stderr, flush=True)  # fmt: skip
-            return _watch(command(fallback), options)
+            return watch(command(fallback))
 
 
 class _KvmFailed(Exception):
@@ -306,6 +240,36 @@ class _KvmFailed(Exception):
 
 
 _KVM_FAILURES = ("KVM internal error", "kvm_", "KVM: ")
+
+
+def _attach(command: list[str]) -> BootResult:
+    """--shell: QEMU on the user's terminal; its exit status as the result. QEMU's
+    stderr is watched for a KVM failure (which leaves QEMU hanging, not exiting)."""
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE)
+    failed: list[str] = []
+
+    def error_reader() -> None:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            sys.stderr.buffer.write(raw)
+            sys.stderr.flush()
+            line = raw.decode("utf-8", "replace").strip()
+            if "kvm" in command and any(m in line for m in _KVM_FAILURES):
+                failed.append(line)
+                proc.terminate()  # SIGTERM: QEMU gives the terminal its settings back
+
+    reader = threading.Thread(target=error_reader, daemon=True)
+    reader.start()
+    try:
+        status = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=5)
+    if failed:
+        raise _KvmFailed(failed[0])
+    return BootResult(job_exit=status)
 
 
 def _watch(command: list[str], options: BootOptions) -> BootResult:
