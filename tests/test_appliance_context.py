@@ -15,6 +15,7 @@ import os
 import pty
 import select
 import shutil
+import signal
 import subprocess
 import time
 import urllib.request
@@ -141,6 +142,13 @@ def test_a_repository_serving_another_name_than_configured_is_refused(
     assert "mounted acc.test" not in log and "job start" not in log
 
 
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Kill `cvmbuild boot` and whatever it started (it runs in its own session)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 X86_64_V2 = """
 import ctypes, mmap
 # popcnt rax, rdi; ret  |  xor eax, eax; crc32 rax, rdi (SSE4.2); ret
@@ -187,7 +195,8 @@ def test_a_named_repository_and_a_job_needing_x86_64_v2_with_two_cpus_and_a_forw
         "--repo-key", acc_repository.key, "--repo-name", "acc.test", "--job", job,
         "--cpus", "2", "--forward", f"{port}:8080", "--timeout", "400", "--console-log", console,
     ]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)  # fmt: skip
     try:
         body = b""
         deadline = time.monotonic() + 400
@@ -199,9 +208,7 @@ def test_a_named_repository_and_a_job_needing_x86_64_v2_with_two_cpus_and_a_forw
                 time.sleep(1)
         out, err = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     log = console.read_text() if console.exists() else ""
     assert proc.returncode == 0, (err.decode(), log[-4000:])
     assert body == b"from the guest"
@@ -280,8 +287,6 @@ def test_shell_gives_a_root_shell_on_the_console_after_the_job(
         os.write(controller, b"exit\r")
         assert proc.wait(timeout=120) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         os.close(controller)
     assert b"the job ran" in seen and b"mounted sw.example.org" in seen

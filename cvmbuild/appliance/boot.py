@@ -23,6 +23,7 @@ from cvmbuild.appliance.errors import BootError
 from cvmbuild.appliance.process import require
 from cvmbuild.boinc import accel as accel_mod
 from cvmbuild.boinc import console
+from cvmbuild.boinc.tools import dies_with_parent
 
 MARK = console.MARK
 OVMF = Path("/usr/share/ovmf/OVMF.fd")  # package ovmf
@@ -245,7 +246,7 @@ _KVM_FAILURES = ("KVM internal error", "kvm_", "KVM: ")
 def _attach(command: list[str]) -> BootResult:
     """--shell: QEMU on the user's terminal; its exit status as the result. QEMU's
     stderr is watched for a KVM failure (which leaves QEMU hanging, not exiting)."""
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, preexec_fn=dies_with_parent())
     failed: list[str] = []
 
     def error_reader() -> None:
@@ -280,7 +281,11 @@ def _watch(command: list[str], options: BootOptions) -> BootResult:
     started = time.monotonic()
     under_kvm = "kvm" in command
     proc = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=dies_with_parent(),  # a killed `cvmbuild boot` leaves no QEMU behind
     )
 
     def reader() -> None:
