@@ -13,6 +13,7 @@ SYSTEM_PACKAGES=(
   mmdebstrap squashfs-tools dosfstools mtools syslinux syslinux-common
   syslinux-efi qemu-utils qemu-system-x86 ovmf
   boinc-client libboinc-app7 redis-server autofs systemd
+  cloud-image-utils genisoimage e2fsprogs
 )
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

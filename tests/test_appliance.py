@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmbuild.appliance import boot, cpio, disk, guest_agent, kmod, rootfs
+from cvmbuild.appliance import boot, boot_disks, cpio, disk, guest_agent, kmod, rootfs, seeds
 from cvmbuild.appliance.build import BUILD_STAGES
 from cvmbuild.appliance.errors import ApplianceError, RecipeError
 from cvmbuild.appliance.export import ExportResult, _check_budget
@@ -274,12 +274,12 @@ def test_user_data_comes_from_ec2_instance_metadata_with_a_token() -> None:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Imds)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        found = guest_agent.imds_user_data(f"http://127.0.0.1:{server.server_port}/latest")
+        found = seeds.imds_user_data(f"http://127.0.0.1:{server.server_port}/latest")
     finally:
         server.shutdown()
-    assert found is not None
-    text, source = found
-    assert guest_agent.parse_user_data(text, source) == {"job": {"command": "echo from-ec2"}}
+    assert found is not None and found.user_data is not None
+    parsed = guest_agent.parse_user_data(found.user_data, found.source)
+    assert parsed == {"job": {"command": "echo from-ec2"}}
     assert seen == [("PUT", "/latest/api/token", "60"), ("GET", "/latest/user-data", "token-1")]
 
 
@@ -352,7 +352,7 @@ def _qemu_img_info(path: Path, fmt: str) -> dict[str, object]:
 def _disk_of(built: Built, fmt: str, scratch: Path) -> tuple[Path, str]:
     """The disk file of a format as qemu-img reads it (the vmdk inside the OVA, the .hds
     inside the Parallels bundle)."""
-    return boot.disk_of(built.image(fmt), scratch)
+    return boot_disks.disk_of(built.image(fmt), scratch)
 
 
 @pytest.mark.slow

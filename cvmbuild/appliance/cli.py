@@ -53,8 +53,19 @@ def _boot(args: argparse.Namespace) -> int:
             firmware=args.firmware,
             console_log=Path(args.console_log) if args.console_log else None,
             echo=sys.stderr if args.verbose else None,
+            repo_name=args.repo_name,
+            accel=args.accel,
+            cpu=args.cpu,
+            cpus=args.cpus,
+            forwards=tuple(args.forward),
+            seed=Path(args.seed) if args.seed else None,
+            cache_disk=Path(args.cache_disk) if args.cache_disk else None,
+            cache_size=args.cache_size,
+            shell=args.shell,
         )
     )
+    if args.shell:
+        return result.job_exit or 0
     mounted = ", ".join(f"{name} revision {rev}" for name, rev in result.repositories)
     for line in result.job_output:
         print(f"| {line}")
@@ -97,6 +108,16 @@ def add_subcommands(sub: Any) -> None:
     p.add_argument("image", help="a raw/qcow2/vdi/vmdk/vhd image, an .ova or an .hdd bundle")
     p.add_argument("--repo-url", "--repo", dest="repo_url", help="repository URL for the guest")
     p.add_argument("--repo-key", help="the repository's public key file, given to the guest")
+    p.add_argument(
+        "--repo-name",
+        help="the repository's name: mounted at /cvmfs/NAME, and its manifest must carry it "
+        "(default: the recipe's first repository)",
+    )
+    p.add_argument(
+        "--seed",
+        help="a cloud-init seed image to attach instead of --repo-*/--job: NoCloud "
+        "(label cidata, e.g. from cloud-localds) or ConfigDrive (label config-2)",
+    )
     p.add_argument("--proxy", help="HTTP proxies for the guest, CernVM-FS syntax")
     p.add_argument("--job", help="the command the appliance runs (default: the recipe's)")
     p.add_argument("--timeout", type=float, default=300, help="seconds (default 300)")
@@ -109,6 +130,34 @@ def add_subcommands(sub: Any) -> None:
     )
     p.add_argument(
         "--firmware", default="bios", choices=["bios", "uefi"], help="uefi boots with OVMF"
+    )
+    p.add_argument(
+        "--accel",
+        default="auto",
+        choices=["auto", "kvm", "tcg"],
+        help="auto (default): KVM when /dev/kvm works, else software emulation (TCG)",
+    )
+    p.add_argument("--cpu", help="QEMU CPU model (default: max under TCG, host under KVM)")
+    p.add_argument("--cpus", type=int, default=1, help="virtual CPUs (default 1)")
+    p.add_argument(
+        "--forward",
+        action="append",
+        default=[],
+        metavar="HOST:GUEST",
+        help="forward TCP port HOST on 127.0.0.1 to port GUEST of the appliance; repeatable",
+    )
+    p.add_argument(
+        "--cache-disk",
+        metavar="FILE",
+        help="a persistent cache disk (qcow2, made if missing): the appliance formats it on "
+        "first boot and keeps the repository cache there, so the next boot starts warm",
+    )
+    p.add_argument("--cache-size", default="2G", help="size of a new cache disk (default 2G)")
+    p.add_argument(
+        "--shell",
+        action="store_true",
+        help="attach the serial console to this terminal; after its job (or an error) the "
+        "appliance opens a shell there, and powers off when it exits (Ctrl-a x quits QEMU)",
     )
     p.add_argument("--console-log", help="write the serial console to this file")
     p.add_argument("-v", "--verbose", action="store_true", help="show the serial console")

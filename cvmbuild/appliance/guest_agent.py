@@ -2,8 +2,11 @@
 from cvmbuild): contextualise, mount the repositories with cvmfs-client, run the job.
 
 Settings: /etc/cvmappliance/appliance.json (from the recipe), overridden by user data
-(a config drive labelled CIDATA with a `user-data` file, or EC2 instance metadata),
-overridden in turn by the kernel command line (cvm.repo_url=, cvm.proxy=, cvm.job64=).
+(cloud-config, MIME multipart or the appliance's TOML; found as cloud-init finds it: a
+NoCloud drive labelled cidata, an OpenStack config drive labelled config-2, EC2's or
+OpenStack's metadata service: seeds.py, cloud_config.py), overridden in turn by the
+kernel command line (cvm.repo_url=, cvm.proxy=, cvm.job64=). A disk labelled CVMCACHE,
+or an empty one, keeps the repositories' cache across boots (cache_disk.py).
 Progress goes to the console as `CVMAPPLIANCE: ...` lines that `cvmbuild boot` and the
 BOINC VM wrapper read (the protocol: cvmbuild/boinc/console.py).
 
@@ -22,8 +25,6 @@ written, the job's exit code in shared/shutdown.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ctypes
 import json
 import os
@@ -33,16 +34,32 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
-import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 try:
-    from cvmbuild.appliance import copilot_agent
-except ImportError:  # in the image (python3 -I): copilot_agent.py lies beside this file
+    from cvmbuild.appliance import cache_disk, cloud_config, context, copilot_agent, seeds
+except ImportError:  # in the image (python3 -I): these modules lie beside this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import cache_disk  # type: ignore[no-redef]
+    import cloud_config  # type: ignore[no-redef]
+    import context  # type: ignore[no-redef]
     import copilot_agent  # type: ignore[no-redef]
+    import seeds  # type: ignore[no-redef]
+
+# The settings and how user data changes them (pure): context.py.
+COPILOT_WORK = context.COPILOT_WORK
+RUNCMD_DIR = context.RUNCMD_DIR
+ContextError = context.ContextError
+RepoSettings = context.RepoSettings
+Settings = context.Settings
+apply_cloud_config = context.apply_cloud_config
+apply_overrides = context.apply_overrides
+parse_cmdline = context.parse_cmdline
+parse_user_data = context.parse_user_data
+read_user_data = context.read_user_data
+runcmd_script = context.runcmd_script
+settings_from_json = context.settings_from_json
 
 SETTINGS_FILE = "/etc/cvmappliance/appliance.json"
 MARK = "CVMAPPLIANCE:"  # the protocol's host side: cvmbuild/boinc/console.py
@@ -58,149 +75,10 @@ VBOX_MOUNT = "/shared"
 VBOX_HEARTBEAT = "heartbeat"
 VBOX_PROGRESS = "progress"
 VBOX_SHUTDOWN = "shutdown"
-USER_DATA_KEYS = {
-    "repository": {"url", "proxy", "public_key", "name", "mount_point"},
-    "job": {"command", "then"},
-    "copilot": set(copilot_agent.USER_DATA_KEYS),
-}
-COPILOT_WORK = "/run/copilot"  # tmpfs: jobs may need modes and links, which FAT lacks
+AUTHORIZED_KEYS = "/root/.ssh/authorized_keys"
 parse_progress = copilot_agent.parse_progress
-
-
-class ContextError(Exception):
-    """User data or settings the appliance cannot use."""
-
-
-@dataclass(frozen=True)
-class RepoSettings:
-    name: str
-    url: str
-    mount_point: str
-    public_key: str = ""  # PEM text
-    proxy: str = "DIRECT"
-    cache_quota: str = "1G"
-
-
-@dataclass(frozen=True)
-class Settings:
-    hostname: str = "cvm-appliance"
-    repositories: list[RepoSettings] = field(default_factory=list)
-    job: str = ""
-    then: str = "poweroff"
-    copilot: copilot_agent.AgentConfig | None = None  # user data only
-
-
-def settings_from_json(text: str) -> Settings:
-    data = json.loads(text)
-    repos = [RepoSettings(**r) for r in data.get("repositories", [])]
-    return Settings(
-        hostname=data.get("hostname", "cvm-appliance"),
-        repositories=repos,
-        job=data.get("job", ""),
-        then=data.get("then", "poweroff"),
-    )
-
-
-def settings_to_json(settings: Settings) -> str:
-    return json.dumps(
-        {
-            "hostname": settings.hostname,
-            "repositories": [r.__dict__ for r in settings.repositories],
-            "job": settings.job,
-            "then": settings.then,
-        },
-        indent=2,
-        sort_keys=True,
-    )
-
-
-def parse_user_data(text: str, source: str) -> dict[str, dict[str, str]]:
-    """User data is TOML: [repository] url/proxy/public_key/name/mount_point, [job]
-    command/then, [copilot] url/token/idle_exit_s/name. Anything else is refused,
-    naming the key."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ContextError(f"{source}: not valid TOML: {exc}") from exc
-    out: dict[str, dict[str, str]] = {}
-    for table, values in data.items():
-        if table not in USER_DATA_KEYS or not isinstance(values, dict):
-            known = ", ".join(USER_DATA_KEYS)
-            raise ContextError(f"{source}: unknown table [{table}] (known: {known})")
-        for key, value in values.items():
-            if key not in USER_DATA_KEYS[table]:
-                known = ", ".join(sorted(USER_DATA_KEYS[table]))
-                raise ContextError(f"{source}: [{table}] unknown key {key!r} (known: {known})")
-            if not isinstance(value, str):
-                raise ContextError(f"{source}: [{table}] {key} must be a string")
-        out[table] = dict(values)
-    return out
-
-
-def parse_cmdline(cmdline: str) -> dict[str, dict[str, str]]:
-    """cvm.repo_url=URL cvm.proxy=P cvm.job64=BASE64 on the kernel command line."""
-    out: dict[str, dict[str, str]] = {}
-    for word in cmdline.split():
-        key, sep, value = word.partition("=")
-        if not sep or not key.startswith("cvm."):
-            continue
-        if key == "cvm.repo_url":
-            out.setdefault("repository", {})["url"] = value
-        elif key == "cvm.proxy":
-            out.setdefault("repository", {})["proxy"] = value
-        elif key == "cvm.job64":
-            try:
-                command = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
-            except (binascii.Error, UnicodeDecodeError) as exc:
-                raise ContextError(f"kernel command line: cvm.job64 is not base64: {exc}") from exc
-            out.setdefault("job", {})["command"] = command
-    return out
-
-
-def apply_overrides(settings: Settings, overrides: dict[str, dict[str, str]]) -> Settings:
-    """User data changes the first repository (or adds one) and the job."""
-    repo = overrides.get("repository", {})
-    repos = list(settings.repositories)
-    if repo:
-        if repos:
-            first = replace(repos[0], **repo)
-            if "name" in repo and "mount_point" not in repo:
-                first = replace(first, mount_point=f"/cvmfs/{repo['name']}")
-            repos[0] = first
-        else:
-            if "url" not in repo:
-                raise ContextError("user data adds a repository without a url")
-            name = repo.get("name", "repository")
-            fields = {"name": name, "mount_point": f"/cvmfs/{name}", **repo}
-            repos.append(RepoSettings(**fields))
-    job = overrides.get("job", {})
-    copilot = settings.copilot
-    if "copilot" in overrides:
-        name = f"{settings.hostname}-{os.urandom(3).hex()}"  # volunteers' VMs share a hostname
-        try:
-            copilot = copilot_agent.config_from_user_data(
-                overrides["copilot"], "user data", COPILOT_WORK, name
-            )
-        except copilot_agent.ConfigError as exc:
-            raise ContextError(str(exc)) from None
-    return replace(
-        settings,
-        repositories=repos,
-        job=job.get("command", settings.job),
-        then=job.get("then", settings.then),
-        copilot=copilot,
-    )
-
-
-def fat_label(boot_sector: bytes) -> str | None:
-    """The volume label of a FAT12/16/32 boot sector, or None if it is not FAT."""
-    if len(boot_sector) < 512 or boot_sector[510:512] != b"\x55\xaa":
-        return None
-    if boot_sector[82:90].startswith(b"FAT32"):
-        return boot_sector[71:82].decode("ascii", "replace").strip()
-    if boot_sector[54:62].startswith(b"FAT"):
-        return boot_sector[43:54].decode("ascii", "replace").strip()
-    return None
+fat_label = seeds.fat_label
+copy_tree = seeds.copy_tree
 
 
 def parse_stats(raw: bytes) -> tuple[str, int]:
@@ -260,48 +138,6 @@ def early_mounts() -> None:
         subprocess.run(["mount", "-t", fstype, "-o", options, fstype, target], check=False)
 
 
-def fat_device(wanted: str) -> str | None:
-    """The block device holding a FAT file system with this label."""
-    for name in sorted(os.listdir("/sys/class/block")):
-        try:
-            with open(f"/dev/{name}", "rb") as device:
-                label = fat_label(device.read(512))
-        except OSError:
-            continue
-        if label is not None and label.upper() == wanted:
-            return f"/dev/{name}"
-    return None
-
-
-def config_drive_user_data(job_dir: str) -> tuple[str, str] | None:
-    """User data from the CIDATA drive; its input/ files are copied into job_dir
-    while it is mounted."""
-    device = fat_device("CIDATA")
-    if device is None:
-        return None
-    os.makedirs("/run/cidata", exist_ok=True)
-    _run(["mount", "-t", "vfat", "-o", "ro", device, "/run/cidata"])
-    try:
-        if os.path.isdir("/run/cidata/input"):
-            copy_tree("/run/cidata/input", job_dir)
-        try:
-            with open("/run/cidata/user-data", encoding="utf-8") as f:
-                return f.read(), f"config drive {device}"
-        except FileNotFoundError:
-            return None
-    finally:
-        subprocess.run(["umount", "/run/cidata"], check=False)
-
-
-def copy_tree(source: str, target: str) -> None:
-    """Contents only: a FAT target takes neither owners nor modes."""
-    for root, _dirs, files in os.walk(source):
-        into = os.path.join(target, os.path.relpath(root, source))
-        os.makedirs(into, exist_ok=True)
-        for name in files:
-            shutil.copyfile(os.path.join(root, name), os.path.join(into, name))
-
-
 def prepare_job_place() -> JobPlace:
     """vboxwrapper's shared folder, else the CVMOUT output disk, else a plain directory."""
     if os.path.exists("/dev/vboxguest"):
@@ -311,11 +147,11 @@ def prepare_job_place() -> JobPlace:
         if mounted.returncode == 0:
             return JobPlace(dir=VBOX_MOUNT, shared=VBOX_MOUNT)
     os.makedirs(JOB_DIR, exist_ok=True)
-    device = fat_device(OUTPUT_LABEL)
-    if device is None:
+    found = seeds.labelled(OUTPUT_LABEL)
+    if found is None:
         return JobPlace()
-    _run(["mount", "-t", "vfat", device, JOB_DIR])
-    return JobPlace(output_device=device)
+    _run(["mount", "-t", "vfat", found[0], JOB_DIR])
+    return JobPlace(output_device=found[0])
 
 
 # Held while the progress file is open, so that unmounting the job's directory never
@@ -349,10 +185,11 @@ class Liveness(threading.Thread):
         super().__init__(name="liveness", daemon=True)
         self.place = place
         self.reported: float | None = None
+        self.stopped = threading.Event()  # a shell has the console: no more lines
 
     def run(self) -> None:
         next_beat = 0.0
-        while True:
+        while not self.stopped.is_set():
             try:
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + HEARTBEAT_S
@@ -384,68 +221,73 @@ class Liveness(threading.Thread):
             write_file(os.path.join(self.place.shared, VBOX_PROGRESS), f"{fraction:.4f}\n")
 
 
-def on_ec2() -> bool:
-    for path, prefix in (
-        ("/sys/class/dmi/id/sys_vendor", "Amazon EC2"),
-        ("/sys/hypervisor/uuid", "ec2"),
-    ):
-        try:
-            with open(path) as f:
-                if f.read().strip().startswith(prefix):
-                    return True
-        except OSError:
-            pass
-    return False
-
-
-IMDS = "http://169.254.169.254/latest"
-
-
-def imds_user_data(base: str = IMDS) -> tuple[str, str] | None:
-    """User data from EC2's instance metadata service, IMDSv2 (token first)."""
-    token_request = urllib.request.Request(
-        f"{base}/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"}
-    )
-    with urllib.request.urlopen(token_request, timeout=5) as response:
-        token = response.read().decode()
-    request = urllib.request.Request(
-        f"{base}/user-data", headers={"X-aws-ec2-metadata-token": token}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.read().decode(), "EC2 instance metadata"
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            return None
-        raise
-
-
-def shared_user_data(place: JobPlace) -> tuple[str, str] | None:
+def shared_user_data(place: JobPlace) -> seeds.Found | None:
     if place.shared is None:
         return None
     path = os.path.join(place.shared, "user-data")
     try:
         with open(path, encoding="utf-8") as f:
-            return f.read(), path
+            return seeds.Found(f.read(), path)
     except FileNotFoundError:
         return None
+
+
+def find_user_data(place: JobPlace) -> seeds.Found | None:
+    """The first source cloud-init's order would take (vboxwrapper's share first)."""
+    found = shared_user_data(place) or seeds.nocloud(place.dir) or seeds.config_drive()
+    if found is None and seeds.on_ec2():
+        found = seeds.imds_user_data()
+    if found is None and seeds.on_openstack():
+        found = seeds.openstack_user_data()
+    return found
 
 
 def contextualise(place: JobPlace) -> Settings:
     with open(SETTINGS_FILE, encoding="utf-8") as f:
         settings = settings_from_json(f.read())
-    found = (
-        shared_user_data(place)
-        or config_drive_user_data(place.dir)
-        or (imds_user_data() if on_ec2() else None)
-    )
+    found = find_user_data(place)
     if found is not None:
-        text, source = found
-        settings = apply_overrides(settings, parse_user_data(text, source))
-        say(f"user data from {source}")
+        try:
+            meta = cloud_config.parse_meta_data(found.meta_data, found.source, found.meta_json)
+        except cloud_config.UserDataError as exc:
+            raise ContextError(str(exc)) from None
+        if meta.hostname:
+            settings = replace(settings, hostname=meta.hostname)
+        keys = list(meta.public_keys)
+        if found.user_data is None:
+            say(f"user data from {found.source}: none (meta-data only)")
+        else:
+            data = read_user_data(found.user_data, found.source)
+            say(f"user data from {found.source}: {data.format}, keys {', '.join(data.keys)}")
+            settings = apply_overrides(settings, data.tables)
+            if data.cloud is not None:
+                settings = apply_cloud_config(settings, data.cloud)
+                perform(data.cloud)
+                keys += data.cloud.ssh_authorized_keys
+        if keys:
+            os.makedirs(os.path.dirname(AUTHORIZED_KEYS), mode=0o700, exist_ok=True)
+            write_file(AUTHORIZED_KEYS, "".join(k.strip() + "\n" for k in keys))
+            say(f"{len(keys)} SSH keys in {AUTHORIZED_KEYS} (this image runs no SSH server)")
     with open("/proc/cmdline") as f:
         settings = apply_overrides(settings, parse_cmdline(f.read()))
     return settings
+
+
+def perform(cloud: cloud_config.CloudConfig) -> None:
+    """cloud-config's write_files now; runcmd and scripts as the job's files."""
+    for item in cloud.write_files:
+        os.makedirs(os.path.dirname(item.path), exist_ok=True)
+        with open(item.path, "ab" if item.append else "wb") as f:
+            f.write(item.content)
+        os.chmod(item.path, item.permissions)
+        user, _, group = item.owner.partition(":")
+        shutil.chown(item.path, user or "root", group or "root")
+    if cloud.runcmd or cloud.scripts:
+        os.makedirs(RUNCMD_DIR, exist_ok=True)
+        for i, script in enumerate(cloud.scripts):
+            write_file(f"{RUNCMD_DIR}/script-{i}", script)
+            os.chmod(f"{RUNCMD_DIR}/script-{i}", 0o755)
+        write_file(f"{RUNCMD_DIR}/runcmd", runcmd_script(cloud))
 
 
 def mount_repository(repo: RepoSettings) -> None:
@@ -460,20 +302,21 @@ def mount_repository(repo: RepoSettings) -> None:
             f"no public key for {repo.name}: put one in the recipe or give "
             "[repository] public_key in user data"
         )
-    cache = f"/var/lib/cvmfs-client/{repo.name}"
+    cache = f"{cache_disk.MOUNT}/{repo.name}"
+    # --name: the manifest must carry the name the user configured, or nothing is mounted
     command = ["cvmfs-client", "mount", repo.url, repo.mount_point, "--key", key_file,
-               "--cache-dir", cache, "--quota", repo.cache_quota,
+               "--name", repo.name, "--cache-dir", cache, "--quota", repo.cache_quota,
                "--proxy", repo.proxy]  # fmt: skip
     say(f"mounting {repo.url} at {repo.mount_point}")
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        detail = result.stderr.strip() or f"exit {result.returncode}"
+        detail = result.stderr.strip().removeprefix("error: ") or f"exit {result.returncode}"
         try:
             with open(f"{cache}/client.log") as f:
                 detail += " | " + " ".join(f.read().splitlines()[-3:])
         except OSError:
             pass
-        raise ContextError(f"mounting {repo.name} failed: {detail}")
+        raise ContextError(f"{repo.name} not mounted at {repo.mount_point}: {detail}")
     name, revision = parse_stats(os.getxattr(repo.mount_point, "user.stats"))
     say(f"mounted {name} revision {revision} at {repo.mount_point}")
 
@@ -512,6 +355,16 @@ def power_off() -> None:
         f.write("o")
 
 
+def shell() -> None:
+    """`cvmbuild boot --shell`: a login shell on the serial console, for debugging."""
+    tty = "/dev/ttyS0" if os.path.exists("/dev/ttyS0") else "/dev/console"
+    say("shell on the console: `exit` powers the appliance off")
+    with open(tty, "r+b", buffering=0) as console:
+        env = {**os.environ, "TERM": "vt100"}
+        subprocess.run(["setsid", "-c", "/bin/bash", "-i"], stdin=console, stdout=console,
+                       stderr=console, env=env)  # fmt: skip
+
+
 def stay() -> None:
     say("staying up")
     while True:
@@ -522,11 +375,15 @@ def stay() -> None:
 
 
 def main() -> int:
-    os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    if os.getpid() == 1:  # the initramfs's PATH=/bin came along through switch_root
+        os.environ["PATH"] = path
+    os.environ.setdefault("PATH", path)
     os.environ.setdefault("HOME", "/root")
     os.environ.setdefault("LANG", "C.UTF-8")
     then = "poweroff"
     place: JobPlace | None = None
+    liveness: Liveness | None = None
     try:
         early_mounts()
         say(f"agent started, uptime {open('/proc/uptime').read().split()[0]} s")
@@ -535,7 +392,10 @@ def main() -> int:
         liveness.start()
         settings = contextualise(place)
         then = settings.then
+        if then not in ("poweroff", "stay", "shell"):
+            raise ContextError(f"[job] then = {then!r}: choose poweroff, stay or shell")
         socket.sethostname(settings.hostname)
+        cache_disk.attach(say)
         for repo in settings.repositories:
             mount_repository(repo)
         copilot = settings.copilot
@@ -556,10 +416,14 @@ def main() -> int:
                 write_file(os.path.join(place.shared, VBOX_SHUTDOWN), completion_text(1, str(exc)))
             except OSError:
                 pass
-    if then == "stay" or os.getpid() != 1:
-        if os.getpid() == 1:
-            stay()
+    if os.getpid() != 1:
         return 0
+    if then == "stay":
+        stay()
+    if then == "shell":
+        if liveness is not None:
+            liveness.stopped.set()
+        shell()
     say("powering off")
     power_off()
     return 0

@@ -20,9 +20,9 @@ from cvmbuild.appliance.errors import RecipeError
 
 # Drivers for every target: QEMU/KVM (virtio), VirtualBox and Parallels (ahci, e1000),
 # VMware (ahci, pvscsi, LSI Logic, vmxnet3, e1000e), Hyper-V/Azure (hv_*), EC2 (nvme,
-# ena, xen), plus what the boot itself needs (squashfs root, overlay, FUSE, the FAT
-# config drive), and the host-guest channels of the BOINC wrappers: vboxwrapper's
-# shared folder (vboxguest, vboxsf), QEMU's 9p and virtio console.
+# ena, xen), plus what the boot itself needs (squashfs root, overlay, FUSE, the FAT or
+# ISO9660 seed drives, the ext4 cache disk), and the host-guest channels of the BOINC
+# wrappers: vboxwrapper's shared folder (vboxguest, vboxsf), QEMU's 9p and virtio console.
 DEFAULT_MODULES = [
     "virtio_pci", "virtio_blk", "virtio_scsi", "virtio_net",
     "sd_mod", "sr_mod", "ata_piix", "ata_generic", "ahci", "nvme",
@@ -30,6 +30,7 @@ DEFAULT_MODULES = [
     "hv_vmbus", "hv_storvsc", "hv_netvsc",
     "ena", "xen_blkfront", "xen_netfront",
     "squashfs", "overlay", "fuse", "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "isofs",
+    "ext4", "crc32c_generic",  # ext4's checksums: its softdep names the alias crc32c
     "vboxguest", "vboxsf", "9p", "9pnet_virtio", "virtio_console",
 ]  # fmt: skip
 

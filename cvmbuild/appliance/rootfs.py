@@ -19,7 +19,15 @@ from pathlib import Path
 
 import cvmfs_client
 import cvmfs_format
-from cvmbuild.appliance import copilot_agent, copilot_protocol, guest_agent
+from cvmbuild.appliance import (
+    cache_disk,
+    cloud_config,
+    context,
+    copilot_agent,
+    copilot_protocol,
+    guest_agent,
+    seeds,
+)
 from cvmbuild.appliance.errors import ApplianceError
 from cvmbuild.appliance.initramfs import AGENT_PATH
 from cvmbuild.appliance.process import run
@@ -27,6 +35,9 @@ from cvmbuild.appliance.recipe import Recipe, mount_point
 
 # What cvmfs_client and cvmfs_format import or load, as Debian packages.
 CLIENT_PACKAGES = ["python3-cryptography", "python3-zstandard", "python3-pycurl", "libfuse3-3"]
+# What the guest agent needs beyond the standard library: cloud-config's YAML (0.65 MB
+# installed with libyaml) and mkfs.ext4 for the cache disk.
+AGENT_PACKAGES = ["python3-yaml", "e2fsprogs"]
 BOOT_RECORD = "cvmbuild-boot-packages"  # written by the download hook, read and removed
 
 
@@ -57,7 +68,7 @@ done > /{BOOT_RECORD}
 
 def mmdebstrap_command(recipe: Recipe, target: Path, cache: Path, hook: Path) -> list[str]:
     archives, lists = cache / "archives", cache / "lists"
-    packages = sorted({*CLIENT_PACKAGES, *recipe.base.packages})
+    packages = sorted({*CLIENT_PACKAGES, *AGENT_PACKAGES, *recipe.base.packages})
     return [
         "mmdebstrap", "--variant=minbase", "--mode=root", "--format=directory",
         "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr",
@@ -132,7 +143,7 @@ def appliance_settings(recipe: Recipe) -> str:
     for repo in recipe.repository:
         key = recipe.public_key_file(repo)
         repositories.append(
-            guest_agent.RepoSettings(
+            context.RepoSettings(
                 name=repo.name,
                 url=repo.url,
                 mount_point=mount_point(repo),
@@ -141,13 +152,13 @@ def appliance_settings(recipe: Recipe) -> str:
                 cache_quota=repo.cache_quota,
             )
         )
-    settings = guest_agent.Settings(
+    settings = context.Settings(
         hostname=recipe.appliance.hostname,
         repositories=repositories,
         job=recipe.job.command,
         then=recipe.job.then,
     )
-    return guest_agent.settings_to_json(settings)
+    return context.settings_to_json(settings)
 
 
 def install_appliance_files(rootfs: Rootfs, recipe: Recipe) -> list[tuple[str, str]]:
@@ -164,7 +175,8 @@ def install_appliance_files(rootfs: Rootfs, recipe: Recipe) -> list[tuple[str, s
     write = _writer(tree)
     write("usr/bin/cvmfs-client", CLIENT_SCRIPT, 0o755)
     write(AGENT_PATH.lstrip("/"), Path(guest_agent.__file__).read_text(), 0o755)
-    for module in (copilot_agent, copilot_protocol):  # the guest agent imports them from there
+    # the guest agent imports them from beside itself
+    for module in (copilot_agent, copilot_protocol, context, cloud_config, seeds, cache_disk):
         beside = Path(AGENT_PATH).parent / Path(module.__file__).name  # type: ignore[arg-type]
         write(str(beside).lstrip("/"), Path(module.__file__).read_text())  # type: ignore[arg-type]
     write("etc/cvmappliance/appliance.json", appliance_settings(recipe) + "\n")

@@ -5,6 +5,8 @@ The guest agent (cvmbuild/appliance/guest_agent.py) prints these lines; `cvmbuil
 and the VM wrapper read them through `parse`. Messages:
 
     agent started, uptime S s          -> Other
+    user data from SOURCE: FORMAT, keys K1, K2  -> Other
+    cache disk DEV: new|reused, U of S MiB used -> Other
     mounted NAME revision N at PATH    -> Mounted(name, revision)
     job start: CMD                     -> JobStart(command)
     job exit N after S s               -> JobExit(status)

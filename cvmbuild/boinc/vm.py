@@ -1,4 +1,5 @@
-"""The appliance VM's lifecycle in a BOINC slot directory, under QEMU (TCG) and QMP.
+"""The appliance VM's lifecycle in a BOINC slot directory, under QEMU (TCG: a checkpoint
+restores only under the accelerator that saved it) and QMP.
 
 `prepare` makes the slot's disks: a qcow2 overlay on the shared read-only base image,
 the read-only FAT config drive (label CIDATA: `user-data` and the task's files under
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cvmbuild.boinc.accel import software
 from cvmbuild.boinc.qmp import Qmp, QmpError
 from cvmbuild.boinc.tools import ToolError, dies_with_parent, require, run
 
@@ -347,7 +349,7 @@ class Vm:
 def qemu_argv(memory_mb: int, cpus: int, network: bool, machine: str) -> list[str]:
     """QEMU's command line, relative to the slot directory (its working directory)."""
     argv = [
-        QEMU, "-machine", machine, "-accel", "tcg", "-cpu", "max",
+        QEMU, "-machine", machine, *software().args(),
         "-m", str(memory_mb), "-smp", str(cpus),
         "-nodefaults", "-display", "none", "-no-reboot", "-monitor", "none",
         "-qmp", f"unix:{QMP_SOCKET},server=on,wait=off",
