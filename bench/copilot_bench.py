@@ -266,7 +266,7 @@ def report(
         "### Co-Pilot manager: dispatch under agent kills (bench/copilot_bench.py)",
         "",
         *machine_header(work),
-        "- one manager (`copilot-manager serve`, 1 or 2 worker processes on its port), "
+        "- one manager (`copilot-manager serve`, --workers processes on its port), "
         f"redis-server on a unix socket (appendonly, appendfsync {fsync}), N agent "
         "processes (Python, a minimal HTTP/1.1 client, one kept-alive connection each); "
         "lease 5 s; one "
