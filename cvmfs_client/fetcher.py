@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import os
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
@@ -89,6 +91,26 @@ def parse_proxies(spec: str) -> list[list[str]]:
     return groups or [[DIRECT]]
 
 
+# libcurl's handles do not survive a fork (the mount's daemon, replicate's workers): their
+# DNS resolver pool waits, on cleanup, for threads that stayed in the parent, holding the
+# GIL for good. So garbage handles are cleaned up before a fork, where those threads
+# still run, and in the child each fetcher starts with no handle; the handles it had are
+# kept, never cleaned up there. (Seen: a mount daemon hung forever at its first garbage
+# collection, finalizing the handle of a fetcher the parent had made to choose a key.)
+_fetchers: weakref.WeakSet[CurlFetcher] = weakref.WeakSet()
+_inherited: list[object] = []
+
+
+def _after_fork_in_child() -> None:
+    for fetcher in list(_fetchers):
+        _inherited.append(fetcher._local)
+        fetcher._local = threading.local()
+        fetcher._lock = threading.Lock()
+
+
+os.register_at_fork(before=gc.collect, after_in_child=_after_fork_in_child)
+
+
 class CurlFetcher:
     """HTTP(S) with connection reuse, proxies, mirror failover and bounded retries.
 
@@ -123,6 +145,7 @@ class CurlFetcher:
         self._preferred: tuple[str, str] | None = None
         self.bytes_downloaded = 0
         self.failures = 0
+        _fetchers.add(self)
 
     def __getstate__(self) -> dict[str, object]:
         # To a worker process: the settings, not the connections or locks.
@@ -134,6 +157,7 @@ class CurlFetcher:
         self.__dict__.update(state)
         self._local = threading.local()
         self._lock = threading.Lock()
+        _fetchers.add(self)
 
     def _time_left(self) -> float:
         """Seconds this request may take: the per-request timeout, or less before the
