@@ -105,9 +105,9 @@ class ScratchSink:
         self.objects[digest] = stored
         return True
 
-    def get_object(self, digest: str) -> bytes:
+    def get_object(self, digest: str, max_bytes: int | None = None) -> bytes:
         stored = self.objects.get(digest)
-        return self.storage.get_object(digest) if stored is None else stored
+        return self.storage.get_object(digest, max_bytes) if stored is None else stored
 
     def object_head(self, digest: str, length: int) -> tuple[bytes, int]:
         stored = self.objects.get(digest)

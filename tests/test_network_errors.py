@@ -111,9 +111,11 @@ def test_a_scheme_typo_is_an_error_not_a_directory(published: Repo, tmp_path: Pa
             run_cli("cvmbuild", "publish", tmp_path, "--repo", typo, "--path", "/x", check=False)
         )
     served = "http://127.0.0.1:8000/repo"
-    for command in ("info", "check"):
-        line = one_error_line(run_cli("repo-server", command, served, check=False))
-        assert "takes a repository directory" in line and "replicate" in line
+    line = one_error_line(run_cli("repo-server", "info", served, check=False))
+    assert "takes a repository directory" in line and "replicate" in line
+    # check reads a URL as clients do, with the key they pin
+    line = one_error_line(run_cli("repo-server", "check", served, check=False))
+    assert "give the repository's master public key (--key NAME.pub)" in line
 
 
 def test_a_wrong_path_and_a_server_without_a_repository(

@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import pty
+import re
 import sqlite3
 import subprocess
 from collections.abc import Iterator
@@ -329,7 +330,7 @@ def test_the_log_shows_who_published_what_when(tmp_path: Path, huge: Repo, serve
     assert text[0].startswith("4\t")
     assert "\tatlas-ci (api)\tpublish /sw/atlas/21.0\t+5 ~0 -0 [cvmbuild " in text[0]
     assert text[0].endswith(": atlas 21.0")
-    assert " UTC\t" in text[0]
+    assert re.search(r"\t\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\t", text[0])
     assert "(local)\tpublish /sw/huge/1.2\t+5 ~0 -0" in text[1]
 
     log = json.loads(out(run_cli("repo-server", "log", server, "--json", "--key", huge.pub)))
@@ -338,7 +339,7 @@ def test_the_log_shows_who_published_what_when(tmp_path: Path, huge: Repo, serve
     newest = log["revisions"][0]
     assert newest["publisher"] == "atlas-ci"
     assert newest["tool"].startswith("cvmbuild ")
-    assert newest["published_utc"].endswith(" UTC")
+    assert newest["published_utc"].endswith("Z")
     assert (newest["added"], newest["changed"], newest["removed"]) == (5, 0, 0)
     local = log["revisions"][1]
     assert local["via"] == "local" and "@" in local["publisher"]

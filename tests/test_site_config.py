@@ -188,7 +188,7 @@ def test_probe_mounts_each_repository_reads_its_root_and_unmounts(site: Site) ->
     lines = result.stdout.decode().splitlines()
     assert lines[0] == "Probing sw.example.org... OK, 1 entries in its root"
     assert lines[1].startswith("Probing gone.example.org... Failed! (")
-    assert "/cvmfs/gone.example.org/whitelist: HTTP 404" in lines[1]
+    assert "/cvmfs/gone.example.org/whitelist: not found (HTTP 404)" in lines[1]
     assert "cvmfs-client-probe" not in Path("/proc/mounts").read_text()
 
 
