@@ -72,8 +72,8 @@ BUNDLED = {
 VARIANTS = ("native", "ours", *BUNDLED, "squashfuse", "squashfuse_ll", "rclone")
 OURS = ("ours",)  # its FUSE requests by kind are reported, its ratio judged
 # ours/native at most this; find and downloaded are absolute.
-TARGETS = {"cold": 1.3, "warm": 1.1}
-FIND_TARGET = 0.3  # seconds
+TARGETS = {"cold": 1.2, "warm": 1.05}  # issue 12 (issue 3 asked 1.3 and 1.1)
+FIND_TARGET = 0.2  # seconds (issue 12; issue 3 asked 0.3)
 DOWNLOAD_TARGET = 0.25  # of the tree's bytes
 
 # The release tree itself with directory listings, for rclone's http backend.
