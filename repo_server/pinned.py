@@ -71,7 +71,31 @@ class FetchedObjects:
             return None
 
 
-class PinnedRepository:
+class ReadsHead:
+    """The head and history of a repository that can say which manifest it trusts
+    (trust()): shared by a local repository and a pinned one read over HTTP."""
+
+    storage: ObjectSource
+
+    def trust(self) -> TrustedState:
+        raise NotImplementedError
+
+    def head(self) -> Manifest:
+        """The current manifest, verified as a client verifies it."""
+        manifest = self.trust().manifest
+        assert manifest is not None
+        return manifest
+
+    def head_unverified(self) -> Manifest:
+        return manifest_mod.parse(self.storage.read_file(MANIFEST_FILE) or b"")[0]
+
+    def history(self, manifest: Manifest) -> History:
+        return load_history(
+            self.storage, ObjectRef.catalog(manifest.history_hash, manifest.history_size)
+        )
+
+
+class PinnedRepository(ReadsHead):
     """A repository pinned by its master public key and name, read from storage."""
 
     def __init__(
@@ -84,19 +108,8 @@ class PinnedRepository:
         if storage.read_file(MANIFEST_FILE) is None:
             raise RepoError(f"{location}: not a repository (no manifest)")
 
-    def head(self) -> Manifest:
-        """The current manifest, verified as a client verifies it."""
-        manifest = read_trusted(self.storage, self.master_key, self.name, time.time()).manifest
-        assert manifest is not None
-        return manifest
-
-    def head_unverified(self) -> Manifest:
-        return manifest_mod.parse(self.storage.read_file(MANIFEST_FILE) or b"")[0]
-
-    def history(self, manifest: Manifest) -> History:
-        return load_history(
-            self.storage, ObjectRef.catalog(manifest.history_hash, manifest.history_size)
-        )
+    def trust(self) -> TrustedState:
+        return read_trusted(self.storage, self.master_key, self.name, time.time())
 
 
 def http_fetcher(

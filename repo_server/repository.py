@@ -27,15 +27,14 @@ from cvmfs_format.catalog_writer import Subtree, empty_root
 from cvmfs_format.history import RECORD_INSERT, RECORDS_SCHEMA, History, record_row
 from cvmfs_format.history import SCHEMA as HISTORY_SCHEMA
 from cvmfs_format.manifest import MANIFEST_FILE, Manifest
-from cvmfs_format.objects import ObjectRef, content_hash, encode_object
+from cvmfs_format.objects import content_hash, encode_object
 from cvmfs_format.signed import attach_signature, encode_public_key, key_fingerprint
 from cvmfs_format.store import Storage
 from cvmfs_format.trust import TrustedState
 from cvmfs_format.whitelist import WHITELIST_FILE, Whitelist
 from repo_server import keys, revisions
 from repo_server.errors import RepoError
-from repo_server.loading import load_history
-from repo_server.pinned import read_trusted
+from repo_server.pinned import ReadsHead, read_trusted
 from repo_server.s3_storage import S3Storage, is_s3_location
 from repo_server.storage import LocalStorage
 
@@ -52,7 +51,7 @@ class CommitResult:
     new_bytes: int
 
 
-class LocalRepository:
+class LocalRepository(ReadsHead):
     """A repository in a local directory, or (open_repository) on another Storage."""
 
     def __init__(
@@ -134,20 +133,6 @@ class LocalRepository:
         files = self.key_files()
         return read_trusted(
             self.storage, keys.load_public_key(files.public), files.name, time.time()
-        )
-
-    def head(self) -> Manifest:
-        """The current manifest, verified as a client verifies it."""
-        manifest = self.trust().manifest
-        assert manifest is not None
-        return manifest
-
-    def head_unverified(self) -> Manifest:
-        return manifest_mod.parse(self.storage.read_file(MANIFEST_FILE) or b"")[0]
-
-    def history(self, manifest: Manifest) -> History:
-        return load_history(
-            self.storage, ObjectRef.catalog(manifest.history_hash, manifest.history_size)
         )
 
     # -- writing --------------------------------------------------------------------
