@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cvmfs_client.cache import background_thread
+from cvmfs_client.cache import StagedFile, background_thread
 from cvmfs_client.content import open_content, pieces
 from cvmfs_client.prefetch import CACHE_SHARE
 from cvmfs_client.trace import ChunkMap
@@ -33,7 +33,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WORKERS = 8  # parallel fetches, each on its own kept-alive connection
+WORKERS = int(
+    __import__("os").environ.get("BW", "8")
+)  # parallel fetches, each on its own kept-alive connection
 
 
 @dataclass
@@ -226,10 +228,10 @@ class BundleFetcher:
             return  # the cache is nearly full: no speculative work
         fetched = False
 
-        def fetch() -> bytes:
+        def fetch() -> bytes | StagedFile:
             nonlocal fetched
             fetched = True
-            return self.reader.fetch_object(chunk.hash, chunk.size)
+            return self.reader.fetch_content(chunk.hash, chunk.size)
 
         try:
             self.cache.release(chunk.hash, self.cache.acquire(chunk.hash, fetch, chunk.size))

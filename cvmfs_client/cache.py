@@ -31,9 +31,19 @@ from cvmfs_format.errors import VerificationError
 
 log = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class StagedFile:
+    """Verified content a fetch worker wrote to a file in the cache's tmp/ directory
+    (fetch_pool.py): the cache renames it into place instead of writing it."""
+
+    path: str
+    size: int
+
+
 # Returns an object's content, already verified against its digest (decode_object
-# hashes it), so the cache does not hash it a second time.
-Fetch = Callable[[], bytes]
+# hashes it), so the cache does not hash it a second time: in memory, or staged.
+Fetch = Callable[[], "bytes | StagedFile"]
 
 # What an entry looked like when it was last verified: st_ino, st_size, st_mtime_ns,
 # st_ctime_ns. Writing to, truncating or replacing the file changes at least one.
@@ -123,6 +133,23 @@ _worker = threading.local()
 def background_thread() -> None:
     """Mark the calling thread as a prefetcher: its fetches are nobody's wait."""
     _worker.background = True
+
+
+def write_temp(tmp_dir: str, content: bytes) -> str:
+    """A new file in the cache's tmp/ holding content (the mount's or a fetch worker's)."""
+    tmp = os.path.join(tmp_dir, secrets.token_hex(8))
+    try:
+        f = open(tmp, "xb")
+    except FileNotFoundError:  # the whole cache was removed behind our back
+        os.makedirs(tmp_dir, exist_ok=True)
+        f = open(tmp, "xb")
+    with f:
+        f.write(content)
+    return tmp
+
+
+def is_background() -> bool:
+    return bool(getattr(_worker, "background", False))
 
 
 def _signature(st: os.stat_result) -> Signature:
@@ -247,10 +274,11 @@ class ObjectCache:
                 self._discard(digest, fd)
             waiting_since = waiting_since or time.monotonic()
             content = fetch()  # verified against digest by the fetch itself
-            return self._store(digest, content), len(content)
+            size = content.size if isinstance(content, StagedFile) else len(content)
+            return self._store(digest, content), size
         finally:
             lock.release()
-            if waiting_since is not None and not getattr(_worker, "background", False):
+            if waiting_since is not None and not is_background():
                 with self._lock:
                     self.stats.fetch_wait_s += time.monotonic() - waiting_since
 
@@ -294,22 +322,26 @@ class ObjectCache:
         except FileNotFoundError:
             pass
 
-    def _store(self, digest: str, content: bytes) -> int:
+    def _store(self, digest: str, content: bytes | StagedFile) -> int:
         """A pinned fd on content, kept as digest's entry if the quota allows."""
+        size = content.size if isinstance(content, StagedFile) else len(content)
         with self._lock:
             self.stats.misses += 1
-            self.stats.bytes_fetched += len(content)
-            fits = self._make_room(len(content))
+            self.stats.bytes_fetched += size
+            fits = self._make_room(size)
             if fits:
                 self._forget(digest)
-                self._lru[digest] = len(content)
-                self.used += len(content)
+                self._lru[digest] = size
+                self.used += size
             else:
                 self.stats.uncached += 1
             self._pins[digest] += 1
         fd = None
+        tmp = content.path if isinstance(content, StagedFile) else None
         try:
-            tmp = self._write_temp(content)
+            if not isinstance(content, StagedFile):
+                tmp = self._write_temp(content)
+            assert tmp is not None
             fd = os.open(tmp, ENTRY_OPEN_FLAGS)
             if not fits:
                 os.unlink(tmp)  # the fd keeps the content readable
@@ -322,6 +354,9 @@ class ObjectCache:
             self.release(digest, fd)
             with self._lock:
                 self._forget(digest)
+            if tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
             raise
 
     def _install(self, tmp: str, final: str) -> None:
@@ -355,15 +390,7 @@ class ObjectCache:
         return self.used + size <= self.quota
 
     def _write_temp(self, content: bytes) -> str:
-        tmp = os.path.join(self.tmp, secrets.token_hex(8))
-        try:
-            f = open(tmp, "wb")
-        except FileNotFoundError:  # the whole cache was removed behind our back
-            os.makedirs(self.tmp, exist_ok=True)
-            f = open(tmp, "wb")
-        with f:
-            f.write(content)
-        return tmp
+        return write_temp(self.tmp, content)
 
     # -- maintenance ----------------------------------------------------------------
 

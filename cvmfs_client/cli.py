@@ -15,6 +15,7 @@ from cvmfs_client.config_cli import add_parsers as add_config_parsers
 from cvmfs_client.console import human
 from cvmfs_client.content import open_content, pieces
 from cvmfs_client.errors import ClientError
+from cvmfs_client.fetch_pool import WORKERS as FETCH_WORKERS
 from cvmfs_client.fetcher import fetcher_for
 from cvmfs_client.repository import RepositoryReader
 from cvmfs_client.trust_store import default_state_dir, open_trust
@@ -77,6 +78,7 @@ def _stat(args: argparse.Namespace) -> int:
         console.print_json(stats)
         return 0
     requests = stats.pop("requests", None)  # by kind, when the FUSE layer counts them
+    busy = stats.pop("busy_s", None) or {}  # seconds spent answering them
     for key, value in stats.items():
         if (
             key in ("cache_bytes", "cache_quota", "bytes_downloaded", "content_fetched")
@@ -87,7 +89,8 @@ def _stat(args: argparse.Namespace) -> int:
     if isinstance(requests, dict):
         print("requests:")
         for kind, count in sorted(requests.items(), key=lambda kv: -kv[1]):
-            print(f"  {kind + ':':<16} {count}")
+            spent = f"  {busy[kind]:.3f} s" if kind in busy else ""
+            print(f"  {kind + ':':<16} {count}{spent}")
     return 0
 
 
@@ -215,6 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="fetch only what is read (default: a file with a prefetch bundle beside it "
         "fetches the bundle's members in the background when first looked up; without "
         "one, opening a file fetches the other small files of its directory)",
+    )
+    p.add_argument(
+        "--fetch-workers",
+        type=int,
+        default=FETCH_WORKERS,
+        metavar="N",
+        help=f"processes that download, verify and store objects (default {FETCH_WORKERS}; "
+        "0: the mount's own threads, which then compete with the file system for the "
+        "Python interpreter)",
     )
     p.add_argument(
         "--trace",

@@ -65,7 +65,7 @@ def mount_options_from(args: argparse.Namespace) -> MountOptions:
         quota=parse_size(args.quota) if args.quota else None, proxy=args.proxy,
         tag=args.tag, revision=args.revision, max_ttl=args.max_ttl,
         foreground=args.foreground, prefetch=not args.no_prefetch, ca_bundle=args.ca_bundle,
-        trace=args.trace,
+        trace=args.trace, fetch_workers=args.fetch_workers,
     )  # fmt: skip
     config_dir = None
     if args.url is not None and is_repository_name(args.url):

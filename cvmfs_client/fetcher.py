@@ -159,6 +159,20 @@ class CurlFetcher:
         self._lock = threading.Lock()
         _fetchers.add(self)
 
+    def count(self, downloaded: int, failures: int, route: tuple[str, str] | None) -> None:
+        """Add what a worker process's copy of this fetcher did (fetch_pool.py), and
+        take the route that worked for it (what `stat` shows as host and proxy)."""
+        with self._lock:
+            self.bytes_downloaded += downloaded
+            self.failures += failures
+            if route is not None:
+                self._preferred = route
+
+    @property
+    def preferred(self) -> tuple[str, str] | None:
+        """The route that last worked, if any did."""
+        return self._preferred
+
     def _time_left(self) -> float:
         """Seconds this request may take: the per-request timeout, or less before the
         deadline; DeadlinePassed once it has."""

@@ -17,6 +17,8 @@ import platform
 import signal
 import struct
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -114,14 +116,36 @@ ENTRY_SIZE = _ENTRY_HEAD.size + STAT_SIZE + _ENTRY_TAIL.size
 # with zeros to 8 bytes
 _DIRENT = struct.Struct("=QQII")
 _PADDING = bytes(8)
+# struct fuse_direntplus: fuse_entry_out (nodeid, generation, entry and attribute
+# timeouts in seconds, their nanoseconds, then struct fuse_attr: ino size blocks atime
+# mtime ctime, their nanoseconds, mode nlink uid gid rdev blksize flags), then the dirent
+_DIRENTPLUS = struct.Struct("=QQQQII" + "QQQQQQ" + "IIIIIIIIII" + "QQII")
 # struct statvfs: bsize frsize blocks bfree bavail files ffree favail fsid flag namemax
 _STATVFS = struct.Struct("=11Q24x")
 
 
-def _pack_entry(buf: Any, reply: Reply, nodeid: int | None = None) -> None:
-    """nodeid 0 sends attributes without an inode the kernel must count (. and ..)."""
+def _timeout(seconds: float) -> tuple[int, int]:
+    """A timeout as the kernel takes it (whole seconds, nanoseconds), as libfuse's
+    calc_timeout_sec and calc_timeout_nsec make it."""
+    if seconds <= 0:
+        return 0, 0
+    whole = min(int(seconds), (1 << 64) - 1)
+    return whole, min(int((seconds - whole) * 1e9), 999_999_999)
+
+
+def _fuse_attr(a: Attr) -> tuple[int, ...]:
+    """struct fuse_attr of attr, up to flags (order of _DIRENTPLUS): as convert_stat
+    fills it from the struct stat a lookup reply carries."""
+    seconds, nanoseconds = divmod(a.mtime_ns, 1_000_000_000)
+    blocks = (a.size + 511) // 512
+    return (a.ino, a.size, blocks, seconds, seconds, seconds, nanoseconds, nanoseconds,
+            nanoseconds, a.mode, a.nlink, 0, 0, 0, 4096, 0)  # fmt: skip
+
+
+def _pack_entry(buf: Any, reply: Reply) -> None:
+    """struct fuse_entry_param of a lookup reply."""
     attr = reply.attr
-    _ENTRY_HEAD.pack_into(buf, 0, attr.ino if nodeid is None else nodeid, 0)
+    _ENTRY_HEAD.pack_into(buf, 0, attr.ino, 0)
     _STAT.pack_into(buf, _ENTRY_HEAD.size, *_stat_fields(attr))
     _ENTRY_TAIL.pack_into(
         buf, _ENTRY_HEAD.size + STAT_SIZE, reply.attr_timeout, reply.entry_timeout
@@ -274,6 +298,10 @@ class Session:
         self.lib = library()
         self.readdirplus = readdirplus
         self._callbacks: list[Any] = []  # kept alive while libfuse holds the pointers
+        # Requests by kind, and the seconds spent answering them (`cvmfs-client stat`).
+        self.requests: Counter[str] = Counter()
+        self.busy: dict[str, float] = {}
+        self._stats_lock = threading.Lock()
         self._ops = self._make_ops()
         argv = [b"cvmfs-client", b"-o", ",".join(options).encode()]
         self._argv = (ctypes.c_char_p * len(argv))(*argv)
@@ -357,10 +385,30 @@ class Session:
         if self.readdirplus:
             handlers["readdirplus"] = (_READ, self._readdirplus)
         for name, (prototype, function) in handlers.items():
-            callback = prototype(function)
+            callback = prototype(self._counted(name, function))
             self._callbacks.append(callback)
             setattr(ops, name, ctypes.cast(callback, ctypes.c_void_p))
         return ops
+
+    def statistics(self) -> dict[str, dict[str, Any]]:
+        with self._stats_lock:
+            busy = {kind: round(seconds, 3) for kind, seconds in self.busy.items()}
+            return {"requests": dict(self.requests), "busy_s": busy}
+
+    def _counted(self, kind: str, handler: Callable[..., None]) -> Callable[..., None]:
+        if kind in ("init", "destroy"):
+            return handler
+
+        def counted(*args: Any) -> None:
+            start = time.perf_counter()
+            try:
+                handler(*args)
+            finally:
+                with self._stats_lock:
+                    self.requests[kind] += 1
+                    self.busy[kind] = self.busy.get(kind, 0.0) + time.perf_counter() - start
+
+        return counted
 
     def _fail(self, req: int, exc: BaseException) -> None:
         if isinstance(exc, OSError) and exc.errno:
@@ -446,28 +494,29 @@ class Session:
         buf = _buffer(size)
         view = memoryview(buf).cast("B")
         used = 0
-        scratch = ctypes.create_string_buffer(ENTRY_SIZE)
         address = ctypes.addressof(buf)
 
         def add(name: bytes, reply: Reply, next_offset: int) -> bool:
             nonlocal used
-            if plus:
-                _pack_entry(scratch, reply, 0 if name in (b".", b"..") else reply.attr.ino)
-                need = self.lib.fuse_add_direntry_plus(
-                    req, address + used, size - used, name, scratch, next_offset
-                )
-                if need > size - used:
-                    return False
-                used += need
-                return True
-            # struct fuse_dirent, as fuse_add_direntry writes it, packed here: a sixth of
-            # the cost of a ctypes call and a struct stat per entry.
-            end = used + _DIRENT.size + len(name)
+            # struct fuse_dirent(plus), as fuse_add_direntry(_plus) write them, packed
+            # here: a sixth of the cost of a ctypes call and a struct stat per entry.
+            head = _DIRENTPLUS if plus else _DIRENT
+            end = used + head.size + len(name)
             need = (end - used + 7) & ~7
             if need > size - used:
                 return False
             attr = reply.attr
-            _DIRENT.pack_into(view, used, attr.ino, next_offset, len(name), attr.mode >> 12)
+            if plus:
+                # . and .. go without a nodeid: nothing the kernel must count
+                nodeid = 0 if name in (b".", b"..") else attr.ino
+                entry_s, entry_ns = _timeout(reply.entry_timeout)
+                attr_s, attr_ns = _timeout(reply.attr_timeout)
+                _DIRENTPLUS.pack_into(
+                    view, used, nodeid, 0, entry_s, attr_s, entry_ns, attr_ns,
+                    *_fuse_attr(attr), attr.ino, next_offset, len(name), attr.mode >> 12,
+                )  # fmt: skip
+            else:
+                _DIRENT.pack_into(view, used, attr.ino, next_offset, len(name), attr.mode >> 12)
             view[end - len(name) : end] = name
             view[end : used + need] = _PADDING[: used + need - end]
             used += need

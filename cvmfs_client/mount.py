@@ -20,6 +20,8 @@ from cvmfs_client.bundles import BundleFetcher
 from cvmfs_client.cache import ObjectCache, lock_cache_dir, wait_until_free
 from cvmfs_client.daemon_log import LogSettings, destination, start_logging
 from cvmfs_client.errors import ClientError
+from cvmfs_client.fetch_pool import WORKERS as FETCH_WORKERS
+from cvmfs_client.fetch_pool import FetchPool, PoolUnavailable
 from cvmfs_client.fetcher import OfflineFallback, fetcher_for
 from cvmfs_client.fuse_ll_ops import DAY, RepositoryOps
 from cvmfs_client.fuse_lowlevel import Session, set_read_ahead
@@ -48,6 +50,7 @@ class MountOptions:
     tag: str | None = None
     revision: int | None = None
     prefetch: bool = True  # prefetch bundles, and a directory's small files when one is opened
+    fetch_workers: int = FETCH_WORKERS  # processes that fetch objects (0: the daemon itself)
     trace: str | None = None  # append the first access of each file and chunk to this file
     name: str | None = None  # the repository's name (default: the key file's NAME.pub)
     state_dir: str | None = None  # where revision floors are kept (default_state_dir())
@@ -187,6 +190,12 @@ def serve(
         fuse_options.append("allow_other")
     timeout = DAY if options.kcache_timeout is None else options.kcache_timeout
     tracer = Tracer(reader, trace_out) if trace_out is not None else None
+    if reader.cache is not None and options.fetch_workers > 0:
+        objects = getattr(reader.fetcher, "inner", reader.fetcher)  # objects are not offline
+        try:
+            reader.pool = FetchPool(objects, reader.cache.tmp, options.fetch_workers)
+        except PoolUnavailable as exc:
+            logging.warning("%s; fetching in the mount's own process", exc)
     bundles = BundleFetcher(reader) if options.prefetch and reader.cache is not None else None
     hooks = [h for h in (tracer, bundles) if h is not None]
     ops = RepositoryOps(
@@ -196,7 +205,10 @@ def serve(
         more_statistics=bundles.statistics if bundles else None,
         bundled=bundles.covers if bundles else None,
     )  # fmt: skip
-    session = Session(ops, options.mountpoint, fuse_options, readdirplus=False)
+    session = Session(
+        ops, options.mountpoint, fuse_options, readdirplus=os.environ.get("RDP", "1") == "1"
+    )
+    ops.statistics_sources.append(session.statistics)
     follower = RevisionFollower(ops, Kernel(session.inval_entry, session.inval_inode), ttl)
     try:
         session.mount()
@@ -206,6 +218,8 @@ def serve(
         follower.stop()
         ops.close()
         session.close()
+        if reader.pool is not None:
+            reader.pool.close()
         if tracer is not None:
             try:
                 tracer.close()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from cvmfs_client import network
 from cvmfs_client.config import ClientConfig, ConfigError
 from cvmfs_client.errors import ClientError
+from cvmfs_client.fetch_pool import WORKERS as FETCH_WORKERS
 from cvmfs_client.fetcher import fetcher_for
 from cvmfs_client.mount import MountOptions, default_cache_dir
 from cvmfs_client.site_config import missing_server_url
@@ -32,6 +33,7 @@ class Given:
     max_ttl: float | None = None
     foreground: bool = False
     prefetch: bool = True
+    fetch_workers: int = FETCH_WORKERS
     ca_bundle: str | None = None
     trace: str | None = None
 
@@ -96,6 +98,7 @@ def mount_options(
         revision=given.revision if pinned else config.revision,
         max_ttl=given.max_ttl if given.max_ttl is not None else config.max_ttl_s,
         prefetch=given.prefetch,
+        fetch_workers=given.fetch_workers,
         name=name,
         kcache_timeout=config.kcache_timeout_s,
         log=config.log,

@@ -4,6 +4,7 @@ extended attributes of its entries (user.revision, user.stats, user.hash...)."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from cvmfs_client.repository import RepositoryReader
@@ -34,6 +35,7 @@ def statistics(
         "host": host,
         "proxy": proxy,
         "offline": bool(getattr(reader.fetcher, "offline", False)),
+        "pid": os.getpid(),  # the mount's daemon (its fetch workers are its children)
         "io_errors": io_errors,
         "fetch_failures": getattr(inner, "failures", 0),
         # as received over the network, compressed; a directory fetcher counts none

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from cvmfs_client.content import open_content, pieces
+from cvmfs_client.fetch_pool import FetchPool, PoolUnavailable
 from cvmfs_client.network import not_a_repository
 from cvmfs_format import paths
 from cvmfs_format.catalog import Catalog, Chunk, Entry, NestedRef
@@ -28,7 +29,7 @@ from cvmfs_format.trust import TrustedState
 from cvmfs_format.whitelist import WHITELIST_FILE
 
 if TYPE_CHECKING:  # the publisher reads repositories without loading pycurl
-    from cvmfs_client.cache import ObjectCache
+    from cvmfs_client.cache import ObjectCache, StagedFile
     from cvmfs_client.fetcher import Fetcher
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ class RepositoryReader:
         self._loaded_at = 0.0
         self._refresh_lock = threading.Lock()
         self.on_new_revision: Callable[[Manifest], None] | None = None
+        # Fetches objects into the cache in worker processes (a mount's daemon sets it).
+        self.pool: FetchPool | None = None
 
     @property
     def manifest(self) -> Manifest | None:
@@ -204,6 +207,16 @@ class RepositoryReader:
         ref = ObjectRef(digest, size, exact_stored=stored)
         return self.fetcher.fetch(ref.path, ref.max_stored, ref.decode)
 
+    def fetch_content(self, digest: str, size: int) -> bytes | StagedFile:
+        """An object's verified content for the cache: from a worker process when the
+        reader has a pool, fetched here when not (or when no worker can start)."""
+        if self.pool is not None:
+            try:
+                return self.pool.fetch(digest, size)
+            except PoolUnavailable as exc:
+                log.warning("%s; fetching in the mount's own process", exc)
+        return self.fetch_object(digest, size)
+
     def open_object(self, digest: str, size: int) -> int:
         """A pinned fd on the object's verified content in the cache (without a cache, as
         for `cat`, in memory); see close_object."""
@@ -212,7 +225,7 @@ class RepositoryReader:
             with open(fd, "wb", closefd=False) as f:
                 f.write(self.fetch_object(digest, size))
             return fd
-        return self.cache.acquire(digest, lambda: self.fetch_object(digest, size), size)
+        return self.cache.acquire(digest, lambda: self.fetch_content(digest, size), size)
 
     def close_object(self, digest: str, fd: int) -> None:
         if self.cache is None:

@@ -3,6 +3,7 @@ read through the kernel with ordinary system calls."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import shutil
@@ -253,3 +254,54 @@ def test_nothing_is_left_mounted(tmp_path: Path) -> None:
         assert os.path.ismount(mnt)
     assert not os.path.ismount(tmp_path / "mnt")
     assert shutil.disk_usage(tmp_path).total > 0
+
+
+@pytest.mark.parametrize("plus", [False, True])
+@pytest.mark.parametrize("name", [b".", b"numpy", b"a-name-of-exactly-24-byte", b"x" * 255])
+def test_directory_entries_are_packed_byte_for_byte_as_libfuse_packs_them(
+    name: bytes, plus: bool
+) -> None:
+    """READDIR(PLUS) replies are packed in Python, not by a ctypes call per entry: the
+    bytes must be libfuse's own (fuse_add_direntry and fuse_add_direntry_plus)."""
+    from cvmfs_client import fuse_lowlevel as ll
+
+    attr = ll.Attr(4242, 0o100644, 123_456_789, 3, 1_700_000_000_123_456_789)
+    reply = ll.Reply(attr, 86400.0, 1.5)
+    session = object.__new__(ll.Session)  # only its packing, no mount
+    added: list[bool] = []
+
+    def fs_readdir(ino: int, offset: int, add: ll.AddEntry, plus: bool) -> None:
+        added.append(add(name, reply, 7))
+
+    session.fs = type("FS", (), {"readdir": staticmethod(fs_readdir)})()
+    replies: list[bytes] = []
+    session.lib = _Recording(ll.library(), replies)
+    session._list(0, 1, 1024, 0, plus)
+    ours = replies[0]
+    theirs = ctypes.create_string_buffer(1024)
+    if plus:
+        entry = ctypes.create_string_buffer(ll.ENTRY_SIZE)
+        ll._pack_entry(entry, reply)
+        if name in (b".", b".."):  # sent without a nodeid the kernel must count
+            ctypes.memset(entry, 0, 8)
+        size = ll.library().fuse_add_direntry_plus(None, theirs, 1024, name, entry, 7)
+    else:
+        stat_buf = ctypes.create_string_buffer(ll.STAT_SIZE)
+        ll._STAT.pack_into(stat_buf, 0, *ll._stat_fields(attr))
+        size = ll.library().fuse_add_direntry(None, theirs, 1024, name, stat_buf, 7)
+    assert added == [True]
+    assert ours == theirs.raw[:size]
+
+
+class _Recording:
+    """libfuse, but fuse_reply_buf records the reply instead of sending it."""
+
+    def __init__(self, lib: object, replies: list[bytes]):
+        self._lib, self._replies = lib, replies
+
+    def fuse_reply_buf(self, req: int, address: int, size: int) -> int:
+        self._replies.append(ctypes.string_at(address, size))
+        return 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._lib, name)

@@ -124,7 +124,9 @@ def test_the_inodes_of_an_old_revision_are_forgotten_once_nothing_uses_them(
     inodes_settle_to(m.path, 1)
     requests = stats(m.path)["requests"]
     assert isinstance(requests, dict)
-    assert requests["forget"] >= 1 and "open" not in requests
+    # Many files were read, but only the first open reached the client: answered
+    # ENOSYS, it told the kernel to send no more.
+    assert requests["forget"] >= 1 and requests.get("open", 0) <= 1
 
 
 def test_stat_shows_requests_by_kind(switching: tuple[Mount, Repo, Path]) -> None:
