@@ -55,7 +55,9 @@ class BundleFetcher:
         self.cache = reader.cache
         self.stats = BundleStats()
         self._chunks = ChunkMap(reader)
-        self._seen: set[tuple[str, str]] = set()  # (root catalog, path) looked up
+        # Of the revision served now (the root catalog's hash), forgotten at a switch:
+        self._root = ""
+        self._seen: set[str] = set()  # paths looked up
         self._members: set[str] = set()  # paths some loaded bundle names
         self._directories: set[str] = set()  # their directories, and the triggers'
         self._objects: set[str] = set()  # their objects
@@ -73,10 +75,11 @@ class BundleFetcher:
     # -- the FUSE side: cheap, never blocking on the network -----------------------
 
     def on_lookup(self, path: str, entry: Entry) -> None:
-        key = (self.reader.root_hash, path)
-        if key in self._seen:
+        if self.reader.root_hash != self._root:
+            self._new_revision()
+        if path in self._seen:
             return
-        self._seen.add(key)
+        self._seen.add(path)
         parent, _, name = path.rpartition("/")
         if bundle_format.is_bundle_name(name):
             return
@@ -88,6 +91,16 @@ class BundleFetcher:
         if found.is_file:
             self._directories.add(parent or "/")
             self._push([((-next(self._bundles), 0), bundle_path)])
+
+    def _new_revision(self) -> None:
+        """What was looked up, loaded and read belongs to the revision it was in: a week
+        of switches must not pile it up. Objects already queued are still fetched."""
+        with self._cond:
+            self._root = self.reader.root_hash
+            for known in (self._seen, self._members, self._directories, self._objects,
+                          self._stored, self._read):  # fmt: skip
+                known.clear()
+            self._chunks.clear()
 
     def covers(self, directory: str) -> bool:
         """Whether a bundle fetches files of directory: then sibling prefetch, which

@@ -23,8 +23,8 @@ import stat
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 from cvmfs_client.errors import ClientError
 from cvmfs_format.errors import VerificationError
@@ -127,6 +127,12 @@ class CacheStats:
     fetch_wait_s: float = 0.0  # readers (not prefetchers) waiting for a fetch, summed
 
 
+@dataclass
+class _FetchLock:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0  # threads holding or waiting for it
+
+
 _worker = threading.local()
 
 
@@ -185,7 +191,7 @@ class ObjectCache:
         self.stats = CacheStats()
         self._lock = threading.Lock()
         self._verified: dict[str, Signature] = {}
-        self._fetching: dict[str, threading.Lock] = {}
+        self._fetching: dict[str, _FetchLock] = {}
         self._pins: Counter[str] = Counter()
         self._lru: OrderedDict[str, int] = OrderedDict()
         self.used = 0
@@ -240,44 +246,61 @@ class ObjectCache:
             if self._pins[digest] <= 0:
                 del self._pins[digest]
 
-    def get_pinned(self, digest: str, fetch: Fetch) -> str:
-        """A path to the verified content that stays pinned for the cache's lifetime
-        (catalogs, which SQLite opens by path and keeps open)."""
+    def pin_file(self, digest: str, fetch: Fetch) -> str:
+        """A path to the verified content, pinned until release(digest): catalogs,
+        which SQLite opens by path and keeps open while their revision is in use."""
         os.close(self._ensure(digest, fetch)[0])
         return self.path(digest)
 
     # -- internals ------------------------------------------------------------------
 
-    def _fetch_lock(self, digest: str) -> threading.Lock:
+    @contextlib.contextmanager
+    def _fetching_of(self, digest: str) -> Iterator[bool]:
+        """Hold digest's fetch lock (one fetch or check of an object at a time); yields
+        whether another thread held it first. The lock is forgotten when unused, so the
+        locks held number the objects in flight, not every object ever fetched."""
         with self._lock:
-            return self._fetching.setdefault(digest, threading.Lock())
+            user = self._fetching.get(digest)
+            if user is None:
+                user = self._fetching[digest] = _FetchLock()
+            user.users += 1
+        waited = not user.lock.acquire(blocking=False)
+        if waited:
+            user.lock.acquire()
+        try:
+            yield waited
+        finally:
+            user.lock.release()
+            with self._lock:
+                user.users -= 1
+                if user.users == 0:
+                    del self._fetching[digest]
 
     def _ensure(self, digest: str, fetch: Fetch) -> tuple[int, int]:
         """(fd, size) of the verified entry, pinned; fetched when missing or bad. A
         reader's time spent fetching, or waiting for another thread fetching the same
         object, adds to stats.fetch_wait_s."""
-        lock = self._fetch_lock(digest)
+        asked = time.monotonic()
         waiting_since = None
-        if not lock.acquire(blocking=False):
-            waiting_since = time.monotonic()
-            lock.acquire()
         try:
-            fd = self._open_fd(digest)
-            if fd is not None:
-                size = self._trusted(digest, fd)
-                if size is not None:
-                    with self._lock:
-                        self._lru.move_to_end(digest)
-                        self._pins[digest] += 1
-                        self.stats.hits += 1
-                    return fd, size
-                self._discard(digest, fd)
-            waiting_since = waiting_since or time.monotonic()
-            content = fetch()  # verified against digest by the fetch itself
-            size = content.size if isinstance(content, StagedFile) else len(content)
-            return self._store(digest, content), size
+            with self._fetching_of(digest) as waited:
+                if waited:
+                    waiting_since = asked
+                fd = self._open_fd(digest)
+                if fd is not None:
+                    size = self._trusted(digest, fd)
+                    if size is not None:
+                        with self._lock:
+                            self._lru.move_to_end(digest)
+                            self._pins[digest] += 1
+                            self.stats.hits += 1
+                        return fd, size
+                    self._discard(digest, fd)
+                waiting_since = waiting_since or time.monotonic()
+                content = fetch()  # verified against digest by the fetch itself
+                size = content.size if isinstance(content, StagedFile) else len(content)
+                return self._store(digest, content), size
         finally:
-            lock.release()
             if waiting_since is not None and not is_background():
                 with self._lock:
                     self.stats.fetch_wait_s += time.monotonic() - waiting_since
@@ -398,7 +421,7 @@ class ObjectCache:
         """Hash every entry again; remove and return the corrupt ones (`cache verify`)."""
         removed = []
         for digest in list(self._lru):
-            with self._fetch_lock(digest):
+            with self._fetching_of(digest):
                 with self._lock:
                     self._verified.pop(digest, None)
                 fd = self._open_fd(digest)

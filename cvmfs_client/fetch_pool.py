@@ -10,19 +10,20 @@ in its own process. Workers exit when the mount's end of their pipe closes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import queue
 import signal
-import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from cvmfs_client.cache import StagedFile, is_background, write_temp
+from cvmfs_client.cache import LOCK_FILE, StagedFile, is_background, write_temp
 from cvmfs_client.errors import FetchError
 from cvmfs_format.errors import CvmfsError, NotFoundError, VerificationError
 from cvmfs_format.objects import ObjectRef
@@ -46,8 +47,22 @@ class PoolUnavailable(FetchError):
 
 @dataclass
 class _Worker:
-    process: subprocess.Popen[bytes]
+    pid: int
     conn: _Duplex
+    status: int | None = None  # as os.waitstatus_to_exitcode gives it, once reaped
+
+    def reap(self, timeout: float = 0) -> int | None:
+        """The exit status, waiting up to timeout seconds; None while it runs."""
+        deadline = time.monotonic() + timeout
+        while self.status is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.status = os.waitstatus_to_exitcode(status)
+            elif time.monotonic() >= deadline:
+                break
+            else:
+                time.sleep(0.02)
+        return self.status
 
 
 class FetchPool:
@@ -66,28 +81,48 @@ class FetchPool:
         self._all: list[_Worker] = []
         self._closed = False
         self.restarts = 0
+        # Forked while this is the process's only thread: a worker that shares the
+        # mount's loaded code is ready at once (a fresh interpreter takes 0.1 s of CPU
+        # and a few tenths of a second to start, just when a cold job starts reading).
+        fork = threading.active_count() == 1
         for _ in range(workers):
-            self._idle.put(self._start())
+            self._idle.put(self._start(fork))
 
-    def _start(self) -> _Worker:
-        parent_end, child_end = os.pipe(), os.pipe()
+    def _start(self, fork: bool = False) -> _Worker:
+        """A new worker: forked, or (once other threads run, when forking could copy
+        a lock another thread holds) a fresh interpreter."""
+        to_worker, from_worker = os.pipe(), os.pipe()
         try:
-            process = subprocess.Popen(
-                [sys.executable, "-c", "from cvmfs_client.fetch_pool import main; main()",
-                 str(parent_end[0]), str(child_end[1])],
-                pass_fds=(parent_end[0], child_end[1]),
-                stdin=subprocess.DEVNULL,
-                start_new_session=False,
-            )  # fmt: skip
+            if fork:
+                pid = os.fork()
+                if pid == 0:
+                    # Only its own ends: a copy of another's (or of the mount's end of
+                    # its own) would keep that pipe from ever reaching end of file.
+                    os.close(to_worker[1])
+                    os.close(from_worker[0])
+                    for other in self._all:
+                        other.conn.close()
+                    _forked_worker(to_worker[0], from_worker[1], self.fetcher, self.tmp_dir)
+            else:
+                pid = os.posix_spawn(
+                    sys.executable,
+                    [sys.executable, "-c", "from cvmfs_client.fetch_pool import main; main()"],
+                    os.environ,
+                    file_actions=[
+                        (os.POSIX_SPAWN_DUP2, to_worker[0], _WORKER_IN),
+                        (os.POSIX_SPAWN_DUP2, from_worker[1], _WORKER_OUT),
+                    ],
+                )
         except OSError as exc:
-            for fd in (*parent_end, *child_end):
+            for fd in (*to_worker, *from_worker):
                 os.close(fd)
             raise PoolUnavailable(f"cannot start a fetch worker: {exc}") from exc
-        os.close(parent_end[0])
-        os.close(child_end[1])
-        conn = _Duplex(child_end[0], parent_end[1])
-        conn.send_bytes(self._settings)
-        worker = _Worker(process, conn)
+        os.close(to_worker[0])
+        os.close(from_worker[1])
+        conn = _Duplex(from_worker[0], to_worker[1])
+        if not fork:
+            conn.send_bytes(self._settings)
+        worker = _Worker(pid, conn)
         with self._lock:
             self._all.append(worker)
         return worker
@@ -146,14 +181,14 @@ class FetchPool:
 
     def _replace(self, worker: _Worker) -> None:
         worker.conn.close()
-        worker.process.kill()
-        worker.process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signal.SIGKILL)
+        status = worker.reap(timeout=5)
         with self._lock:
             self._all.remove(worker)
             self.restarts += 1
             if self._closed:
                 return
-        status = worker.process.returncode
         log.warning("a fetch worker exited (status %s); starting another", status)
         try:
             self._idle.put(self._start())
@@ -167,10 +202,9 @@ class FetchPool:
         for worker in workers:
             worker.conn.close()  # the worker sees the end of its input and exits
         for worker in workers:
-            try:
-                worker.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                worker.process.kill()
+            if worker.reap(timeout=5) is None:
+                os.kill(worker.pid, signal.SIGKILL)
+                worker.reap(timeout=5)
 
 
 class _Duplex:
@@ -194,14 +228,38 @@ class _Duplex:
 # -- the worker process ----------------------------------------------------------------
 
 
+_WORKER_IN, _WORKER_OUT = 3, 4  # a spawned worker's pipe ends
+
+
+def _forked_worker(read_fd: int, write_fd: int, fetcher: Fetcher, tmp_dir: str) -> NoReturn:
+    """A forked worker: it keeps the mount's logging, and closes its copy of the cache
+    directory's lock, which must go when the mount's daemon goes."""
+    status = 1
+    # tmp_dir is CACHE_DIR/objects/tmp; lock_cache_dir locked CACHE_DIR/lock
+    lock = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(tmp_dir))), LOCK_FILE)
+    try:
+        for name in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{name}") == lock:
+                    os.close(int(name))
+        _serve(_Duplex(read_fd, write_fd), fetcher, tmp_dir)
+        status = 0
+    finally:
+        os._exit(status)
+
+
 def main() -> None:
     """A worker: read (digest, size) requests, answer ("ok", tmp name, content size)
     or ("error", kind, message), each followed by the bytes downloaded and the failed
     requests it took, and the route that served it. Interrupts are the mount's to
     handle: the worker exits when the mount closes its pipe."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    conn = _Duplex(int(sys.argv[1]), int(sys.argv[2]))
+    conn = _Duplex(_WORKER_IN, _WORKER_OUT)
     fetcher, tmp_dir = pickle.loads(conn.recv_bytes())
+    _serve(conn, fetcher, tmp_dir)
+
+
+def _serve(conn: _Duplex, fetcher: Fetcher, tmp_dir: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
         try:
             digest, size = pickle.loads(conn.recv_bytes())

@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -39,8 +40,10 @@ EXPIRED_RETRY_S = 10  # how often an expired mount asks its sources for a renewe
 
 
 class TreeView:
-    """In-memory directory listings and the catalog of each directory, for one root
-    catalog: a revision switch replaces the whole view, so no lookup mixes revisions.
+    """In-memory directory listings, the catalogs opened and the catalog of each
+    directory, for one root catalog: a revision switch replaces the whole view, so no
+    lookup mixes revisions, and an old revision's catalogs are closed (and unpinned in
+    the cache) once the requests still using its view are done.
 
     A lookup loads its parent's whole listing with one query; siblings, negative
     lookups and readdir are then dictionary hits. Least recently used listings are
@@ -52,7 +55,8 @@ class TreeView:
         self.capacity = capacity
         self.listings: OrderedDict[str, dict[str, Entry]] = OrderedDict()
         self.held = 0
-        self.catalogs: dict[str, Catalog] = {}
+        self.catalogs: dict[str, Catalog] = {}  # by directory
+        self.opened: dict[str, Catalog] = {}  # by hash
         self.lock = threading.Lock()
 
     def listing(self, dirpath: str) -> dict[str, Entry] | None:
@@ -88,8 +92,6 @@ class RepositoryReader:
         self.trust = trust
         self.clock = clock
         self.cache = cache
-        self._catalogs: dict[str, Catalog] = {}
-        self._lock = threading.Lock()
         # (hash, stored size) of the root catalog in use: one tuple, replaced whole, so a
         # lookup never mixes two revisions.
         self.cached_entries = cached_entries
@@ -233,27 +235,33 @@ class RepositoryReader:
         else:
             self.cache.release(digest, fd)
 
-    def catalog(self, digest: str, stored_size: int) -> Catalog:
-        with self._lock:
-            cached = self._catalogs.get(digest)
+    def catalog(self, digest: str, stored_size: int, view: TreeView | None = None) -> Catalog:
+        """A catalog of view (default: the current one), opened once per view. In the
+        cache, its file stays pinned while the catalog object lives."""
+        view = view or self._view
+        with view.lock:
+            cached = view.opened.get(digest)
         if cached is not None:
             return cached
         if self.cache is not None:
-            path = self.cache.get_pinned(
+            path = self.cache.pin_file(
                 digest, lambda: self.fetch_object(digest, stored_size, stored=True)
             )
             catalog = Catalog.from_file(path, digest)
+            weakref.finalize(catalog, self.cache.release, digest)
         else:
             catalog = Catalog.from_bytes(
                 self.fetch_object(digest, stored_size, stored=True), digest
             )
-        with self._lock:
-            return self._catalogs.setdefault(digest, catalog)
+        with view.lock:
+            return view.opened.setdefault(digest, catalog)
 
-    def root_catalog(self) -> Catalog:
-        if not self._view.root[0]:
+    def root_catalog(self, view: TreeView | None = None) -> Catalog:
+        view = view or self._view
+        if not view.root[0]:
             self.load_manifest()
-        catalog = self.catalog(*self._view.root)
+            view = self._view
+        catalog = self.catalog(*view.root, view=view)
         check_root_catalog(catalog)
         return catalog
 
@@ -263,12 +271,12 @@ class RepositoryReader:
         catalog = view.catalogs.get(dirpath)
         if catalog is not None:
             return catalog
-        catalog = self.root_catalog()
+        catalog = self.root_catalog(view)
         while True:
             ref: NestedRef | None = catalog.nested_for(dirpath)
             if ref is None:
                 break
-            catalog = self.catalog(ref.hash, ref.size)
+            catalog = self.catalog(ref.hash, ref.size, view)
             check_nested_catalog(ref, catalog)
         with view.lock:
             view.catalogs[dirpath] = catalog

@@ -47,6 +47,9 @@ class ChunkMap:
         self.reader = reader
         self._known: dict[Entry, tuple[list[int], list[Chunk]]] = {}
 
+    def clear(self) -> None:
+        self._known.clear()
+
     def covering(self, entry: Entry, offset: int, size: int) -> list[Chunk]:
         known = self._known.get(entry)
         if known is None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 from importlib import metadata
 
 DISTRIBUTION = "cvmfs-py"
 
 
+@functools.cache  # a scan of the installed distributions: each new connection asks for it
 def product_version() -> str:
     """The installed distribution's version (pyproject.toml is its one source); a copy
     without package metadata (the appliance's) says "unknown"."""

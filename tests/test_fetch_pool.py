@@ -8,12 +8,13 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from cvmfs_client.cache import ObjectCache
+from cvmfs_client.cache import ObjectCache, lock_cache_dir, wait_until_free
 from cvmfs_client.fetch_pool import FetchPool
 from cvmfs_client.fetcher import DirectoryFetcher
 from cvmfs_client.repository import RepositoryReader
@@ -97,8 +98,7 @@ def test_a_killed_worker_is_replaced_and_no_read_fails(
     assert pool is not None
     assert content(reader, "/sw/f0.bin") == published["f0.bin"]
     for worker in list(pool._all):
-        os.kill(worker.process.pid, signal.SIGKILL)
-        worker.process.wait()
+        os.kill(worker.pid, signal.SIGKILL)
     for name in ("f1.bin", "f2.bin", "f3.bin"):
         assert content(reader, f"/sw/{name}") == published[name]
     assert pool.restarts >= 1  # a dead worker is found when it is next given work
@@ -107,6 +107,49 @@ def test_a_killed_worker_is_replaced_and_no_read_fails(
 def test_workers_exit_with_the_pool(reader: RepositoryReader) -> None:
     pool = reader.pool
     assert pool is not None
-    processes = [w.process for w in pool._all]
+    workers = list(pool._all)
     pool.close()
-    assert [p.returncode for p in processes] == [0, 0]
+    assert [w.status for w in workers] == [0, 0]
+
+
+def test_workers_started_once_threads_run_are_fresh_interpreters(
+    reader: RepositoryReader, published: dict[str, bytes], repo: Repo
+) -> None:
+    """Forking is safe only while the mount has one thread; later workers (a
+    replacement, a pool made beside threads) are spawned, and work the same."""
+    assert reader.cache is not None
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        spawned = FetchPool(DirectoryFetcher(str(repo.dir)), reader.cache.tmp, workers=1)
+    finally:
+        stop.set()
+        other.join()
+    reader.pool, forked = spawned, reader.pool
+    try:
+        with open(f"/proc/{spawned._all[0].pid}/cmdline", "rb") as f:
+            assert b"fetch_pool" in f.read()  # a fresh interpreter running the worker
+        assert content(reader, "/sw/f5.bin") == published["f5.bin"]
+    finally:
+        spawned.close()
+        reader.pool = forked
+
+
+def test_a_worker_never_keeps_the_cache_directory_locked(
+    repo: Repo, tmp_path: Path, published: dict[str, bytes]
+) -> None:
+    """A worker outliving its mount (stuck in a download) must not keep the next mount
+    off the cache: forked workers close their copy of the cache directory's lock."""
+    cache_dir = tmp_path / "locked"
+    lock = lock_cache_dir(str(cache_dir))
+    cache = ObjectCache(str(cache_dir / "objects"))
+    pool = FetchPool(DirectoryFetcher(str(repo.dir)), cache.tmp, workers=2)
+    stuck = pool._all[0].pid
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        os.close(lock)  # the mount's daemon is gone
+        assert wait_until_free(str(cache_dir), 2)
+    finally:
+        os.kill(stuck, signal.SIGCONT)
+        pool.close()
