@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import shutil
 import subprocess
 import threading
@@ -35,6 +36,7 @@ from cvmfs_format.whitelist import WHITELIST_FILE
 
 READ_AHEAD_KB = 1024  # the largest READ libfuse3 negotiates (max_pages 256)
 UMOUNT_WAIT_S = 10  # for the daemon to exit and free its cache directory
+OPEN_FILES = 131072  # as CernVM-FS's CVMFS_NFILES: one per open catalog, cache entry, connection
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,7 @@ def serve(
     and invalidates what they change (fuse_revisions.py), and the access tracer and
     bundle fetcher the options ask for (started here: threads do not survive a fork)."""
     assert reader.manifest is not None
+    _raise_open_files()
     ttl = reader.manifest.ttl if options.max_ttl is None else options.max_ttl
     fuse_options = ["ro", f"fsname=cvmfs-py:{reader.manifest.name}", "default_permissions"]
     if os.geteuid() == 0:
@@ -225,6 +228,16 @@ def serve(
                 tracer.close()
             except OSError:
                 logging.exception("writing the trace failed")
+
+
+def _raise_open_files() -> None:
+    """Each catalog of a revision in use holds an open file, and a walk of a large
+    repository opens thousands: take what the hard limit allows, up to CernVM-FS's
+    default (CVMFS_NFILES), not the 1,024 a service gets by default."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def _read_ahead(options: MountOptions) -> None:

@@ -4,8 +4,10 @@ tampering costs one file (EIO), never wrong bytes, and old manifests are refused
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -428,3 +430,21 @@ def test_opening_a_file_fetches_its_neighbours_unless_told_not_to(
         for name, text in modules.items():
             assert (m.path / "sw/pkg" / name).read_bytes() == text
         assert int(_stat(m.path)["misses"]) == before + len(modules)
+
+
+def test_the_mount_raises_its_open_files_limit(
+    published: tuple[Repo, Path], tmp_path: Path
+) -> None:
+    """A service starts with 1,024 open files; a walk of a repository with thousands of
+    nested catalogs holds one open file per catalog."""
+    repo, _ = published
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the mount command inherits it
+    try:
+        with Mount(repo, tmp_path / "mnt", tmp_path / "cache") as m:
+            pid = json.loads(os.getxattr(m.path, "user.stats"))["pid"]
+            limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    line = next(ln for ln in limits if ln.startswith("Max open files"))
+    assert int(line.split()[3]) == min(hard, 131072)
