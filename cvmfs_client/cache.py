@@ -360,11 +360,9 @@ class ObjectCache:
                 self.stats.uncached += 1
             self._pins[digest] += 1
         fd = None
-        tmp = content.path if isinstance(content, StagedFile) else None
+        tmp = None
         try:
-            if not isinstance(content, StagedFile):
-                tmp = self._write_temp(content)
-            assert tmp is not None
+            tmp = content.path if isinstance(content, StagedFile) else self._write_temp(content)
             fd = os.open(tmp, ENTRY_OPEN_FLAGS)
             if not fits:
                 os.unlink(tmp)  # the fd keeps the content readable

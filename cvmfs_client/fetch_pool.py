@@ -150,29 +150,34 @@ class FetchPool:
         raise _ERRORS.get(kind, FetchError)(message)
 
     def _request(self, digest: str, size: int) -> tuple[Any, ...]:
-        """A worker's reply; a worker that dies (the OOM killer, an admin's kill) is
-        replaced and the request given to another, once."""
-        for attempt in range(2):
+        """A worker's reply. A worker that dies (the OOM killer, an admin's kill) is
+        replaced and the request given to another, once; PoolUnavailable once no
+        worker is left and none can be started."""
+        died = 0
+        while True:
             worker = self._take()
             try:
                 reply = self._ask(worker, (digest, size))
             except (EOFError, OSError) as exc:
                 self._replace(worker)
-                if attempt:
+                died += 1
+                with self._lock:
+                    left = bool(self._all)
+                if died == 2 and left:
                     raise FetchError(f"object {digest}: fetch worker died ({exc})") from None
-                continue
+                continue  # to another worker, or PoolUnavailable if none is left
             self._idle.put(worker)
             return reply
-        raise AssertionError("unreachable")
 
     def _take(self) -> _Worker:
         while True:
+            with self._lock:
+                if not self._all:
+                    raise PoolUnavailable("no fetch worker is running")
             try:
                 return self._idle.get(timeout=1)
             except queue.Empty:
-                with self._lock:
-                    if not self._all:
-                        raise PoolUnavailable("no fetch worker is running") from None
+                continue
 
     def _ask(self, worker: _Worker, request: tuple[str, int]) -> tuple[Any, ...]:
         worker.conn.send_bytes(pickle.dumps(request))

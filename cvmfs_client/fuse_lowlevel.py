@@ -85,13 +85,23 @@ class LowLevelFS(Protocol):
 # -- structures ------------------------------------------------------------------------
 
 
+BLOCK_SIZE = 4096  # st_blksize; st_blocks counts 512-byte units
+
+
+def _derived(a: Attr) -> tuple[int, int, int]:
+    """(seconds, nanoseconds, 512-byte blocks): what a struct stat and a struct
+    fuse_attr both derive from attr (atime, mtime and ctime are all mtime)."""
+    seconds, nanoseconds = divmod(a.mtime_ns, 1_000_000_000)
+    return seconds, nanoseconds, (a.size + 511) // 512
+
+
 def _stat_struct() -> tuple[struct.Struct, Callable[[Attr], tuple[int, ...]]]:
     """`struct stat` of glibc on this machine, with a function giving its fields."""
 
     def fields(a: Attr) -> tuple[int, ...]:
-        seconds, nanoseconds = divmod(a.mtime_ns, 1_000_000_000)
+        seconds, nanoseconds, blocks = _derived(a)
         times = (seconds, nanoseconds) * 3
-        return (a.ino, a.nlink, a.mode, a.size, 4096, (a.size + 511) // 512, *times)
+        return (a.ino, a.nlink, a.mode, a.size, BLOCK_SIZE, blocks, *times)
 
     if platform.machine() == "x86_64":
         # dev ino nlink mode uid gid pad rdev size blksize blocks 3*timespec reserved[3]
@@ -136,10 +146,9 @@ def _timeout(seconds: float) -> tuple[int, int]:
 def _fuse_attr(a: Attr) -> tuple[int, ...]:
     """struct fuse_attr of attr, up to flags (order of _DIRENTPLUS): as convert_stat
     fills it from the struct stat a lookup reply carries."""
-    seconds, nanoseconds = divmod(a.mtime_ns, 1_000_000_000)
-    blocks = (a.size + 511) // 512
+    seconds, nanoseconds, blocks = _derived(a)
     return (a.ino, a.size, blocks, seconds, seconds, seconds, nanoseconds, nanoseconds,
-            nanoseconds, a.mode, a.nlink, 0, 0, 0, 4096, 0)  # fmt: skip
+            nanoseconds, a.mode, a.nlink, 0, 0, 0, BLOCK_SIZE, 0)  # fmt: skip
 
 
 def _pack_entry(buf: Any, reply: Reply) -> None:

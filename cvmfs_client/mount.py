@@ -208,9 +208,7 @@ def serve(
         more_statistics=bundles.statistics if bundles else None,
         bundled=bundles.covers if bundles else None,
     )  # fmt: skip
-    session = Session(
-        ops, options.mountpoint, fuse_options, readdirplus=os.environ.get("RDP", "1") == "1"
-    )
+    session = Session(ops, options.mountpoint, fuse_options, readdirplus=True)
     ops.statistics_sources.append(session.statistics)
     follower = RevisionFollower(ops, Kernel(session.inval_entry, session.inval_inode), ttl)
     try:

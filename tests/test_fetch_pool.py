@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from cvmfs_client.cache import ObjectCache, lock_cache_dir, wait_until_free
+from cvmfs_client.errors import FetchError
 from cvmfs_client.fetch_pool import FetchPool
 from cvmfs_client.fetcher import DirectoryFetcher
 from cvmfs_client.repository import RepositoryReader
@@ -152,4 +153,35 @@ def test_a_worker_never_keeps_the_cache_directory_locked(
         assert wait_until_free(str(cache_dir), 2)
     finally:
         os.kill(stuck, signal.SIGCONT)
+        pool.close()
+
+
+def test_with_no_worker_left_the_reader_fetches_in_its_own_process(
+    reader: RepositoryReader, published: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers killed and none can be started again (here: no interpreter to spawn):
+    reads still work, fetched by the mount's own process."""
+    pool = reader.pool
+    assert pool is not None
+    monkeypatch.setattr("sys.executable", "/nonexistent/python3")
+    for worker in list(pool._all):
+        os.kill(worker.pid, signal.SIGKILL)
+    for name in ("f1.bin", "f2.bin"):
+        assert content(reader, f"/sw/{name}") == published[name]
+    assert pool._all == []
+
+
+def test_a_cache_a_worker_cannot_write_to_fails_the_fetch_clearly(
+    repo: Repo, tmp_path: Path, published: dict[str, bytes]
+) -> None:
+    not_a_directory = tmp_path / "tmp-is-a-file"
+    not_a_directory.write_bytes(b"")
+    pool = FetchPool(DirectoryFetcher(str(repo.dir)), str(not_a_directory), workers=1)
+    try:
+        reader = open_reader(repo)
+        entry = reader.lookup("/sw/f0.bin")
+        assert entry.hash is not None
+        with pytest.raises(FetchError, match="cannot write to the cache"):
+            pool.fetch(entry.hash, entry.size)
+    finally:
         pool.close()
