@@ -4,9 +4,10 @@ first looked up, fetch the bundle's members into the cache before they are read.
 The FUSE threads only check a set and push work; worker threads read the bundle (a
 verified file like any other), resolve its members in the catalogs and fetch their
 objects, most recently triggered bundle first and each in access order, through the
-mount's fetch worker processes (fetch_pool.py; in this process without them). A reader never fetches twice what a worker fetches:
-both go through the cache, which lets one fetch of an object run at a time, and a
-member still queued when it is read is taken off the queue and fetched by the reader.
+mount's fetch worker processes (fetch_pool.py; in this process without them). A
+reader never fetches twice what a worker fetches: both go through the cache, which
+lets one fetch of an object run at a time, and a member still queued when it is read
+is taken off the queue and fetched by the reader.
 A member that is missing or fails verification is skipped and logged; reading it then
 fails exactly as it would without the bundle.
 """
