@@ -79,11 +79,13 @@ def published(repo: Repo, tmp_path: Path) -> Iterator[tuple[Repo, Path]]:
     yield repo, src
 
 
+@pytest.mark.parametrize("workers", ["4", "0"])
 def test_mounted_release_is_identical_to_the_build_tree(
-    published: tuple[Repo, Path], tmp_path: Path
+    published: tuple[Repo, Path], tmp_path: Path, workers: str
 ) -> None:
+    """Fetched by the mount's worker processes (the default) or by the mount itself."""
     repo, src = published
-    with Mount(repo, tmp_path / "mnt", tmp_path / "cache") as m:
+    with Mount(repo, tmp_path / "mnt", tmp_path / "cache", "--fetch-workers", workers) as m:
         base = m.path / "sw" / "1.0"
         for path in src.rglob("*"):
             mounted = base / path.relative_to(src)
@@ -95,6 +97,9 @@ def test_mounted_release_is_identical_to_the_build_tree(
             elif path.is_file():
                 assert mounted.read_bytes() == path.read_bytes(), path
         assert os.getxattr(m.path, "user.revision") == b"1"
+        daemon = json.loads(os.getxattr(m.path, "user.stats"))["pid"]
+        children = Path(f"/proc/{daemon}/task/{daemon}/children").read_text().split()
+        assert len(children) == int(workers)
 
 
 def test_listing_the_mount_shows_the_names_types_and_attributes_of_the_build_tree(
